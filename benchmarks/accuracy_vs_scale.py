@@ -1,0 +1,156 @@
+"""Where full resolution matters: pose error against object size in the image, at full
+resolution and at the downscale factors users are told to apply (0.5, 0.3).
+
+    python benchmarks/accuracy_vs_scale.py            # 3072x2048, the documented sweep
+    python benchmarks/accuracy_vs_scale.py --quick    # smoke run, seconds
+
+Every (footprint, seed, mesh) scene is registered at each scale under the same budget;
+errors (ADD, ADD-S) are measured in metres in the original camera against ground truth.
+Writes a markdown table, a PNG plot and the raw JSON under benchmarks/results/<machine>/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, header_lines, markdown_table, output_dir, write_json  # noqa: E402
+from scenes import resize_frames, synthetic_frames  # noqa: E402
+
+import chunkpose  # noqa: E402
+from chunkpose.metrics import add_error, adds_error, recall_at_diameter  # noqa: E402
+from chunkpose.shapes import builtin_meshes  # noqa: E402
+
+
+def register_once(frames, scale: float, args) -> dict:
+    if scale != 1.0:
+        frames = resize_frames(frames, scale)
+    est = chunkpose.PoseEstimator(frames.mesh, budget_gb=args.budget_gb, device=args.device,
+                                  refine_iterations=args.refine_iters, hypotheses=args.hypotheses)
+    t0 = time.perf_counter()
+    res = est.register(frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
+    seconds = time.perf_counter() - t0
+    gt = frames.poses[0]
+    return {
+        "scale": scale, "seconds": seconds, "peak_bytes": res.report.peak_bytes,
+        "downscale_factor": res.report.downscale_factor,
+        "add_m": add_error(res.pose, gt, frames.model_points),
+        "adds_m": adds_error(res.pose, gt, frames.model_points),
+        "diameter_m": frames.diameter, "object_pixels": int(frames.masks[0].sum()),
+    }
+
+
+def summarise(records: list[dict], footprints, scales) -> list[list]:
+    rows = []
+    for fp in footprints:
+        for scale in scales:
+            group = [r for r in records if r["footprint"] == fp and r["scale"] == scale]
+            if not group:
+                continue
+            add = np.array([r["add_m"] for r in group])
+            adds = np.array([r["adds_m"] for r in group])
+            diam = np.array([r["diameter_m"] for r in group])
+            rows.append([
+                fp, scale, len(group), int(np.median([r["object_pixels"] for r in group])),
+                round(float(np.median(add / diam)), 4), round(float(np.median(adds / diam)), 4),
+                recall_at_diameter(add, diam), recall_at_diameter(adds, diam),
+                round(float(np.median([r["seconds"] for r in group])), 2),
+            ])
+    return rows
+
+
+COLUMNS = ["footprint", "scale", "n", "object px (full res)", "median ADD / diameter", "median ADD-S / diameter",
+           "ADD recall@0.1d", "ADD-S recall@0.1d", "median s"]
+
+
+def plot(rows: list[list], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for scale in sorted({r[1] for r in rows}, reverse=True):
+        sel = [r for r in rows if r[1] == scale]
+        label = "full resolution" if scale == 1.0 else f"downscale {scale}"
+        axes[0].plot([r[0] for r in sel], [r[6] for r in sel], "o-", label=label)
+        axes[1].plot([r[0] for r in sel], [r[4] for r in sel], "o-", label=label)
+    axes[0].set_ylabel("ADD recall at 0.1 diameter")
+    axes[1].set_ylabel("median ADD / diameter")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("object footprint (fraction of the full frame)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 320x240, 1 seed, 1 mesh, few hypotheses")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--width", type=int, default=3072)
+    p.add_argument("--height", type=int, default=2048)
+    p.add_argument("--footprints", default="0.005,0.01,0.03,0.1,0.2")
+    p.add_argument("--scales", default="1.0,0.5,0.3")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--meshes", default="all", help="comma-separated builtin mesh names, or 'all'")
+    p.add_argument("--budget-gb", type=float, default=1.0)
+    p.add_argument("--hypotheses", type=int, default=252)
+    p.add_argument("--refine-iters", type=int, default=5)
+    p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.height, args.seeds, args.hypotheses, args.refine_iters = 320, 240, 1, 42, 2
+        args.footprints, args.scales = "0.1", "1.0,0.5"
+        if args.meshes == "all":
+            args.meshes = next(iter(builtin_meshes()))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment(args.device)
+    footprints = [float(x) for x in args.footprints.split(",")]
+    scales = [float(x) for x in args.scales.split(",")]
+    meshes = builtin_meshes()
+    names = list(meshes) if args.meshes == "all" else args.meshes.split(",")
+    unknown = [n for n in names if n not in meshes]
+    if unknown:
+        raise SystemExit(f"--meshes: unknown builtin mesh(es) {unknown}; choose from {sorted(meshes)}")
+    records = []
+    jobs = [(fp, seed, name) for fp in footprints for seed in range(args.seeds) for name in names]
+    for fp, seed, name in tqdm(jobs, desc="accuracy_vs_scale", unit="scene"):
+        frames = synthetic_frames(args.width, args.height, 1, seed, mesh=meshes[name], footprint=fp)
+        for scale in scales:
+            record = register_once(frames, scale, args)
+            record.update(footprint=fp, seed=seed, mesh=name)
+            records.append(record)
+    rows = summarise(records, footprints, scales)
+    out = output_dir(env, args.out)
+    stem = "accuracy_vs_scale_quick" if args.quick else "accuracy_vs_scale"
+    title = (f"{args.width}x{args.height}, {len(names)} meshes x {args.seeds} seeds, budget {args.budget_gb} GiB, "
+             f"{args.hypotheses} hypotheses, on {env.get('gpu', env['cpu'])}")
+    write_json(out / f"{stem}.json", {"environment": env, "settings": vars(args), "records": records, "summary": rows})
+    plot(rows, out / f"{stem}.png", title)
+    md = [f"# Accuracy versus scale: {title}", "", *header_lines(env), "", markdown_table(COLUMNS, rows), "",
+          "Footprint: the object's share of the image area. Errors in the original camera, metres, "
+          "relative to the object diameter. Downscaled rows resize rgb/depth/mask (nearest) and K.",
+          f"![plot]({stem}.png)", ""]
+    (out / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

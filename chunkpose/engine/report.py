@@ -1,0 +1,124 @@
+"""RunReport: what the engine did, per stage, and what it measured.
+
+Stages are keyed by the name given to ``Engine.map``; repeated calls with the same name
+accumulate (chunk sizes appended, peaks maxed, times summed). ``to_dict()`` is plain JSON.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+MIB = 2**20
+
+
+@dataclass
+class StageReport:
+    """One stage (all calls of ``Engine.map`` with this name). Bytes are device bytes."""
+
+    name: str
+    calls: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)  # every successful chunk, in order
+    n_chunks: int = 0
+    items: int = 0
+    peak_bytes: int = 0  # measured: CUDA max reserved, CPU max live tensor bytes
+    peak_allocated_bytes: int = 0  # measured: CUDA max allocated (CPU: = peak_bytes)
+    predicted_peak_bytes: int = 0  # the planner's prediction for the chunks it chose (max)
+    retries: int = 0  # chunks retried smaller after an out-of-memory error
+    oom_errors: list[str] = field(default_factory=list)  # first line of each, for the record
+    wall_s: float = 0.0
+    estimate_source: str | None = None  # "hint" | "fake" | "probe" | "cache:<src>" | "none"
+    estimate_note: str | None = None  # e.g. why fake tracing fell back to a probe
+    estimations: int = 0  # cost-model estimations run for this stage (cache misses)
+    corrections: int = 0  # times the first chunk measured more than predicted
+    per_item_bytes: int = 0  # the cost model used last (after correction)
+    fixed_bytes: int = 0
+    checkpointed: bool = False
+    over_budget: bool = False  # a chunk of 1 had to run although the plan said it may not fit
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunReport:
+    """Per-stage records plus overall peaks, the budget and any downscale decision."""
+
+    budget_bytes: int | None = None
+    device: str = "cpu"
+    peak_bytes: int = 0  # overall measured peak (CUDA reserved; CPU live tensor bytes)
+    peak_allocated_bytes: int = 0  # overall CUDA allocated peak (CPU: = peak_bytes)
+    downscale_factor: float = 1.0
+    downscale_reason: str | None = None
+    stages: dict[str, StageReport] = field(default_factory=dict)
+    sessions: dict[str, dict] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageReport:
+        if name not in self.stages:
+            self.stages[name] = StageReport(name)
+        return self.stages[name]
+
+    def see_peak(self, reserved: int, allocated: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, int(reserved))
+        self.peak_allocated_bytes = max(self.peak_allocated_bytes, int(allocated))
+
+    def record_session(self, name: str, peak: int, peak_allocated: int, wall_s: float) -> None:
+        entry = self.sessions.setdefault(name, {"calls": 0, "peak_bytes": 0, "peak_allocated_bytes": 0, "wall_s": 0.0})
+        entry["calls"] += 1
+        entry["peak_bytes"] = max(entry["peak_bytes"], int(peak))
+        entry["peak_allocated_bytes"] = max(entry["peak_allocated_bytes"], int(peak_allocated))
+        entry["wall_s"] += float(wall_s)
+
+    @property
+    def within_budget(self) -> bool | None:
+        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "device": self.device,
+            "peak_bytes": self.peak_bytes,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "within_budget": self.within_budget,
+            "downscale_factor": float(self.downscale_factor),
+            "downscale_reason": self.downscale_reason,
+            "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
+            "sessions": {name: dict(entry) for name, entry in self.sessions.items()},
+        }
+
+    def summary(self) -> str:
+        """A short fixed-width table, one line per stage, then the overall line."""
+        header = f"{'stage':<24} {'calls':>5} {'chunks':>6} {'sizes':<16} {'peak MiB':>9} {'pred MiB':>9} {'retry':>5} {'time s':>7} {'est':<6}"
+        lines = [header, "-" * len(header)]
+        for stage in self.stages.values():
+            sizes = _sizes_text(stage.chunk_sizes)
+            lines.append(
+                f"{stage.name[:24]:<24} {stage.calls:>5} {stage.n_chunks:>6} {sizes:<16} "
+                f"{stage.peak_bytes / MIB:>9.1f} {stage.predicted_peak_bytes / MIB:>9.1f} "
+                f"{stage.retries:>5} {stage.wall_s:>7.3f} {str(stage.estimate_source)[:6]:<6}"
+            )
+        budget = "unbounded" if self.budget_bytes is None else f"{self.budget_bytes / MIB:.1f} MiB"
+        overall = f"device {self.device}  budget {budget}  peak {self.peak_bytes / MIB:.1f} MiB"
+        if self.peak_allocated_bytes != self.peak_bytes:
+            overall += f" (allocated {self.peak_allocated_bytes / MIB:.1f} MiB)"
+        if self.downscale_factor != 1.0:
+            overall += f"  downscale x{self.downscale_factor:.3f} ({self.downscale_reason})"
+        lines.append(overall)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _sizes_text(sizes: list[int]) -> str:
+    """Run-length text of chunk sizes: [64, 64, 64, 16] -> '64x3,16'."""
+    if not sizes:
+        return "-"
+    parts = []
+    prev, count = sizes[0], 0
+    for size in sizes + [None]:
+        if size == prev:
+            count += 1
+            continue
+        parts.append(f"{prev}x{count}" if count > 1 else f"{prev}")
+        prev, count = size, 1
+    text = ",".join(parts)
+    return text if len(text) <= 16 else text[:15] + "~"

@@ -1,0 +1,109 @@
+"""RefineNet: FoundationPose's render-and-compare pose refiner, with upstream parameter names.
+
+Input per hypothesis: A = the rendered crop, B = the observed crop, each (N,c_in,h,w)
+(c_in = 6: rgb in 0..1 and normalised xyz, see chunkpose.pipeline.learned). Output: a
+translation step `trans` (N,3) in units of the object radius and an axis-angle rotation
+step `rot` (N,3) before tanh scaling; `apply_update` turns them into new poses.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from chunkpose.models.blocks import (
+    PositionalEmbedding,
+    checkpointing_active,
+    encode_pair,
+    encoder_a,
+    encoder_ab,
+    run_block,
+)
+
+
+def transformer_layer(d_model: int = 512, heads: int = 4) -> nn.TransformerEncoderLayer:
+    """The heads' transformer layer: 512 wide, 4 heads, feed-forward 512, tokens batch-first."""
+    return nn.TransformerEncoderLayer(d_model=d_model, nhead=heads, dim_feedforward=512, batch_first=True)
+
+
+class RefineNet(nn.Module):
+    """encodeA / encodeAB trunk, positional embedding, transformer trans_head and rot_head.
+
+    forward(A (N,c_in,h,w), B (N,c_in,h,w)) -> {"trans": (N,3), "rot": (N,rot_dim)}; each
+    head's per-token output is averaged over the h/8 * w/8 tokens.
+
+    `checkpointing`: None (default) = gradient checkpointing of every block exactly when
+    autograd will need it; True/False force it on/off (off always under no_grad).
+    """
+
+    def __init__(self, c_in: int = 6, rot_dim: int = 3, use_bn: bool = True, checkpointing: Optional[bool] = None):
+        super().__init__()
+        self.c_in = c_in
+        self.checkpointing = checkpointing
+        self.encodeA = encoder_a(c_in, use_bn)
+        self.encodeAB = encoder_ab(use_bn)
+        self.pos_embed = PositionalEmbedding(d_model=512, max_len=400)
+        self.trans_head = nn.Sequential(transformer_layer(), nn.Linear(512, 3))
+        self.rot_head = nn.Sequential(transformer_layer(), nn.Linear(512, rot_dim))
+
+    def forward(self, A: torch.Tensor, B: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if A.ndim != 4 or A.shape[1] != self.c_in:
+            raise ValueError(f"A must be (N,{self.c_in},h,w), got {tuple(A.shape)}")
+        use_ckpt = checkpointing_active(self.checkpointing, A, self)
+        tokens = encode_pair(self.encodeA, self.encodeAB, self.pos_embed, A, B, use_ckpt)
+        trans = self.trans_head[1](run_block(self.trans_head[0], tokens, use_ckpt)).mean(dim=1)
+        rot = self.rot_head[1](run_block(self.rot_head[0], tokens, use_ckpt)).mean(dim=1)
+        return {"trans": trans, "rot": rot}
+
+
+def so3_exp_map(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Axis-angle w (N,3) -> rotations (N,3,3) with pytorch3d's so3_exp_map definition.
+
+    Rodrigues' formula with the angle taken as sqrt(max(|w|^2, eps)): below 0.01 rad the
+    coefficients are those of 0.01 rad, which is how the upstream refiner's steps were
+    trained and evaluated.
+    """
+    theta = (w * w).sum(-1).clamp_min(eps).sqrt()
+    a = torch.sin(theta) / theta
+    b = (1 - torch.cos(theta)) / (theta * theta)
+    x, y, z = w.unbind(-1)
+    zero = torch.zeros_like(x)
+    W = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
+    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand_as(W)
+    return eye + a[:, None, None] * W + b[:, None, None] * (W @ W)
+
+
+def rotation_step(rot: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
+    """Network rotation output (N,3) -> the camera-frame rotation step dR (N,3,3).
+
+    dR = so3_exp(tanh(rot) * rot_normalizer) transposed (each step at most rot_normalizer
+    radians; 0.349 rad = 20 deg in the official configuration).
+    """
+    return so3_exp_map(torch.tanh(rot) * rot_normalizer).transpose(1, 2)
+
+
+def apply_update(poses: torch.Tensor, trans: torch.Tensor, rot: torch.Tensor, *, diameter: float,
+                 rot_normalizer: float = 0.349, normalize_xyz: bool = True,
+                 trans_normalizer=None) -> torch.Tensor:
+    """New poses (N,4,4) from old poses (N,4,4) and the network's trans (N,3), rot (N,3).
+
+    R_new = dR @ R_old (rotation about the camera axes), t_new = t_old + trans * diameter/2
+    when xyz inputs are normalised by the radius (else trans * trans_normalizer, metres,
+    a scalar or a per-axis triple).
+    Computed in float32 whatever the network's precision.
+    """
+    poses = poses.to(torch.float32)
+    trans = trans.to(torch.float32)
+    rot = rot.to(torch.float32)
+    if normalize_xyz:
+        scale = diameter / 2.0
+    elif trans_normalizer is None:
+        raise ValueError("trans_normalizer is needed when normalize_xyz is false (metres per output unit)")
+    else:  # a scalar or one value per axis
+        scale = torch.as_tensor(trans_normalizer, dtype=torch.float32, device=poses.device)
+    dR = rotation_step(rot, rot_normalizer)
+    out = poses.clone()
+    out[:, :3, :3] = dR @ poses[:, :3, :3]
+    out[:, :3, 3] = poses[:, :3, 3] + trans * scale
+    return out

@@ -1,0 +1,144 @@
+"""Crop windows ("box_3d") and the region of the full image that crops can read.
+
+A crop transform ``T (3,3)`` maps full-image pixels to crop pixels (pixel centres at integer
+coordinates, the align_corners=False convention of kornia's warp_perspective); crop pixel q
+samples the full image at ``T^-1 q``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class CropWindows:
+    """Crops of B hypotheses.
+
+    transforms (B,3,3) float32: full-image pixel -> crop pixel.
+    boxes (B,4) float32: left, top, right, bottom in full-image pixels (integers).
+    roi (x0, y0, x1, y1) ints: the full-image pixels any crop pixel can read (bilinear and
+        nearest, with a margin), clipped to the image when its size was given; x1, y1 exclusive.
+    size: crop side in pixels.
+    """
+
+    transforms: torch.Tensor
+    boxes: torch.Tensor
+    roi: tuple[int, int, int, int]
+    size: int
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """(x0, y0): the full-frame pixel of the ROI's first pixel."""
+        return self.roi[0], self.roi[1]
+
+    def roi_slices(self) -> tuple[slice, slice]:
+        """(rows, cols) slices that cut the ROI out of a full (H,W,...) image."""
+        x0, y0, x1, y1 = self.roi
+        return slice(y0, y1), slice(x0, x1)
+
+
+def _as_poses(poses) -> torch.Tensor:
+    if isinstance(poses, np.ndarray):
+        poses = torch.from_numpy(poses)
+    if not isinstance(poses, torch.Tensor):
+        raise ValueError(f"poses must be a (B,4,4) tensor or array, got {type(poses).__name__}")
+    if poses.dim() == 2:
+        poses = poses[None]
+    if poses.dim() != 3 or poses.shape[1:] != (4, 4):
+        raise ValueError(f"poses must be (B,4,4) object-in-camera matrices, got shape {tuple(poses.shape)}")
+    return poses
+
+
+def crop_windows(poses, K, diameter: float, crop_ratio: float, size: int = 160,
+                 image_size: tuple[int, int] | None = None) -> CropWindows:
+    """Box_3d crop windows of ``poses (B,4,4)`` (object-in-camera, metres) under ``K (3,3)``.
+
+    The object's centre t and the four points t +- r*x, t +- r*y (camera axes,
+    r = diameter * crop_ratio / 2) are projected; the half-size is the largest offset of those
+    projections from the projected centre c along x or y; left/right/top/bottom = c -+ half,
+    each rounded (half to even); T = scale(size/(right-left), size/(bottom-top)) @
+    translate(-left, -top). ``image_size=(H,W)`` clips the ROI to the image.
+    """
+    poses = _as_poses(poses)
+    if not (diameter > 0 and math.isfinite(diameter)):
+        raise ValueError(f"diameter must be a positive number of metres, got {diameter}")
+    if not crop_ratio > 0:
+        raise ValueError(f"crop_ratio must be positive, got {crop_ratio}")
+    if int(size) != size or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size}")
+    size = int(size)
+    Kd = (K if isinstance(K, torch.Tensor) else torch.as_tensor(np.asarray(K))).detach().to("cpu", torch.float64)
+    if Kd.shape != (3, 3):
+        raise ValueError(f"K must be (3,3), got {tuple(Kd.shape)}")
+    t = poses[:, :3, 3].detach().to("cpu", torch.float64)  # (B,3)
+    if torch.any(t[:, 2] <= 0):
+        raise ValueError("poses must place the object in front of the camera (t_z > 0)")
+    r = float(diameter) * float(crop_ratio) / 2.0
+    offsets = torch.tensor([[0, 0, 0], [r, 0, 0], [-r, 0, 0], [0, r, 0], [0, -r, 0]], dtype=torch.float64)
+    pts = t[:, None, :] + offsets[None]  # (B,5,3)
+    proj = pts @ Kd.T
+    uv = proj[..., :2] / proj[..., 2:3]  # (B,5,2)
+    centre = uv[:, 0]
+    half = (uv[:, 1:] - centre[:, None]).abs().amax(dim=(1, 2))  # (B,)
+    left = torch.round(centre[:, 0] - half)
+    right = torch.round(centre[:, 0] + half)
+    top = torch.round(centre[:, 1] - half)
+    bottom = torch.round(centre[:, 1] + half)
+    width, height = right - left, bottom - top
+    if torch.any(width <= 0) or torch.any(height <= 0):
+        raise ValueError("a crop window has no extent (object too far or diameter too small for this K)")
+    B = poses.shape[0]
+    T = torch.zeros((B, 3, 3), dtype=torch.float64)
+    T[:, 0, 0] = size / width
+    T[:, 1, 1] = size / height
+    T[:, 0, 2] = -left * (size / width)
+    T[:, 1, 2] = -top * (size / height)
+    T[:, 2, 2] = 1.0
+    transforms = T.float()
+    boxes = torch.stack([left, top, right, bottom], dim=1).float()
+    roi = crop_roi(transforms, size, image_size)
+    dev = poses.device
+    return CropWindows(transforms=transforms.to(dev), boxes=boxes.to(dev), roi=roi, size=size)
+
+
+def inverse_transforms(transforms: torch.Tensor) -> torch.Tensor:
+    """``transforms (B,3,3)`` -> their inverses in float64 (computed on the CPU, so every device
+    samples at the same positions)."""
+    if transforms.dim() != 3 or transforms.shape[1:] != (3, 3):
+        raise ValueError(f"transforms must be (B,3,3), got shape {tuple(transforms.shape)}")
+    Td = transforms.detach().to("cpu", torch.float64)
+    if Td.shape[0] == 0:
+        return Td.to(transforms.device)
+    return torch.linalg.inv(Td).to(transforms.device)
+
+
+def crop_roi(transforms: torch.Tensor, size: int, image_size: tuple[int, int] | None = None,
+             margin: int = 1) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), x1/y1 exclusive: the full-image pixels that crop pixels 0..size-1 of all
+    ``transforms (B,3,3)`` can read with bilinear (floor, floor+1) or nearest (round) sampling,
+    plus ``margin`` pixels, clipped to ``image_size=(H,W)`` when given (always to >= 0)."""
+    Ti = inverse_transforms(transforms).cpu()
+    B = Ti.shape[0]
+    if B == 0:
+        return (0, 0, 0, 0)
+    c = float(size - 1)
+    corners = torch.tensor([[0, 0, 1], [c, 0, 1], [0, c, 1], [c, c, 1]], dtype=torch.float64)
+    p = corners @ Ti.transpose(1, 2)  # (B,4,3)
+    if torch.any(p[..., 2] <= 0):
+        raise ValueError("a crop transform maps crop corners behind the image plane; not a crop transform")
+    xy = p[..., :2] / p[..., 2:3]
+    lo = xy.reshape(-1, 2).amin(0)
+    hi = xy.reshape(-1, 2).amax(0)
+    x0 = int(math.floor(lo[0])) - margin
+    y0 = int(math.floor(lo[1])) - margin
+    x1 = int(math.floor(hi[0])) + 2 + margin
+    y1 = int(math.floor(hi[1])) + 2 + margin
+    x0, y0 = max(x0, 0), max(y0, 0)
+    if image_size is not None:
+        H, W = int(image_size[0]), int(image_size[1])
+        x1, y1 = min(x1, W), min(y1, H)
+        x0, y0 = min(x0, W), min(y0, H)
+    return (x0, y0, max(x1, x0), max(y1, y0))

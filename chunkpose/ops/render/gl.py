@@ -1,0 +1,358 @@
+"""OpenGL renderer: moderngl with a headless EGL context (Mesa llvmpipe on CPU machines,
+the vendor driver on GPU machines).
+
+Many crops are drawn in one instanced draw call: the crops are laid out as tiles (stacked
+in a column) of one tall framebuffer, each instance carries its pose, its zoomed projection and its tile, and
+clip distances at the tile's edges keep each instance inside its tile (exact geometric
+clipping, so nothing leaks into a neighbour). Colour, camera-frame xyz and normals go to
+three colour attachments (RGBA8, RGBA32F, RGBA32F) and are read back once per pass.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import torch
+
+from .base import (
+    as_numpy,
+    as_tensor,
+    check_batch,
+    check_size,
+    clip_projection,
+    near_far,
+    output_bytes_per_pixel,
+)
+
+GL_CLIP_DISTANCE0 = 0x3000
+# Largest framebuffer height used for one pass of crops stacked in a column: 102 crops of
+# 160 px per pass; attachments of 160 x 16384 px take 94 MB.
+MAX_PASS_SIDE = 16384
+
+_VERTEX_SHADER = """
+#version 330
+in vec3 in_pos;
+in vec3 in_normal;
+in vec3 in_color;
+in vec2 in_uv;
+in mat4 inst_pose;   // object -> camera
+in mat4 inst_proj;   // camera -> clip space of this instance's own image (tile)
+in vec4 inst_tile;   // tile in framebuffer NDC: scale x, scale y, offset x, offset y
+out vec3 v_xyz;
+out vec3 v_normal;
+out vec3 v_color;
+out vec2 v_uv;
+out float gl_ClipDistance[4];
+void main() {
+    vec4 cam = inst_pose * vec4(in_pos, 1.0);
+    v_xyz = cam.xyz;
+    v_normal = mat3(inst_pose) * in_normal;
+    v_color = in_color;
+    v_uv = in_uv;
+    vec4 clip = inst_proj * cam;
+    // keep the instance inside its tile: -w <= x <= w and -w <= y <= w in tile NDC
+    gl_ClipDistance[0] = clip.w + clip.x;
+    gl_ClipDistance[1] = clip.w - clip.x;
+    gl_ClipDistance[2] = clip.w + clip.y;
+    gl_ClipDistance[3] = clip.w - clip.y;
+    gl_Position = vec4(inst_tile.x * clip.x + inst_tile.z * clip.w,
+                       inst_tile.y * clip.y + inst_tile.w * clip.w,
+                       clip.z, clip.w);
+}
+"""
+
+_FRAGMENT_SHADER = """
+#version 330
+in vec3 v_xyz;
+in vec3 v_normal;
+in vec3 v_color;
+in vec2 v_uv;
+uniform sampler2D texture0;
+uniform int use_texture;
+layout(location = 0) out vec4 out_color;
+layout(location = 1) out vec4 out_xyz;
+layout(location = 2) out vec4 out_normal;
+void main() {
+    vec3 color = v_color;
+    if (use_texture != 0) {
+        color = texture(texture0, v_uv).rgb;
+    }
+    out_color = vec4(color, 1.0);
+    out_xyz = vec4(v_xyz, 1.0);
+    float len = length(v_normal);
+    out_normal = vec4(len > 0.0 ? v_normal / len : vec3(0.0), 1.0);
+}
+"""
+
+_lock = threading.RLock()
+_context = None
+
+
+def gl_context():
+    """The process's one moderngl EGL context (created on first use)."""
+    global _context
+    with _lock:
+        if _context is None:
+            try:
+                import moderngl
+            except ImportError as error:
+                raise RuntimeError(
+                    "backend='gl' needs moderngl (pip install moderngl) and EGL"
+                ) from error
+            try:
+                _context = moderngl.create_standalone_context(backend="egl")
+            except Exception as error:
+                raise RuntimeError(
+                    f"backend='gl': could not create a headless EGL OpenGL context ({error}); "
+                    "install Mesa EGL (libegl1, libgl1-mesa-dri) or use backend='nvdiffrast' on CUDA"
+                ) from error
+            try:
+                _context.gc_mode = "auto"  # release GL objects when their Python owners die
+            except Exception:
+                pass
+        return _context
+
+
+def gl_available() -> bool:
+    try:
+        gl_context()
+        return True
+    except RuntimeError:
+        return False
+
+
+class _Targets:
+    """Colour, xyz, normal and depth attachments of one framebuffer size."""
+
+    def __init__(self, ctx, width: int, height: int):
+        size = (width, height)
+        self.width, self.height = width, height
+        self.color = ctx.renderbuffer(size, 4, dtype="f1")
+        self.xyz = ctx.renderbuffer(size, 4, dtype="f4")
+        self.normal = ctx.renderbuffer(size, 4, dtype="f4")
+        self.depth = ctx.depth_renderbuffer(size)
+        self.fbo = ctx.framebuffer([self.color, self.xyz, self.normal], self.depth)
+
+    def release(self):
+        for item in (self.fbo, self.color, self.xyz, self.normal, self.depth):
+            item.release()
+
+
+class GLRenderer:
+    """Renders one mesh with OpenGL; see :class:`chunkpose.ops.render.base.Renderer`."""
+
+    backend = "gl"
+
+    def __init__(self, mesh, device="cpu"):
+        self.mesh = mesh
+        self.device = torch.device(device)
+        self.ctx = gl_context()
+        ctx = self.ctx
+        self._program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
+        n = len(mesh.vertices)
+        uv = mesh.uv if mesh.has_texture else np.zeros((n, 2), np.float32)
+        vertex_data = np.concatenate(
+            [mesh.vertices, mesh.normals, mesh.vertex_colors, uv], axis=1
+        ).astype(np.float32)
+        self._vbo = ctx.buffer(vertex_data.tobytes())
+        self._ibo = ctx.buffer(np.asarray(mesh.faces, dtype=np.uint32).tobytes())
+        self._instances = None
+        self._instance_capacity = 0
+        self._texture = None
+        if mesh.has_texture:
+            # uv v = 0 is the image's bottom row; GL's first texel row is t = 0
+            image = np.ascontiguousarray(np.flipud(mesh.texture[..., :3]).astype(np.uint8))
+            self._texture = ctx.texture((image.shape[1], image.shape[0]), 3, image.tobytes(), alignment=1)
+            self._texture.filter = (ctx.LINEAR, ctx.LINEAR)
+            self._texture.repeat_x = self._texture.repeat_y = True
+        self._program["use_texture"].value = 1 if self._texture is not None else 0
+        if "texture0" in self._program:
+            self._program["texture0"].value = 0
+        self._vao = None
+        self._targets: dict[tuple[int, int], _Targets] = {}
+        self._center = np.asarray(mesh.center, dtype=np.float64)
+        self._radius = float(mesh.radius)
+
+    # -- GL resources -------------------------------------------------------------------
+    def _vertex_array(self, count: int):
+        if count > self._instance_capacity:
+            capacity = max(count, 2 * self._instance_capacity, 16)
+            if self._instances is not None:
+                self._instances.release()
+                self._vao.release()
+            self._instances = self.ctx.buffer(reserve=capacity * 36 * 4)
+            self._instance_capacity = capacity
+            names = [name for name in ("in_pos", "in_normal", "in_color", "in_uv")]
+            fmt = "3f 3f 3f 2f"
+            # attributes the shader compiler removed must be skipped, not named
+            parts = [f"{n}f" if name in self._program else f"{n}x4" for name, n in zip(names, (3, 3, 3, 2))]
+            fmt = " ".join(parts)
+            names = [name for name in names if name in self._program]
+            self._vao = self.ctx.vertex_array(
+                self._program,
+                [
+                    (self._vbo, fmt, *names),
+                    (self._instances, "16f 16f 4f /i", "inst_pose", "inst_proj", "inst_tile"),
+                ],
+                index_buffer=self._ibo,
+                index_element_size=4,
+            )
+        return self._vao
+
+    def _framebuffer(self, width: int, height: int) -> _Targets:
+        key = (width, height)
+        targets = self._targets.get(key)
+        if targets is None:
+            # keep at most two sizes alive (crops + one full frame, typically)
+            while len(self._targets) >= 2:
+                self._targets.pop(next(iter(self._targets))).release()
+            targets = _Targets(self.ctx, width, height)
+            self._targets[key] = targets
+        return targets
+
+    def release(self):
+        """Free the GL objects of this renderer (the shared context stays)."""
+        for targets in self._targets.values():
+            targets.release()
+        self._targets.clear()
+        for item in (self._vao, self._instances, self._vbo, self._ibo, self._texture, self._program):
+            if item is not None:
+                item.release()
+        self._vao = self._instances = self._texture = None
+        self._instance_capacity = 0
+
+    # -- drawing ---------------------------------------------------------------------------
+    def _draw_tiles(self, poses, proj, tile_w, tile_h, capacity):
+        """Draw len(poses) instances as tiles of tile_w x tile_h stacked bottom-up in a
+        framebuffer with room for ``capacity`` tiles; return the used region as numpy arrays
+        (n*tile_h, tile_w, 4): colour uint8, xyz float32, normals float32."""
+        count = len(poses)
+        width, height = tile_w, count * tile_h
+        targets = self._framebuffer(tile_w, capacity * tile_h)
+        fb_height = capacity * tile_h
+        row = np.arange(count)
+        tiles = np.empty((count, 4), dtype=np.float64)
+        tiles[:, 0] = 1.0
+        tiles[:, 1] = tile_h / fb_height
+        tiles[:, 2] = 0.0
+        tiles[:, 3] = -1.0 + (2.0 * row * tile_h + tile_h) / fb_height
+        instance = np.concatenate(
+            [
+                np.transpose(poses, (0, 2, 1)).reshape(count, 16),  # GLSL matrices are column-major
+                np.transpose(proj, (0, 2, 1)).reshape(count, 16),
+                tiles,
+            ],
+            axis=1,
+        ).astype(np.float32)
+        vao = self._vertex_array(count)
+        self._instances.write(instance.tobytes())
+        ctx = self.ctx
+        targets.fbo.use()
+        targets.fbo.viewport = (0, 0, tile_w, fb_height)
+        targets.fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0, viewport=(0, 0, width, height))
+        ctx.enable_only(ctx.DEPTH_TEST)
+        for plane in range(4):
+            ctx.enable_direct(GL_CLIP_DISTANCE0 + plane)
+        if self._texture is not None:
+            self._texture.use(0)
+        vao.render(instances=count)
+        color = np.empty((height, width, 4), dtype=np.uint8)
+        xyz = np.empty((height, width, 4), dtype=np.float32)
+        normal = np.empty((height, width, 4), dtype=np.float32)
+        targets.fbo.read_into(color, (0, 0, width, height), components=4, attachment=0, dtype="f1")
+        targets.fbo.read_into(xyz, (0, 0, width, height), components=4, attachment=1, dtype="f4")
+        targets.fbo.read_into(normal, (0, 0, width, height), components=4, attachment=2, dtype="f4")
+        return color, xyz, normal
+
+    def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
+        """Core: poses (B,4,4), transforms (B,3,3) numpy float64 -> dict of tensors.
+
+        Tiles are stacked in one column so that the read-back buffer is already laid out
+        as (B, h, w, 4): only the change to channels-first remains, one copy per output.
+        """
+        count = len(poses)
+        out = {
+            "rgb": torch.empty((count, 3, tile_h, tile_w), dtype=torch.float32),
+            "depth": torch.empty((count, tile_h, tile_w), dtype=torch.float32),
+            "xyz": torch.empty((count, 3, tile_h, tile_w), dtype=torch.float32),
+            "normals": torch.empty((count, 3, tile_h, tile_w), dtype=torch.float32),
+            "mask": torch.empty((count, tile_h, tile_w), dtype=torch.bool),
+        }
+        if count == 0:
+            return self._to_device(out)
+        near, far = near_far(poses, self._center, self._radius)
+        proj = clip_projection(K, transforms, tile_w, tile_h, near, far)
+        per_pass = max(1, self._max_side() // tile_h)
+        # framebuffer capacity: a power of two of tiles, so batch sizes share framebuffers
+        capacity = min(per_pass, 1 << (min(count, per_pass) - 1).bit_length())
+        for start in range(0, count, per_pass):
+            stop = min(count, start + per_pass)
+            n = stop - start
+            color, xyz, normal = self._draw_tiles(poses[start:stop], proj[start:stop], tile_w, tile_h, capacity)
+            color_t = torch.from_numpy(color).view(n, tile_h, tile_w, 4)
+            xyz_t = torch.from_numpy(xyz).view(n, tile_h, tile_w, 4)
+            normal_t = torch.from_numpy(normal).view(n, tile_h, tile_w, 4)
+            rgb = out["rgb"][start:stop]
+            rgb.copy_(color_t[..., :3].permute(0, 3, 1, 2))
+            rgb.mul_(1.0 / 255.0)
+            out["mask"][start:stop] = color_t[..., 3] > 0
+            out["xyz"][start:stop] = xyz_t[..., :3].permute(0, 3, 1, 2)
+            out["depth"][start:stop] = xyz_t[..., 2]
+            out["normals"][start:stop] = normal_t[..., :3].permute(0, 3, 1, 2)
+        return self._to_device(out)
+
+    def _max_side(self) -> int:
+        return min(MAX_PASS_SIDE, int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]))
+
+    def _to_device(self, out: dict) -> dict:
+        if self.device.type == "cpu":
+            return out
+        return {key: value.to(self.device) for key, value in out.items()}
+
+    # -- public ----------------------------------------------------------------------------
+    def render_crops_op(self, poses, transforms, *, K, size: int) -> dict:
+        """The per-item op: poses (b,4,4), transforms (b,3,3) -> dict with leading b."""
+        poses = as_numpy(poses, "poses", (4, 4))
+        transforms = as_numpy(transforms, "transforms", (3, 3))
+        check_batch(poses, transforms)
+        K = as_numpy(K, "K", (3, 3))
+        size = check_size(size)
+        with _lock:
+            return self._render(poses, K, transforms, size, size)
+
+    def render_crops(self, poses, K, transforms, size: int, engine=None) -> dict:
+        """Render into crops.
+
+        poses (B,4,4) object-in-camera, K (3,3), transforms (B,3,3) full-image pixel ->
+        crop pixel, size: crop side. Returns rgb (B,3,s,s), depth (B,s,s), xyz (B,3,s,s),
+        normals (B,3,s,s), mask (B,s,s). With ``engine``, runs as engine.map over poses and
+        transforms (stage "render.crops") so its output memory is budgeted.
+        """
+        size = check_size(size)
+        if engine is None:
+            return self.render_crops_op(poses, transforms, K=K, size=size)
+        # the engine slices tensors only; float64 keeps the poses exactly as given
+        return engine.map(
+            self.render_crops_op,
+            as_tensor(poses),
+            as_tensor(transforms),
+            name="render.crops",
+            per_item_bytes=size * size * output_bytes_per_pixel(),
+            K=K,
+            size=size,
+        )
+
+    def render_full(self, pose, K, width: int, height: int) -> dict:
+        """Render the whole image: pose (4,4), K (3,3) -> dict with B = 1 at (height, width)."""
+        pose = as_numpy(pose, "pose", (4, 4)).reshape(1, 4, 4)
+        K = as_numpy(K, "K", (3, 3))
+        width, height = check_size(width, "width"), check_size(height, "height")
+        with _lock:
+            return self._render(pose, K, np.eye(3)[None], width, height)
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass

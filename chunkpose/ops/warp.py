@@ -1,0 +1,218 @@
+"""Many crops from ONE full-resolution image, without B copies of it.
+
+Crop pixel q (integer coordinates, pixel centres) of hypothesis b samples the full frame at
+``p = T_b^-1 q`` (the align_corners=False convention of kornia's warp_perspective). Positions
+are computed in float64 from the float64 inverse of the transforms; "nearest" rounds half to
+even, as grid_sample(mode="nearest") does (std::nearbyint / rint), so an exact tie such as
+40.5 goes to 40 and 41.5 to 42.
+
+Only the region that crops read needs to be passed: ``image`` may be the window of the full
+frame starting at ``origin=(x0, y0)`` (see crops.crop_roi); transforms stay full-frame and
+positions outside the window read zero, exactly like positions outside the full image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _ext
+from .crops import inverse_transforms
+from .depth import MIN_DEPTH, as_depth_tensor, intrinsics
+
+SEMANTICS = {"refiner": 0, "scorer": 1}
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_transforms(transforms) -> torch.Tensor:
+    if not isinstance(transforms, torch.Tensor):
+        transforms = torch.as_tensor(transforms)
+    if transforms.dim() == 2:
+        transforms = transforms[None]
+    if transforms.dim() != 3 or transforms.shape[1:] != (3, 3):
+        raise ValueError(f"transforms must be (B,3,3) full-image -> crop pixel maps, got shape {tuple(transforms.shape)}")
+    return transforms
+
+
+def _check_size(size) -> int:
+    if int(size) != size or size <= 0:
+        raise ValueError(f"size must be a positive integer (crop side in pixels), got {size}")
+    return int(size)
+
+
+def _check_origin(origin) -> tuple[int, int]:
+    if origin is None:
+        return 0, 0
+    if len(origin) != 2 or any(int(v) != v for v in origin):
+        raise ValueError(f"origin must be integer (x0, y0) full-frame pixel of the image's first pixel, got {origin}")
+    return int(origin[0]), int(origin[1])
+
+
+# ----------------------------------------------------------------------------- sampling positions
+def _crop_grid(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.arange(size, dtype=torch.float64, device=device)
+    return q[None, None, :], q[None, :, None]  # qx (1,1,s), qy (1,s,1)
+
+
+def _apply(M: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    """Unrounded ``M (B,3,3) float64`` applied to (x, y): ((a*x + b*y) + c) / ((g*x + h*y) + i),
+    the operation order of the C++/CUDA kernels (csrc/pixel_math.h)."""
+    m = M[:, :, :, None, None]
+    den = m[:, 2, 0] * x + m[:, 2, 1] * y
+    den += m[:, 2, 2]
+    px = m[:, 0, 0] * x + m[:, 0, 1] * y
+    px += m[:, 0, 2]
+    px /= den
+    py = m[:, 1, 0] * x + m[:, 1, 1] * y
+    py += m[:, 1, 2]
+    py /= den
+    return px, py
+
+
+def _nearest_index(M, x, y, x0: int, y0: int, w: int, h: int):
+    """Rounded positions (px, py) float64 (B,s,s) of M applied to (x, y), and the flat index
+    into the (h,w) window at (x0,y0), -1 outside (csrc nearest_index)."""
+    px, py = _apply(M, x, y)
+    torch.round(px, out=px)  # half to even, like nearbyint
+    torch.round(py, out=py)
+    lx, ly = px - x0, py - y0
+    valid = (lx >= 0) & (lx <= w - 1) & (ly >= 0) & (ly <= h - 1)
+    flat = torch.where(valid, ly * w + lx, -1.0).long()
+    return px, py, flat
+
+
+def sample_positions(transforms: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-frame positions (px, py) (B,size,size) float64 that the crop pixels sample (unrounded)."""
+    transforms = _check_transforms(transforms)
+    Ti = inverse_transforms(transforms)
+    qx, qy = _crop_grid(_check_size(size), Ti.device)
+    return _apply(Ti, qx, qy)
+
+
+# ----------------------------------------------------------------------------- image crops
+def _warp_op(inverses: torch.Tensor, *, image: torch.Tensor, size: int, mode: str, origin: tuple[int, int]):
+    """Crops (B,C,s,s) of ``image (C,h,w)`` (the window at ``origin``) for ``inverses (B,3,3)``."""
+    C, h, w = image.shape
+    B = inverses.shape[0]
+    qx, qy = _crop_grid(size, image.device)
+    if mode == "nearest":
+        _, _, flat = _nearest_index(inverses, qx, qy, origin[0], origin[1], w, h)
+        valid = flat >= 0
+        vals = image.reshape(C, h * w)[:, flat.clamp_(min=0).reshape(-1)].reshape(C, B, size, size)
+        vals = torch.where(valid[None], vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
+        return vals.permute(1, 0, 2, 3).contiguous()
+    px, py = _apply(inverses, qx, qy)
+    # Normalised coordinates of grid_sample(align_corners=False): -1 and 1 are the outer pixel edges.
+    px.sub_(origin[0]).mul_(2.0).add_(1.0).div_(w).sub_(1.0)
+    py.sub_(origin[1]).mul_(2.0).add_(1.0).div_(h).sub_(1.0)
+    grid = torch.stack([px.to(image.dtype), py.to(image.dtype)], dim=-1)  # (B,s,s,2)
+    del px, py
+    # One grid of B*s rows over the batch-1 image: no expanded copy, image-sized gradient.
+    out = F.grid_sample(image[None], grid.reshape(1, B * size, size, 2), mode="bilinear",
+                        padding_mode="zeros", align_corners=False)  # (1,C,B*s,s)
+    return out.reshape(C, B, size, size).permute(1, 0, 2, 3).contiguous()
+
+
+def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear", origin=(0, 0),
+               engine=None) -> torch.Tensor:
+    """Crops ``(B,C,size,size)`` of ``image (C,H,W)`` float under ``transforms (B,3,3)``
+    (full-image pixel -> crop pixel), zero outside the image.
+
+    Equals ``kornia.geometry.transform.warp_perspective(image.expand(B,C,H,W), transforms,
+    (size,size), mode=mode, align_corners=False)`` (bilinear to float rounding; nearest exactly
+    except where kornia's float32 position lands on the other side of an exact .5 tie), without
+    materialising B copies: the B sampling grids are folded into one grid over the batch-1 image.
+    With ``origin=(x0,y0)``, ``image`` is the window of the full frame starting at that pixel.
+    """
+    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+        raise ValueError(f"image must be a (C,H,W) tensor, got {getattr(image, 'shape', type(image))}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    if not image.is_floating_point():
+        image = image.float()
+    transforms = _check_transforms(transforms)
+    size = _check_size(size)
+    origin = _check_origin(origin)
+    inverses = inverse_transforms(transforms).to(image.device)
+    kwargs = dict(image=image, size=size, mode=mode, origin=origin)
+    if engine is None:
+        return _warp_op(inverses, **kwargs)
+    per_item = size * size * (8 * 4 + 4 * image.shape[0] * 3)
+    return engine.map(_warp_op, inverses, name=f"crops.warp_{mode}", per_item_bytes=per_item, **kwargs)
+
+
+# ----------------------------------------------------------------------------- xyz crops
+def _backproject_into(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, intr) -> torch.Tensor:
+    """out (B,3,s,s) <- ((u - cx) z / fx, (v - cy) z / fy, z), zero where z < 0.001."""
+    fx, fy, cx, cy = intr
+    torch.mul(u.sub_(cx), z, out=out[:, 0])
+    out[:, 0].div_(fx)
+    torch.mul(v.sub_(cy), z, out=out[:, 1])
+    out[:, 1].div_(fy)
+    out[:, 2].copy_(z)
+    out.masked_fill_((z < MIN_DEPTH)[:, None], 0.0)
+    return out
+
+
+def _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin):
+    h, w = depth.shape
+    B = transforms.shape[0]
+    qx, qy = _crop_grid(size, depth.device)
+    px, py, flat = _nearest_index(inverses, qx, qy, origin[0], origin[1], w, h)
+    valid = flat >= 0
+    zero = torch.zeros((), dtype=depth.dtype, device=depth.device)
+    # Refiner semantics: the depth at the nearest full-frame pixel. For the scorer this is also
+    # the observed depth crop (crop pixel r holds depth[nearest(T^-1 r)]).
+    z = torch.where(valid, depth.reshape(-1)[flat.clamp_(min=0)], zero)
+    del flat
+    u, v = px.float(), py.float()  # integer-valued positions: exact in float32 where valid
+    if code == SEMANTICS["scorer"]:
+        # r = nearest(T p) inside the crop; depth there is the crop's depth at r.
+        rx, ry, r_flat = _nearest_index(transforms, px, py, 0, 0, size, size)
+        del px, py, rx, ry
+        ok = valid & (r_flat >= 0)
+        z = torch.where(ok, z.reshape(B, -1).gather(1, r_flat.clamp_(min=0).reshape(B, -1)).reshape(B, size, size),
+                        zero)
+        del r_flat, ok
+    else:
+        del px, py
+    out = torch.empty((B, 3, size, size), dtype=torch.float32, device=depth.device)
+    return _backproject_into(out, u, v, z, intr)
+
+
+def _xyz_crops_op(transforms, inverses, *, depth, intr, size, code, origin):
+    """The observed xyz crops (B,3,s,s) for ``transforms/inverses (B,3,3) float64``."""
+    if _ext.use_ext(depth.device):
+        fx, fy, cx, cy = intr
+        return _ext.ops().xyz_crops(depth, transforms, inverses, fx, fy, cx, cy, size, code, origin[0], origin[1])
+    return _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin)
+
+
+def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origin=(0, 0),
+              engine=None) -> torch.Tensor:
+    """The observed point map inside each crop: ``(B,3,size,size)`` camera-frame metres.
+
+    ``depth (H,W)`` (or its window at ``origin=(x0,y0)``), ``K (3,3)`` full-frame intrinsics,
+    ``transforms (B,3,3)`` full-image pixel -> crop pixel. With p = nearest(T^-1 q):
+      - "refiner": xyz_full[p] (the nearest warp of the full point map);
+      - "scorer": backproject(p, depth_crop[nearest(T p)]) where depth_crop is the nearest warp
+        of the depth: the crop -> full frame -> crop round trip upstream makes through
+        per-hypothesis full-resolution buffers, computed here per crop pixel (memory
+        O(B*size*size), never O(B*H*W)).
+    Zero where the depth is < 0.001 or the position falls outside the image.
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be 'refiner' or 'scorer', got {semantics!r}")
+    depth = as_depth_tensor(depth).contiguous()
+    intr = intrinsics(K)
+    transforms = _check_transforms(transforms)
+    size = _check_size(size)
+    origin = _check_origin(origin)
+    T64 = transforms.detach().to(depth.device, torch.float64).contiguous()
+    Ti64 = inverse_transforms(transforms).to(depth.device).contiguous()
+    kwargs = dict(depth=depth, intr=intr, size=size, code=SEMANTICS[semantics], origin=origin)
+    if engine is None:
+        return _xyz_crops_op(T64, Ti64, **kwargs)
+    ext = _ext.use_ext(depth.device)
+    per_item = size * size * (12 if ext else 12 + 8 * 8)
+    return engine.map(_xyz_crops_op, T64, Ti64, name=f"crops.xyz_{semantics}", per_item_bytes=per_item,
+                      fixed_bytes=0, **kwargs)

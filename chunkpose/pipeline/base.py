@@ -1,0 +1,115 @@
+"""The small interface every refiner/scorer pair implements, and the observed frame they read.
+
+The pipeline (hypotheses -> refine -> score -> best) is written once against these two
+classes; the weight-free pair (geometric.py) and the learned pair (learned.py) plug in
+behind them. All poses here are of the *re-centred* mesh (vertices minus the bbox centre),
+object-in-camera, float32 torch tensors on the engine's device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass
+class ObservedFrame:
+    """One cleaned RGB-D observation, with only the region crops can read on the device.
+
+    rgb (3,h,w) float32 0..255, depth (h,w) float32 metres (0 invalid, already eroded and
+    bilateral-filtered), xyz (3,h,w) float32 camera-frame points of `depth` (0 where invalid),
+    mask (h,w) bool or None (None when tracking: no mask is given), all covering the ROI
+    whose top-left full-frame pixel is `origin` = (x0, y0). K (3,3) float32 is the
+    full-frame intrinsics: crop transforms are full-frame and the ops take `origin` to
+    index into the ROI. `full_size` = (H, W) of the whole frame. `diameter` is the object's
+    diameter in metres (the scale of crops, thresholds and xyz normalisation).
+    """
+
+    rgb: torch.Tensor
+    depth: torch.Tensor
+    xyz: torch.Tensor
+    mask: Optional[torch.Tensor]
+    K: torch.Tensor
+    origin: Tuple[int, int]
+    full_size: Tuple[int, int]
+    diameter: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.depth.device
+
+    # Helpers so that every refiner/scorer prepares observed crops the same way.
+    # transforms (B,3,3) map full-frame pixels to crop pixels (chunkpose.ops.crops).
+
+    def rgb_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
+        """Observed colour in each crop, bilinear: (B,3,size,size) float32 0..255."""
+        from chunkpose.ops.warp import warp_crops
+
+        return warp_crops(self.rgb, transforms, size, mode="bilinear", origin=self.origin)
+
+    def xyz_crops(self, transforms: torch.Tensor, size: int, semantics: str = "refiner") -> torch.Tensor:
+        """Observed camera-frame points in each crop: (B,3,size,size) float32.
+
+        semantics "refiner": nearest full-frame pixel; "scorer": FoundationPose's double
+        nearest round trip (see chunkpose.ops.warp.xyz_crops).
+        """
+        from chunkpose.ops.warp import xyz_crops
+
+        return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=self.origin)
+
+    def mask_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
+        """Observed object mask in each crop, nearest: (B,size,size) bool (all True if no mask)."""
+        from chunkpose.ops.warp import warp_crops
+
+        if self.mask is None:
+            return torch.ones(transforms.shape[0], size, size, dtype=torch.bool, device=transforms.device)
+        m = self.mask.to(torch.float32)[None]
+        return warp_crops(m, transforms, size, mode="nearest", origin=self.origin)[:, 0] > 0.5
+
+
+class _Stage:
+    crop_ratio: float
+    crop_size: int
+
+    def item_bytes(self) -> int:
+        """Conservative device bytes ONE hypothesis needs inside this stage's map op
+        (render outputs, observed crops, solver or network activations). The estimator
+        uses it before running to decide whether a registration fits the budget at chunk
+        size 1 (else it downscales). Override when the working set is larger (networks)."""
+        return 400 * self.crop_size * self.crop_size
+
+    def resident_bytes(self) -> int:
+        """Device bytes held for the whole call (e.g. network parameters)."""
+        return 0
+
+
+class Refiner(_Stage):
+    """Improves pose hypotheses against one observed frame.
+
+    crop_ratio: crop window size as a multiple of the object diameter ("box_3d" windows).
+    refine(poses (B,4,4), frame, renderer, engine, iterations) -> (B,4,4): runs
+    `iterations` render-compare-update rounds; every stage that grows with B must go
+    through `engine.map` (no chunk sizes here).
+    """
+
+    crop_ratio: float = 1.2
+    crop_size: int = 160
+
+    def refine(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine, iterations: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Scorer(_Stage):
+    """Scores refined hypotheses; higher is better.
+
+    score(poses (B,4,4), frame, renderer, engine) -> (B,) float32. Per-hypothesis work
+    goes through `engine.map`; anything needing all hypotheses at once (e.g. cross
+    attention) runs once on the gathered per-hypothesis features.
+    """
+
+    crop_ratio: float = 1.1
+    crop_size: int = 160
+
+    def score(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,189 @@
+"""FoundationPose-compatible learned refiner and scorer (Refiner / Scorer of base.py).
+
+Each refine iteration and the scorer's per-hypothesis part is ONE engine stage whose op
+takes a slice of poses and does everything for it: crop windows, render the mesh into the
+crops, warp the observed frame into the same crops, build the network inputs, run the
+network (and, for the refiner, apply the pose update). Nothing of size B x crop survives a
+chunk, so the engine can trade speed for memory freely. The scorer's att_cross, which
+compares all hypotheses, runs once on the gathered (B,512) features.
+
+Input preparation (as upstream, /work/shared/REFERENCE.md section 1): per side 6 channels,
+rgb in 0..1 and xyz normalised as (xyz - t_hypothesis) / (diameter/2), zeroed where the
+camera z is below the side's threshold (0.001 m refiner, 0.1 m scorer) or any coordinate
+reaches |2|. A = rendered, B = observed.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from chunkpose.models.checkpoint import NetworkConfig, load_weights, make_config
+from chunkpose.models.refine_net import RefineNet, apply_update
+from chunkpose.models.score_net import ScoreNetMultiPair
+from chunkpose.pipeline.base import ObservedFrame, Refiner, Scorer
+
+#: Camera-z below which a point counts as missing (refiner / scorer inputs).
+REFINER_MIN_Z = 0.001
+SCORER_MIN_Z = 0.1
+#: Normalised coordinates at or beyond this magnitude are zeroed (far from the object).
+MAX_NORMALISED = 2.0
+
+
+def normalised_xyz(xyz: torch.Tensor, centers: torch.Tensor, diameter: float, min_z: float,
+                   normalize: bool = True) -> torch.Tensor:
+    """Camera-frame xyz crops (N,3,s,s) -> (xyz - centers) / (diameter/2), 0 where invalid.
+
+    centers (N,3) are the hypotheses' translations (the re-centred mesh's origin in the
+    camera). A pixel is invalid when its camera z < min_z or any normalised coordinate has
+    |value| >= 2; all three channels are zeroed there.
+    """
+    rel = xyz - centers[:, :, None, None].to(xyz.dtype)
+    if normalize:
+        rel = rel / (diameter / 2.0)
+    invalid = (xyz[:, 2:3] < min_z) | (rel.abs() >= MAX_NORMALISED).any(dim=1, keepdim=True)
+    return rel.masked_fill(invalid, 0.0)
+
+
+def network_input(rgb01: torch.Tensor, xyz: torch.Tensor, centers: torch.Tensor, diameter: float,
+                  min_z: float, normalize: bool = True) -> torch.Tensor:
+    """One side's 6-channel input (N,6,s,s): rgb (N,3,s,s) in 0..1, then normalised xyz."""
+    return torch.cat([rgb01.to(torch.float32), normalised_xyz(xyz, centers, diameter, min_z, normalize)], dim=1)
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """fp16 autocast on CUDA (as upstream); a no-op elsewhere (CPU stays float32)."""
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def crop_pair(poses: torch.Tensor, frame: ObservedFrame, renderer, crop_ratio: float, size: int,
+              min_z: float, xyz_semantics: str, normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Network inputs for poses (N,4,4): A (rendered) and B (observed), each (N,6,size,size)."""
+    from chunkpose.ops.crops import crop_windows
+
+    transforms = crop_windows(poses, frame.K, frame.diameter, crop_ratio, size).transforms
+    # Rendering happens inside the caller's engine chunk, so no second level of chunking.
+    rendered = renderer.render_crops(poses, frame.K, transforms, size, engine=None)
+    centers = poses[:, :3, 3]
+    A = network_input(rendered["rgb"].to(poses.device), rendered["xyz"].to(poses.device), centers,
+                      frame.diameter, min_z, normalize)
+    del rendered
+    observed_rgb = frame.rgb_crops(transforms, size) / 255.0
+    observed_xyz = frame.xyz_crops(transforms, size, semantics=xyz_semantics)
+    B = network_input(observed_rgb, observed_xyz, centers, frame.diameter, min_z, normalize)
+    return A, B
+
+
+def _resident(engine, *things):
+    if engine is None or not hasattr(engine, "resident"):
+        return nullcontext()
+    return engine.resident(*things)
+
+
+class LearnedRefiner(Refiner):
+    """RefineNet render-and-compare refinement, one engine stage per iteration.
+
+    model: a RefineNet (its device is the engine's); config: the run's config.yml values
+    (NetworkConfig or dict, defaults of the official run for missing keys).
+    differentiable: False (default) runs under no_grad; True keeps autograd (gradients
+    flow to the poses and the weights, blocks checkpointed inside each chunk).
+    """
+
+    def __init__(self, model: RefineNet, config: Union[NetworkConfig, Dict[str, Any], None] = None,
+                 fp16: bool = True, differentiable: bool = False):
+        self.model = model
+        self.config = config if isinstance(config, NetworkConfig) else make_config("refiner", config)
+        self.crop_ratio = float(self.config["crop_ratio"])
+        self.crop_size = self.config.crop_size
+        self.rot_normalizer = float(self.config["rot_normalizer"])
+        self.normalize_xyz = bool(self.config["normalize_xyz"])
+        self.trans_normalizer = self.config.get("trans_normalizer")
+        self.fp16 = fp16
+        self.differentiable = differentiable
+
+    def prepare(self, poses: torch.Tensor, frame: ObservedFrame, renderer) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A, B (N,6,s,s) for poses (N,4,4): what the network sees."""
+        return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, REFINER_MIN_Z,
+                         "refiner", self.normalize_xyz)
+
+    def step(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: RefineNet) -> torch.Tensor:
+        """One iteration for a slice of hypotheses: poses (n,4,4) -> refined poses (n,4,4)."""
+        A, B = self.prepare(poses, frame, renderer)
+        with autocast_for(poses.device, self.fp16):
+            out = model(A, B)
+        return apply_update(poses, out["trans"], out["rot"], diameter=frame.diameter,
+                            rot_normalizer=self.rot_normalizer, normalize_xyz=self.normalize_xyz,
+                            trans_normalizer=self.trans_normalizer)
+
+    def refine(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine, iterations: int) -> torch.Tensor:
+        """poses (B,4,4) of the re-centred mesh -> (B,4,4) after `iterations` updates."""
+        if poses.ndim != 3 or poses.shape[1:] != (4, 4):
+            raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
+        poses = poses.to(device=frame.device, dtype=torch.float32)
+        grad = torch.enable_grad() if self.differentiable else torch.no_grad()
+        with grad, _resident(engine, self.model):
+            for _ in range(int(iterations)):
+                if engine is None:
+                    poses = self.step(poses, frame=frame, renderer=renderer, model=self.model)
+                else:
+                    poses = engine.map(self.step, poses, name="refine.learned", frame=frame,
+                                       renderer=renderer, model=self.model)
+        return poses
+
+
+class LearnedScorer(Scorer):
+    """ScoreNetMultiPair scoring: per-hypothesis features as an engine stage, att_cross once."""
+
+    def __init__(self, model: ScoreNetMultiPair, config: Union[NetworkConfig, Dict[str, Any], None] = None,
+                 fp16: bool = True, differentiable: bool = False):
+        self.model = model
+        self.config = config if isinstance(config, NetworkConfig) else make_config("scorer", config)
+        self.crop_ratio = float(self.config["crop_ratio"])
+        self.crop_size = self.config.crop_size
+        self.normalize_xyz = bool(self.config["normalize_xyz"])
+        self.fp16 = fp16
+        self.differentiable = differentiable
+
+    def prepare(self, poses: torch.Tensor, frame: ObservedFrame, renderer) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A, B (N,6,s,s) for poses (N,4,4), with the scorer's crops and xyz semantics."""
+        return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, SCORER_MIN_Z,
+                         "scorer", self.normalize_xyz)
+
+    def features(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: ScoreNetMultiPair) -> torch.Tensor:
+        """Per-hypothesis features (n,512) float32 for a slice of poses (n,4,4)."""
+        A, B = self.prepare(poses, frame, renderer)
+        with autocast_for(poses.device, self.fp16):
+            feats = model.features(A, B)
+        return feats.float()
+
+    def score(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
+        """poses (B,4,4) -> score logits (B,) float32 (higher is better)."""
+        if poses.ndim != 3 or poses.shape[1:] != (4, 4):
+            raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
+        poses = poses.to(device=frame.device, dtype=torch.float32)
+        grad = torch.enable_grad() if self.differentiable else torch.no_grad()
+        with grad, _resident(engine, self.model):
+            if engine is None:
+                feats = self.features(poses, frame=frame, renderer=renderer, model=self.model)
+            else:
+                feats = engine.map(self.features, poses, name="score.learned.features", frame=frame,
+                                   renderer=renderer, model=self.model)
+            # att_cross compares all hypotheses: one call on the gathered features.
+            with autocast_for(poses.device, self.fp16):
+                logits = self.model.cross(feats)
+        return logits.float()
+
+
+def load_learned(weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = True
+                 ) -> Tuple[LearnedRefiner, LearnedScorer]:
+    """A FoundationPose weights folder -> (LearnedRefiner, LearnedScorer) on `device`.
+
+    See chunkpose.models.checkpoint for the accepted layouts and the error messages.
+    """
+    refiner, scorer, configs = load_weights(weights, device=device)
+    return (LearnedRefiner(refiner, configs["refiner"], fp16=fp16),
+            LearnedScorer(scorer, configs["scorer"], fp16=fp16))

@@ -1,0 +1,96 @@
+"""Build and install chunkpose.
+
+torch is imported only to build csrc/ through torch.utils.cpp_extension. The CPU extension
+``chunkpose._C`` is always built; the CUDA kernels are added when the installed torch has
+CUDA (torch.version.cuda) and nvcc is found (CUDA_HOME). Install against the torch you
+already have, so pip never fetches another one:
+
+    pip install --no-build-isolation -e .            # CPU kernels (+ CUDA on a CUDA torch)
+    CHUNKPOSE_NO_CUDA=1 pip install --no-build-isolation -e .   # force a CPU-only build
+"""
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+
+INSTALL_REQUIRES = [
+    "torch",
+    "numpy",
+    "trimesh",
+    "opencv-python-headless",
+    "moderngl",
+    "tqdm",
+    "rich",
+    "matplotlib",
+    "pyyaml",
+    "scipy",
+]
+EXTRAS = {
+    "test": ["pytest", "hypothesis", "kornia"],
+    # scripts/bootstrap.sh asks for this extra on CUDA machines: the nvdiffrast renderer
+    # (compiled on first use, needs nvcc and ninja).
+    "cuda": ["diffrp-nvdiffrast>=0.3.3.1", "ninja"],
+}
+
+
+def _extensions():
+    """The csrc/ extension, or nothing when torch is not importable (metadata-only runs)."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return [], {}
+
+    sources = [str(Path("csrc") / "ops.cpp")]
+    # -ffp-contract=off / --fmad=false: keep every multiply and add separately rounded, so
+    # the kernels give the same floats as the torch path (no FMA contraction).
+    cxx = ["-O3", "-ffp-contract=off"]
+    macros = []
+    with_cuda = (
+        torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and os.environ.get("CHUNKPOSE_NO_CUDA", "0") != "1"
+    )
+    if with_cuda:
+        sources.append(str(Path("csrc") / "ops_cuda.cu"))
+        macros.append(("CHUNKPOSE_WITH_CUDA", None))
+        ext = cpp_extension.CUDAExtension(
+            "chunkpose._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("chunkpose._C", sources, define_macros=macros,
+                                         extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=_has_ninja())}
+
+
+def _has_ninja():
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+
+        return is_ninja_available()
+    except Exception:
+        return False
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="chunkpose",
+    version="0.1.0",
+    description="Model-based 6D pose estimation at full camera resolution under a VRAM budget",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["chunkpose", "chunkpose.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["chunkpose=chunkpose.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

@@ -1,0 +1,199 @@
+"""LearnedRefiner / LearnedScorer: upstream input preparation, the pose update, and chunked
+runs through the engine equal to unchunked ones (random weights).
+
+Crops are 32x32 here (input_resize in the config) to keep the CPU cost down; a synthetic
+renderer that depends only on each pose and crop window stands in for the mesh renderer
+(the GL renderer is exercised in a gl-marked test).
+"""
+import math
+
+import pytest
+import torch
+
+from chunkpose.engine import Engine
+from chunkpose.models import RefineNet, ScoreNetMultiPair, apply_update
+from chunkpose.pipeline.base import ObservedFrame
+from chunkpose.pipeline.learned import (
+    REFINER_MIN_Z,
+    SCORER_MIN_Z,
+    LearnedRefiner,
+    LearnedScorer,
+    normalised_xyz,
+)
+
+SIZE = 32
+DIAMETER = 0.12
+
+
+def test_normalised_xyz_rules():
+    xyz = torch.zeros(1, 3, 1, 5)
+    center = torch.tensor([[0.0, 0.0, 0.5]])
+    xyz[0, :, 0, 0] = torch.tensor([0.03, -0.06, 0.52])  # valid
+    xyz[0, :, 0, 1] = torch.tensor([0.01, 0.01, 0.0005])  # z below both thresholds
+    xyz[0, :, 0, 2] = torch.tensor([0.01, 0.01, 0.05])  # valid for the refiner only... but far
+    xyz[0, :, 0, 3] = torch.tensor([0.13, 0.0, 0.5])  # |x| / radius = 2.17 >= 2
+    xyz[0, :, 0, 4] = torch.tensor([0.0, 0.0, 0.5 - 0.0599])  # just inside |z| < 2
+    out = normalised_xyz(xyz, center, DIAMETER, REFINER_MIN_Z)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.5, -1.0, 1 / 3]))
+    assert out[0, :, 0, 1].abs().sum() == 0
+    assert out[0, :, 0, 2].abs().sum() == 0  # z is 0.45 below the centre: -7.5 radii
+    assert out[0, :, 0, 3].abs().sum() == 0  # one coordinate out of range zeroes all three
+    assert out[0, 2, 0, 4].item() == pytest.approx(-0.0599 / 0.06, rel=1e-4)
+    near = torch.zeros(1, 3, 1, 1)
+    near[0, :, 0, 0] = torch.tensor([0.0, 0.0, 0.09])
+    c = torch.tensor([[0.0, 0.0, 0.1]])
+    assert normalised_xyz(near, c, DIAMETER, REFINER_MIN_Z).abs().sum() > 0
+    assert normalised_xyz(near, c, DIAMETER, SCORER_MIN_Z).abs().sum() == 0  # scorer: z < 0.1
+
+
+class PatternRenderer:
+    """Deterministic stand-in for a mesh renderer: a disc of the object's radius facing the
+    camera at each pose, coloured by the pose's rotation. Pure per item, like a renderer."""
+
+    device = torch.device("cpu")
+    backend = "pattern"
+
+    def __init__(self):
+        self.calls = []
+
+    def render_crops(self, poses, K, transforms, size, engine=None):
+        self.calls.append(poses.shape[0])
+        n = poses.shape[0]
+        Kp = transforms.double() @ K.double()  # crop intrinsics
+        v, u = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                              indexing="ij")
+        rays = torch.linalg.solve(Kp[:, None, None], torch.stack([u, v, torch.ones_like(u)], -1)[None, ..., None])[..., 0]
+        t = poses[:, :3, 3].double()
+        z = t[:, 2, None, None] * torch.ones(n, size, size, dtype=torch.float64)
+        xyz = rays / rays[..., 2:3] * z[..., None]
+        inside = ((xyz[..., :2] - t[:, None, None, :2]) ** 2).sum(-1) < (DIAMETER / 2) ** 2
+        xyz = torch.where(inside[..., None], xyz, torch.zeros_like(xyz))
+        R = poses[:, :3, :3].double()
+        rgb = torch.sigmoid(R[:, :, 0, None, None] * 3 * torch.sin(u / 3)[None] + R[:, :, 1, None, None] * v[None] / size)
+        rgb = rgb * inside[:, None]
+        return {"rgb": rgb.float(), "xyz": xyz.permute(0, 3, 1, 2).float(), "depth": (xyz[..., 2]).float(),
+                "mask": inside, "normals": torch.zeros(n, 3, size, size)}
+
+
+def make_frame(H=96, W=128):
+    g = torch.Generator().manual_seed(0)
+    K = torch.tensor([[150.0, 0, 64], [0, 150.0, 48], [0, 0, 1]])
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    depth = 0.5 + 0.01 * torch.sin(u / 7) * torch.cos(v / 5)
+    depth[:4] = 0.0  # some missing depth
+    xyz = torch.stack([(u - K[0, 2]) * depth / K[0, 0], (v - K[1, 2]) * depth / K[1, 1], depth])
+    xyz = xyz * (depth > 0.001)
+    rgb = torch.rand(3, H, W, generator=g) * 255
+    return ObservedFrame(rgb=rgb, depth=depth, xyz=xyz, mask=None, K=K, origin=(0, 0), full_size=(H, W),
+                         diameter=DIAMETER)
+
+
+def make_poses(n, seed=1):
+    from chunkpose.models import so3_exp_map
+
+    g = torch.Generator().manual_seed(seed)
+    poses = torch.eye(4).repeat(n, 1, 1)
+    poses[:, :3, :3] = so3_exp_map(torch.randn(n, 3, generator=g))
+    poses[:, :3, 3] = torch.tensor([0.0, 0.0, 0.5]) + (torch.rand(n, 3, generator=g) - 0.5) * 0.04
+    return poses
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    torch.manual_seed(0)
+    return LearnedRefiner(RefineNet().eval(), {"input_resize": [SIZE, SIZE]})
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    torch.manual_seed(0)
+    return LearnedScorer(ScoreNetMultiPair().eval(), {"input_resize": [SIZE, SIZE]})
+
+
+def test_one_refine_iteration_is_the_upstream_update(refiner):
+    frame, poses = make_frame(), make_poses(3)
+    renderer = PatternRenderer()
+    out = refiner.refine(poses, frame, renderer, None, iterations=1)
+    A, B = refiner.prepare(poses, frame, renderer)
+    assert A.shape == (3, 6, SIZE, SIZE) and B.shape == (3, 6, SIZE, SIZE)
+    assert 0 <= float(B[:, :3].min()) and float(B[:, :3].max()) <= 1.0  # observed rgb / 255
+    with torch.no_grad():
+        raw = refiner.model(A, B)
+    expected = apply_update(poses, raw["trans"], raw["rot"], diameter=DIAMETER, rot_normalizer=0.3490658503988659)
+    torch.testing.assert_close(out, expected)
+    assert refiner.crop_ratio == 1.2 and refiner.crop_size == SIZE
+
+
+def test_refine_chunked_equals_unchunked(refiner):
+    frame, poses = make_frame(), make_poses(5)
+    whole = refiner.refine(poses, frame, PatternRenderer(), Engine(None), iterations=2)
+    renderer = PatternRenderer()
+    engine = Engine(4.0, max_chunk=2)
+    chunked = refiner.refine(poses, frame, renderer, engine, iterations=2)
+    assert max(renderer.calls) <= 2  # really ran in slices of at most two hypotheses
+    assert engine.report.stages["refine.learned"].calls == 2
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    assert not torch.allclose(whole, poses)
+
+
+class RecordingFrame(ObservedFrame):
+    def xyz_crops(self, transforms, size, semantics="refiner"):
+        self.semantics_seen = semantics
+        return super().xyz_crops(transforms, size, semantics=semantics)
+
+
+def test_scorer_crops_semantics_and_cross_attention_over_all_hypotheses(scorer):
+    base = make_frame()
+    frame = RecordingFrame(**{f: getattr(base, f) for f in base.__dataclass_fields__})
+    poses = make_poses(5)
+    whole = scorer.score(poses, frame, PatternRenderer(), Engine(None))
+    assert frame.semantics_seen == "scorer" and scorer.crop_ratio == 1.1
+    renderer = PatternRenderer()
+    chunked = scorer.score(poses, frame, renderer, Engine(4.0, max_chunk=2))
+    assert max(renderer.calls) <= 2 and chunked.shape == (5,)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    # equals the network's own forward with all five hypotheses in one att_cross group
+    A, B = scorer.prepare(poses, frame, PatternRenderer())
+    with torch.no_grad():
+        ref = scorer.model(A, B)[0]
+    torch.testing.assert_close(whole, ref, rtol=1e-5, atol=1e-5)
+    # observed xyz under the scorer threshold: a frame at 0.09 m gives all-zero B xyz
+    near = RecordingFrame(**{**{f: getattr(base, f) for f in base.__dataclass_fields__},
+                             "depth": torch.full_like(base.depth, 0.09)})
+    p = make_poses(1)
+    p[:, :3, 3] = torch.tensor([0.0, 0.0, 0.1])
+    _, Bn = scorer.prepare(p, near, PatternRenderer())
+    assert Bn[:, 3:].abs().sum() == 0
+
+
+def test_differentiable_refine_checkpoints_blocks_and_gives_gradients():
+    torch.manual_seed(0)
+    ref = LearnedRefiner(RefineNet().eval(), {"input_resize": [SIZE, SIZE]}, differentiable=True)
+    frame, poses = make_frame(), make_poses(2)
+    out = ref.refine(poses, frame, PatternRenderer(), Engine(4.0, max_chunk=1), iterations=1)
+    assert out.requires_grad
+    out[:, :3, 3].sum().backward()
+    assert ref.model.trans_head[1].weight.grad is not None
+    assert ref.model.trans_head[1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gl
+def test_learned_pair_with_the_gl_renderer_chunked_equals_unchunked(refiner, scorer):
+    import trimesh
+
+    from chunkpose.io.mesh import load_mesh
+    from chunkpose.ops.render import make_renderer
+
+    box = trimesh.creation.box(extents=(0.08, 0.06, 0.05))
+    box.visual.vertex_colors = (torch.rand(len(box.vertices), 4) * 255).to(torch.uint8).numpy()
+    mesh = load_mesh(box).centered()
+    renderer = make_renderer(mesh, "cpu", backend="gl")
+    frame = make_frame()
+    frame.diameter = float(mesh.diameter)
+    poses = make_poses(4)
+    whole = refiner.refine(poses, frame, renderer, Engine(None), iterations=1)
+    chunked = refiner.refine(poses, frame, renderer, Engine(4.0, max_chunk=3), iterations=1)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    s_whole = scorer.score(whole, frame, renderer, Engine(None))
+    s_chunked = scorer.score(whole, frame, renderer, Engine(4.0, max_chunk=3))
+    torch.testing.assert_close(s_chunked, s_whole, rtol=0, atol=1e-5)
