@@ -52,6 +52,7 @@ def _extensions():
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("CHUNKPOSE_NO_CUDA", "0") != "1"
+        and _nvcc_matches_torch(torch.version.cuda, cpp_extension.CUDA_HOME)
     )
     if with_cuda:
         sources.append(str(Path("csrc") / "ops_cuda.cu"))
@@ -66,6 +67,26 @@ def _extensions():
         ext = cpp_extension.CppExtension("chunkpose._C", sources, define_macros=macros,
                                          extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=_has_ninja())}
+
+
+def _nvcc_matches_torch(torch_cuda: str, cuda_home: str) -> bool:
+    """torch refuses to build with an nvcc of another major CUDA version: build the CPU
+    kernels only (and say so) instead of failing the whole install."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        print("chunkpose setup: nvcc not runnable; building the CPU extension only")
+        return False
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None or found.group(1) != torch_cuda.split(".")[0]:
+        print(f"chunkpose setup: nvcc ({found.group(0) if found else 'unknown'}) and torch (CUDA {torch_cuda}) "
+              "differ in major version; building the CPU extension only (set CUDA_HOME to a matching toolkit)")
+        return False
+    return True
 
 
 def _has_ninja():

@@ -5,6 +5,9 @@
     chunkpose demo [--width 3072 --height 2048] [--budget-gb 1] [--frames 5] ...
     chunkpose bench ...            (forwards to benchmarks/ in a source checkout)
 
+FoundationPose's demo flags are accepted as aliases: --test_scene_dir, --mesh_file,
+--est_refine_iter, --track_refine_iter, --debug_dir (and --debug 0..3 means the same).
+
 Bad input ends with one line on stderr, ``chunkpose: error: <what> (<how to fix>)``, exit
 code 2 and no output folder. Ctrl-C keeps the finished frames, writes a valid report and
 exits with 130. With --json the last line of stdout is one JSON object.
@@ -70,18 +73,18 @@ def _non_negative_int(text):
 
 def _add_estimator_options(p, default_budget):
     g = p.add_argument_group("estimator")
-    g.add_argument("--budget-gb", type=_positive_float, default=default_budget,
+    g.add_argument("--budget-gb", type=_positive_float, metavar="G", default=default_budget,
                    help=f"device memory budget in GiB (default {default_budget:g})")
-    g.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--weights", type=Path, default=None,
+    g.add_argument("--device", default="auto", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--weights", type=Path, metavar="DIR", default=None,
                    help="folder with the official FoundationPose weights (default: weight-free geometric refiner)")
-    g.add_argument("--refine-iters", type=_positive_int, default=5, help="refinement iterations at registration (5)")
-    g.add_argument("--track-iters", type=_positive_int, default=2, help="refinement iterations per tracked frame (2)")
+    g.add_argument("--refine-iters", "--est_refine_iter", type=_positive_int, metavar="N", default=5, help="refinement iterations at registration (5)")
+    g.add_argument("--track-iters", "--track_refine_iter", type=_positive_int, metavar="N", default=2, help="refinement iterations per tracked frame (2)")
 
 
 def _add_output_options(p, default_out):
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=Path(default_out), help=f"output folder (default {default_out})")
+    g.add_argument("--out", "--debug_dir", type=Path, metavar="DIR", default=Path(default_out), help=f"output folder (default {default_out})")
     g.add_argument("--json", action="store_true", help="print one JSON summary object as the last line of stdout")
     g.add_argument("--debug", type=int, choices=range(0, 4), default=0, metavar="0..3",
                    help="2: scene_raw.ply, model_tf.obj, crop grids for the first frame; 3: for every frame")
@@ -96,19 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Register on the first frame with its mask and track the rest (YCBInEOAT), "
                                      "or register every annotated instance of a BOP scene.")
     src = run.add_argument_group("input")
-    src.add_argument("--scene", type=Path, help="YCBInEOAT folder: rgb/, depth/ (uint16 mm), masks/, cam_K.txt")
+    src.add_argument("--scene", "--test_scene_dir", type=Path, metavar="DIR", help="YCBInEOAT folder: rgb/, depth/ (uint16 mm), masks/, cam_K.txt")
     src.add_argument("--bop", type=Path, metavar="DATASET_DIR", help="BOP dataset folder (models/, <split>/)")
-    src.add_argument("--split", default="test", help="BOP split folder (default test)")
-    src.add_argument("--scene-id", type=_non_negative_int, help="BOP scene id")
-    src.add_argument("--obj-id", type=_positive_int, action="append", help="BOP: only these object ids (repeatable)")
-    src.add_argument("--mesh", type=Path, help="object mesh in metres (BOP: default models/obj_XXXXXX.ply)")
-    src.add_argument("--mesh-scale", type=_positive_float, default=None,
+    src.add_argument("--split", default="test", metavar="NAME", help="BOP split folder (default test)")
+    src.add_argument("--scene-id", type=_non_negative_int, metavar="N", help="BOP scene id")
+    src.add_argument("--obj-id", type=_positive_int, metavar="ID", action="append", help="BOP: only these object ids (repeatable)")
+    src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE", help="object mesh in metres (BOP: default models/obj_XXXXXX.ply)")
+    src.add_argument("--mesh-scale", type=_positive_float, metavar="S", default=None,
                      help="multiply mesh coordinates by this (0.001 for a mesh in millimetres)")
     size = src.add_mutually_exclusive_group()
-    size.add_argument("--downscale", type=_positive_float, default=None, help="resize the input by this factor first")
-    size.add_argument("--shorter-side", type=_positive_int, default=None, help="resize the input so its shorter side is N")
-    src.add_argument("--zfar", type=_positive_float, default=None, help="ignore depth at or beyond this many metres")
-    src.add_argument("--frames", type=_positive_int, default=None, help="process at most N frames (images for BOP)")
+    size.add_argument("--downscale", type=_positive_float, metavar="F", default=None, help="resize the input by this factor first")
+    size.add_argument("--shorter-side", type=_positive_int, metavar="N", default=None, help="resize the input so its shorter side is N")
+    src.add_argument("--zfar", type=_positive_float, metavar="Z", default=None, help="ignore depth at or beyond this many metres")
+    src.add_argument("--frames", type=_positive_int, metavar="N", default=None, help="process at most N frames (images for BOP)")
     _add_estimator_options(run, 4.0)
     _add_output_options(run, "chunkpose_out")
 
@@ -180,13 +183,6 @@ def _report_dict(report) -> dict:
     return dict(report) if isinstance(report, dict) else {}
 
 
-def _first(d: dict, *keys, default=None):
-    for key in keys:
-        if key in d and d[key] is not None:
-            return d[key]
-    return default
-
-
 def _run_length(sizes) -> str:
     """[64, 64, 64, 16] -> '64x3,16'."""
     parts, prev, count = [], None, 0
@@ -219,24 +215,67 @@ def chunk_plan(report_dict: dict) -> dict:
     return plan
 
 
-def _engine_fields(result) -> dict:
-    """Peak bytes, downscale factor and chunk plan of one call, from its RunReport.
+_COUNTERS = ("calls", "n_chunks", "items", "retries", "estimations", "corrections")
 
-    Read at once after the call: the estimator may reuse the report object for the next one.
+
+def _this_call(d: dict, prev: dict | None, call: str) -> dict:
+    """The part of a RunReport dict that belongs to the latest call.
+
+    An engine may keep one report for its whole life (stages accumulate: chunk sizes
+    appended, counters summed); then the stages of this call are the difference from the
+    snapshot taken after the previous call, and its peak is the session peak of this kind
+    of call (register or track).
     """
-    report = getattr(result, "report", None)
-    d = _report_dict(report)
-    peak = getattr(report, "peak_bytes", None)
-    if peak is None:
-        peak = d.get("peak_bytes")
-    downscale = getattr(report, "downscale_factor", None)
-    if downscale is None:
-        downscale = d.get("downscale_factor", 1.0)
-    out = {"peak_bytes": peak, "downscale_factor": float(downscale) if downscale is not None else None,
-           "chunk_plan": chunk_plan(d), "engine": d}
-    if d.get("downscale_reason"):
-        out["downscale_reason"] = d["downscale_reason"]
+    out = dict(d)
+    session = (d.get("sessions") or {}).get(call)
+    if prev is None:
+        if session:
+            out["peak_bytes"] = session.get("peak_bytes", d.get("peak_bytes"))
+        return out
+    stages = {}
+    before = prev.get("stages") or {}
+    for name, st in (d.get("stages") or {}).items():
+        p = before.get(name)
+        if p is None:
+            stages[name] = st
+            continue
+        if st.get("calls") == p.get("calls"):
+            continue  # this stage did not run in this call
+        q = dict(st)
+        q["chunk_sizes"] = list(st.get("chunk_sizes") or [])[len(p.get("chunk_sizes") or []):]
+        for key in _COUNTERS:
+            if isinstance(st.get(key), (int, float)) and isinstance(p.get(key), (int, float)):
+                q[key] = st[key] - p[key]
+        q["wall_s"] = float(st.get("wall_s") or 0) - float(p.get("wall_s") or 0)
+        stages[name] = q
+    out["stages"] = stages
+    if session:
+        out["peak_bytes"] = session.get("peak_bytes", d.get("peak_bytes"))
     return out
+
+
+class _ReportReader:
+    """Reads each call's RunReport right after the call (the object may be reused)."""
+
+    def __init__(self):
+        self._last = {}  # id(estimator) -> (report object, its dict after the previous call)
+
+    def fields(self, est, result, call: str) -> dict:
+        report = getattr(result, "report", None)
+        d = _report_dict(report)
+        last = self._last.get(id(est))
+        prev = last[1] if last is not None and last[0] is report else None
+        self._last[id(est)] = (report, d)
+        d = _this_call(d, prev, call)
+        peak = d.get("peak_bytes")
+        if peak is None:
+            peak = getattr(report, "peak_bytes", None)
+        downscale = d.get("downscale_factor", getattr(report, "downscale_factor", 1.0))
+        out = {"peak_bytes": peak, "downscale_factor": float(downscale) if downscale is not None else None,
+               "chunk_plan": chunk_plan(d), "engine": d}
+        if d.get("downscale_reason"):
+            out["downscale_reason"] = d["downscale_reason"]
+        return out
 
 
 def _model_points(mesh) -> np.ndarray:
@@ -276,24 +315,30 @@ class _StageBar:
 
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=None, desc=self.desc, unit="stage", leave=False, file=sys.stderr,
-                         bar_format="{desc}: {n_fmt} stages [{elapsed}] {postfix}")
+        self._bar = tqdm(total=None, desc=self.desc, leave=False, file=sys.stderr, bar_format="{desc} [{elapsed}]")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
 
+    def _calls(self) -> dict:
+        stages = self.estimator.engine.report.stages
+        return {name: getattr(st, "calls", 0) for name, st in list(stages.items())}
+
     def _watch(self):
-        seen = None
+        try:
+            last = self._calls()
+        except Exception:
+            last = {}
         while not self._stop.wait(0.25):
             try:
-                stages = list(self.estimator.engine.report.stages)
-            except Exception:  # the report may be replaced while we read it
+                now = self._calls()
+            except Exception:  # the report may change under us; try again next time
                 continue
-            if stages and stages[-1] != seen:
-                seen = stages[-1]
-                self._bar.n = len(stages)
-                self._bar.set_postfix_str(seen)
+            changed = [name for name, calls in now.items() if last.get(name) != calls]
+            if changed:
+                self._bar.set_description_str(f"{self.desc}: {changed[-1]}")
+            last = now
 
     def __exit__(self, *exc):
         if self._stop is not None:
@@ -301,6 +346,17 @@ class _StageBar:
             self._thread.join(timeout=1)
             self._bar.close()
         return False
+
+
+def _remove(paths):
+    import shutil
+
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _register(est, frame_args, desc="register"):
@@ -326,17 +382,17 @@ def _write_debug(tmp: Path, folder: str, frame, mesh, pose, result, mask=None):
         import cv2
 
         cv2.imwrite(str(out / "ob_mask.png"), np.asarray(mask, np.uint8) * 255)
-    # The estimator may keep the crops of its best hypotheses (optional; shown when present).
-    crops = getattr(result, "debug_crops", None) or getattr(result, "crops", None)
+    # The estimator may expose the crops of its best hypotheses (optional): a tensor
+    # (B,C,h,w), a list of such batches, or a dict name -> batch; scores label the tiles.
+    crops = getattr(result, "debug_crops", None)
     if crops is not None:
         try:
             if isinstance(crops, dict):
-                batches = [v for v in crops.values() if getattr(v, "ndim", 0) == 4]
-                labels = None
-            else:
-                batches, labels = crops, None
-            if batches is not None and len(batches):
-                write_crop_grid(out / "crops.png", batches, labels=labels)
+                crops = [v for v in crops.values() if getattr(v, "ndim", 0) == 4]
+            scores = getattr(result, "debug_scores", None)
+            labels = None if scores is None else [f"{float(x):.3f}" for x in scores]
+            if len(crops):
+                write_crop_grid(out / "crops.png", crops, labels=labels)
         except Exception as err:  # a debug picture must never fail the run
             print(f"chunkpose: warning: could not draw the crop grid ({err})", file=sys.stderr)
 
@@ -388,6 +444,10 @@ def _fmt_bytes(n):
     return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
 
+def _fmt_score(x):
+    return "-" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
 def _fmt_mm(x):
     return "-" if x is None else f"{x * 1000:.1f}"
 
@@ -403,14 +463,15 @@ def _print_summary(records, summary, title, to_stderr):
     shown = records if len(records) <= 40 else records[:20] + records[-20:]
     for r in shown:
         table.add_row(
-            str(r["frame"]), r.get("stage", ""), "-" if r.get("score") is None else f"{r['score']:.3f}",
+            str(r["frame"]), r.get("stage", ""), _fmt_score(r.get("score")),
             _fmt_mm(r.get("add")), _fmt_mm(r.get("add_s")),
             "-" if r.get("rot_deg") is None else f"{r['rot_deg']:.2f}", f"{r['time_s']:.2f}",
             _fmt_bytes(r.get("peak_bytes")), f"{r.get('downscale_factor') or 1.0:g}",
         )
     console.print(table)
     lines = [f"frames: {summary['frames_done']}" + (" (interrupted)" if summary["interrupted"] else ""),
-             f"peak memory: {_fmt_bytes(summary.get('peak_bytes'))} of budget {_fmt_bytes(summary.get('budget_bytes'))}"]
+             f"peak memory: {_fmt_bytes(summary.get('peak_bytes'))} of budget {_fmt_bytes(summary.get('budget_bytes'))}"
+             + {True: " (within budget)", False: " (OVER BUDGET)"}.get(summary.get("within_budget"), "")]
     if summary.get("downscale_factor") not in (None, 1, 1.0):
         lines.append(f"downscaled by the engine: factor {summary['downscale_factor']:g} (budget too small for full resolution)")
     if "add_auc" in summary:
@@ -419,7 +480,7 @@ def _print_summary(records, summary, title, to_stderr):
     if "out" in summary:
         lines.append(f"outputs: {summary['out']}")
     for line in lines:
-        console.print(line)
+        console.print(line, markup=False, highlight=False)
 
 
 def _print_chunk_plan(plan: dict, to_stderr):
@@ -502,6 +563,7 @@ def run_ycbineoat(args, estimator_factory) -> int:
     points, bounds = _model_points(mesh), _mesh_bounds(mesh)
     n = len(reader) if args.frames is None else min(args.frames, len(reader))
     state = _RunState()
+    reports = _ReportReader()
     plan = None
     with od as tmp:
         (tmp / "ob_in_cam").mkdir()
@@ -521,8 +583,9 @@ def run_ycbineoat(args, estimator_factory) -> int:
                 write_pose_txt(written[0], pose)
                 save_rgb(written[1], overlay(frame.rgb, pose, frame.K, bounds, gt_poses=frame.gt_pose, label=frame.name))
                 if args.debug >= 3 or (args.debug >= 2 and i == 0):
+                    written.append(tmp / "debug" / frame.name)
                     _write_debug(tmp, frame.name, frame, mesh, pose, result, frame.mask if i == 0 else None)
-                fields = _engine_fields(result)
+                fields = reports.fields(est, result, "register" if i == 0 else "track")
                 if i == 0:
                     plan = fields["chunk_plan"]
                 record = {"frame": frame.name, "stage": "register" if i == 0 else "track", "pose": pose,
@@ -533,8 +596,7 @@ def run_ycbineoat(args, estimator_factory) -> int:
                 written = []
         except KeyboardInterrupt:
             state.interrupted = True
-            for path in written:  # the frame being written when interrupted is not kept
-                Path(path).unlink(missing_ok=True)
+            _remove(written)  # the frame being written when interrupted is not kept
         head = _head(args, "run", device, layout="ycbineoat", scene=str(Path(args.scene).resolve()),
                      mesh=str(Path(args.mesh).resolve()), frames_total=n, zfar=args.zfar,
                      downscale=args.downscale, shorter_side=args.shorter_side)
@@ -578,6 +640,7 @@ def run_bop(args, estimator_factory) -> int:
     od = OutputDir(args.out)
     n = len(reader) if args.frames is None else min(args.frames, len(reader))
     state = _RunState()
+    reports = _ReportReader()
     csv_rows = []
     plan = None
     dataset = Path(args.bop).resolve().name
@@ -604,8 +667,9 @@ def run_bop(args, estimator_factory) -> int:
                     write_pose_txt(path, pose)
                     info = reader.model_info(inst.obj_id)
                     if args.debug >= 3 or (args.debug >= 2 and i == 0):
+                        written.append(tmp / "debug" / inst.name)
                         _write_debug(tmp, inst.name, frame, mesh, pose, result, inst.mask)
-                    fields = _engine_fields(result)
+                    fields = reports.fields(est, result, "register")
                     if plan is None:
                         plan = fields["chunk_plan"]
                     score = float(getattr(result, "score", 0.0) or 0.0)
@@ -632,8 +696,7 @@ def run_bop(args, estimator_factory) -> int:
                 written = []
         except KeyboardInterrupt:
             state.interrupted = True
-            for path in written:
-                Path(path).unlink(missing_ok=True)
+            _remove(written)
         write_bop_csv(tmp / csv_name, csv_rows)
         head = _head(args, "run", device, layout="bop", dataset=str(Path(args.bop).resolve()), split=args.split,
                      scene_id=args.scene_id, images_total=n, results_csv=csv_name, zfar=args.zfar,
@@ -663,6 +726,7 @@ def run_demo(args, estimator_factory) -> int:
     points, bounds = _model_points(mesh), _mesh_bounds(mesh)
     K = np.asarray(scene.K, dtype=np.float64)
     state = _RunState()
+    reports = _ReportReader()
     plan = None
     with od as tmp:
         (tmp / "ob_in_cam").mkdir()
@@ -684,9 +748,10 @@ def run_demo(args, estimator_factory) -> int:
                 if args.debug >= 3 or (args.debug >= 2 and i == 0):
                     from chunkpose.io.readers import Frame
 
+                    written.append(tmp / "debug" / name)
                     frame = Frame(name, scene.rgb[i], scene.depth[i], K, scene.masks[i], scene.poses[i])
                     _write_debug(tmp, name, frame, mesh, pose, result, scene.masks[i] if i == 0 else None)
-                fields = _engine_fields(result)
+                fields = reports.fields(est, result, "register" if i == 0 else "track")
                 if i == 0:
                     plan = fields["chunk_plan"]
                 state.records.append({
@@ -698,8 +763,7 @@ def run_demo(args, estimator_factory) -> int:
                 written = []
         except KeyboardInterrupt:
             state.interrupted = True
-            for path in written:
-                Path(path).unlink(missing_ok=True)
+            _remove(written)
         head = _head(args, "demo", device, width=args.width, height=args.height, frames_total=args.frames,
                      seed=args.seed, scene_time_s=scene_time, mesh_diameter=float(mesh.diameter))
         return _finish(args, od, tmp, "demo", state, head, f"chunkpose demo {args.width}x{args.height}", plan,

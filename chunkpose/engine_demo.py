@@ -16,6 +16,7 @@ import sys
 import torch
 
 from chunkpose.engine import BudgetTooSmall, Engine, Meter
+from chunkpose.engine.report import sizes_text
 
 MiB = 2**20
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         budget = engine.budget_bytes
         print(f"depth -> xyz, {args.height}x{args.width} float32 on {engine.device}, budget {budget / MiB:.1f} MiB")
         print(f"plan: cost model {stage.fixed_bytes} B fixed + {stage.per_item_bytes} B per row "
-              f"(estimated: {stage.estimate_source}); {stage.n_chunks} chunks of rows {stage.chunk_sizes}")
+              f"(estimated: {stage.estimate_source}); {stage.n_chunks} chunks of rows ({sizes_text(stage.chunk_sizes, None)})")
         print(f"predicted peak {stage.predicted_peak_bytes / MiB:.1f} MiB, measured peak {engine.report.peak_bytes / MiB:.1f} MiB "
               f"({'within' if engine.report.peak_bytes <= budget else 'OVER'} budget)")
         print(f"plain unchunked torch: measured peak {plain_span.peak_bytes / MiB:.1f} MiB")

@@ -14,7 +14,6 @@ size 1 does not fit the budget is the input downscaled (and the report says so).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -145,6 +144,7 @@ class PoseEstimator:
                 with torch.no_grad():
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
                     scores = self.scorer.score(poses, frame, self.renderer, self.engine)
+                    poses, scores = self._polish(poses, scores, frame)
                 best = int(torch.argmax(scores))
                 pose = poses[best].detach().to("cpu", torch.float64).numpy()
                 score = float(scores[best])
@@ -173,6 +173,21 @@ class PoseEstimator:
             del frame, poses
         self._last_pose = pose
         return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report)
+
+    def _polish(self, poses, scores, frame):
+        """Second pass of the refiner over its polish_candidates best-scored poses (if it
+        has one); the re-scored poses replace their originals when they score higher."""
+        k = min(int(getattr(self.refiner, "polish_candidates", 0)), len(poses))
+        if k <= 0:
+            return poses, scores
+        top = torch.argsort(scores, descending=True)[:k]
+        polished = self.refiner.polish(poses[top], frame, self.renderer, self.engine)
+        new_scores = self.scorer.score(polished, frame, self.renderer, self.engine)
+        better = new_scores > scores[top]
+        poses, scores = poses.clone(), scores.clone()
+        poses[top[better]] = polished[better]
+        scores[top[better]] = new_scores[better]
+        return poses, scores
 
     # ------------------------------------------------------------------ budget
 
@@ -219,26 +234,20 @@ class PoseEstimator:
         def need(factor: float) -> int:
             return self.minimum_bytes(self._roi_pixels(depth.shape, K, mask, t, mode, factor), count)
 
+        usable = self.engine.budget.usable_bytes
         full = need(1.0)
-        if full <= self._usable(budget):
+        if full <= usable:
             return rgb, depth, K, mask, 1.0
         from chunkpose.engine.fallback import choose_downscale
 
-        factor = choose_downscale(need, self._usable(budget))
-        reason = (f"{mode} needs {full / 2**30:.3f} GiB at full resolution "
-                  f"{depth.shape[1]}x{depth.shape[0]} even at chunk size 1, budget is {budget / 2**30:.3f} GiB")
-        self._record_downscale(factor, reason)
-        warnings.warn(f"chunkpose: downscaling the input by {factor:.3f}: {reason}", RuntimeWarning, stacklevel=3)
+        # Raises BudgetTooSmall (with the minimum) when not even the smallest scale fits.
+        factor = choose_downscale(lambda s: need(s), usable, what=f"{mode} of one frame")
+        reason = (f"{mode} needs at least {full / 2**30:.3f} GiB at full resolution "
+                  f"{depth.shape[1]}x{depth.shape[0]} (chunk size 1), the budget allows "
+                  f"{usable / 2**30:.3f} GiB")
+        self.engine.note_downscale(factor, reason)
         rgb, depth, K, mask = framing.resize_inputs(rgb, depth, K, mask, factor)
         return rgb, depth, K, mask, factor
-
-    def _usable(self, budget: int) -> int:
-        return budget
-
-    def _record_downscale(self, factor, reason):
-        report = self.engine.report
-        report.downscale_factor = float(factor)
-        report.downscale_reason = reason
 
     # ------------------------------------------------------------------ helpers
 
@@ -274,8 +283,11 @@ class _Call:
         self.engine, self.name = engine, name
 
     def __enter__(self):
-        if hasattr(self.engine, "new_report"):
-            self.engine.new_report()
+        from chunkpose.engine import RunReport
+
+        # Each call reports on itself; the planner's cache (per stage signature) is kept,
+        # so a tracking loop plans once.
+        self.engine.report = RunReport(budget_bytes=self.engine.budget_bytes, device=str(self.engine.device))
         self._session = self.engine.session(self.name)
         self._session.__enter__()
         return self.engine.report

@@ -129,7 +129,7 @@ def _ray(K: np.ndarray, u: float, v: float) -> np.ndarray:
 
 def _silhouette(renderer, pose, K, width, height):
     """(area fraction, bbox (x0, y0, x1, y1) in pixels) of the object at ``pose``."""
-    mask = renderer.render_full(pose, K, width, height)["mask"][0].numpy()
+    mask = renderer.render_full(pose, K, width, height)["mask"][0].cpu().numpy()
     if not mask.any():
         return 0.0, None
     ys, xs = np.nonzero(mask)
@@ -153,6 +153,8 @@ def _place_object(renderer, mesh: Mesh, rotation, K, width, height, footprint, r
             continue
         z *= math.sqrt(area / footprint)
     area, box = _silhouette(renderer, _pose(rotation, z * _ray(K, u0, v0), mesh.center), K_small, small_w, small_h)
+    if box is None:
+        raise RuntimeError("synth: the object is not visible at any tried distance (is the mesh degenerate?)")
     # the silhouette's extent about the projected centre, in full-resolution pixels
     cu, cv = (K_small[0, 2], K_small[1, 2])
     left, right = (cu - box[0]) / factor_x, (box[2] - cu) / factor_x
@@ -205,6 +207,7 @@ def _background_texture(rng, size: int = 512) -> np.ndarray:
     noise = np.stack(
         [np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * falloff)) for _ in range(3)], axis=-1
     )
+    noise = 0.7 * noise.mean(axis=-1, keepdims=True) + 0.3 * noise  # mostly brightness
     noise /= noise.std() + 1e-12
     base = rng.uniform(0.35, 0.7, size=3)
     y = np.arange(size)[:, None]
@@ -247,11 +250,12 @@ def _composite(layers, width, height):
     rgb = np.zeros((height, width, 3), dtype=np.float32)
     ids = np.full((height, width), -1, dtype=np.int32)
     for index, out in layers:
-        d = out["depth"][0].numpy()
-        hit = out["mask"][0].numpy() & (d < depth)
+        out = {key: value[0].cpu().numpy() for key, value in out.items()}
+        d = out["depth"]
+        hit = out["mask"] & (d < depth)
         depth[hit] = d[hit]
-        shade = _shade(out["normals"][0].numpy())
-        colour = out["rgb"][0].numpy()
+        shade = _shade(out["normals"])
+        colour = out["rgb"]
         for c in range(3):
             rgb[..., c][hit] = colour[c][hit] * shade[hit]
         ids[hit] = index
@@ -296,7 +300,8 @@ def make_scene(
     *,
     distractors: int = 3,
     noise: bool = True,
-    renderer_device="cpu",
+    device="cpu",
+    backend: str | None = "gl",
 ) -> Scene:
     """A synthetic RGB-D scene (or sequence) with ground truth.
 
@@ -305,7 +310,8 @@ def make_scene(
     footprint: fraction of the image the object covers (0.01..0.3 typical; None: drawn in
     0.02..0.15); seed: everything random comes from it; distractors: other objects in the
     scene; noise: sensor noise on depth and RGB (False: clean images, depth still 0 where
-    there is no surface).
+    there is no surface); device, backend: where and with which renderer to draw (the
+    default, OpenGL on the CPU, gives the same images on every machine).
     """
     from chunkpose.ops.render import make_renderer
 
@@ -336,7 +342,7 @@ def make_scene(
         footprint = float(np.exp(rng.uniform(np.log(DEFAULT_FOOTPRINT[0]), np.log(DEFAULT_FOOTPRINT[1]))))
 
     K = _intrinsics(width, height, rng)
-    renderer = make_renderer(mesh, renderer_device, backend="gl")
+    renderer = make_renderer(mesh, device, backend=backend)
     rotation0 = Rotation.random(random_state=rng).as_matrix()
     center0, room = _place_object(renderer, mesh, rotation0, K, width, height, footprint, rng)
     rotations, centers = _trajectory(rotation0, center0, room, K, frames, rng)
@@ -394,12 +400,14 @@ def make_scene(
             break
     placed_meshes = [(m, p) for _, _, m, p in placed]
 
-    # static layers: the plane and the distractors, rendered once
-    static_layers = [(0, make_renderer(plane, renderer_device, backend="gl").render_full(np.eye(4), K, width, height))]
-    for i, (d_mesh, d_pose) in enumerate(placed_meshes, start=1):
-        static_layers.append((i, make_renderer(d_mesh, renderer_device, backend="gl").render_full(d_pose, K, width, height)))
+    # static layers: the plane and the distractors, rendered once and composited one at a
+    # time (a generator) so that only one full-resolution render is alive at once
+    statics = [(plane, np.eye(4))] + placed_meshes
+    static_layers = (
+        (i, make_renderer(m, device, backend=backend).render_full(p, K, width, height))
+        for i, (m, p) in enumerate(statics)
+    )
     static_rgb, static_depth, _ = _composite(static_layers, width, height)
-    del static_layers
 
     object_id = 99
     rgb_frames, depth_frames, clean_frames, masks, full_masks = [], [], [], [], []

@@ -12,7 +12,8 @@ mode, parameters still trainable), and the loss is a sum over items divided by t
 size, so the accumulated gradient equals the full-batch gradient whatever the slicing.
 
 Pairs come from a `PairSource`: `pairs(step, batch_size, generator) -> TrainingBatch`.
-`RenderedPairs` renders a mesh (by default one of chunkpose.synth's built-in meshes) at a
+`ScenePairs` (the default) crops the observed side from chunkpose.synth RGB-D scenes
+(background, distractors, sensor noise) and renders the hypothesis side; `RenderedPairs` renders a mesh (by default one of chunkpose.synth's built-in meshes) at a
 ground-truth pose and at a perturbed hypothesis, into the hypothesis' crop window, exactly
 as the refiner sees them; `random_pairs` gives random tensors (tests, smoke runs).
 """
@@ -143,6 +144,64 @@ class RenderedPairs:
         return TrainingBatch(A, B, trans, rot)
 
 
+class ScenePairs:
+    """Render-and-compare pairs from chunkpose.synth scenes: one synthetic RGB-D frame per
+    step (background, distractors, sensor noise), `batch_size` hypotheses perturbed around
+    its ground truth; the observed side is cropped from the frame and the rendered side
+    drawn at the hypothesis, prepared exactly as LearnedRefiner prepares them.
+
+    mesh: a Mesh / trimesh / builtin name, or None (synth picks a builtin per scene seed).
+    """
+
+    def __init__(self, mesh=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
+                 width: int = 640, height: int = 480, rot_deg: float = 15.0, trans_frac: float = 0.05,
+                 footprint=(0.05, 0.2), seed: int = 0):
+        self.mesh, self.device = mesh, torch.device(device)
+        self.size, self.crop_ratio = size, crop_ratio
+        self.width, self.height = width, height
+        self.rot_deg, self.trans_frac = rot_deg, trans_frac
+        self.footprint, self.seed = footprint, seed
+        self._renderers = {}
+
+    def _renderer(self, mesh):
+        key = id(mesh)
+        if key not in self._renderers:
+            from chunkpose.ops.render import make_renderer
+
+            self._renderers = {key: (mesh, make_renderer(mesh.centered(), self.device))}
+        return self._renderers[key][1]
+
+    def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
+        import numpy as np
+
+        from chunkpose.ops.depth import depth_to_xyz
+        from chunkpose.pipeline.base import ObservedFrame
+        from chunkpose.pipeline.learned import REFINER_MIN_Z, crop_pair
+        from chunkpose.synth import make_scene
+
+        lo, hi = self.footprint
+        footprint = float(lo + (hi - lo) * torch.rand(1, generator=generator))
+        # Only the arguments of the spec'd signature: the scene itself is host numpy data.
+        scene = make_scene(self.mesh, self.width, self.height, footprint=footprint, seed=self.seed + step)
+        mesh = scene.mesh
+        dev = self.device
+        to_centre = np.eye(4)
+        to_centre[:3, 3] = np.asarray(mesh.center, dtype=np.float64)
+        truth = torch.as_tensor(scene.poses[0] @ to_centre, dtype=torch.float32).repeat(batch_size, 1, 1)
+        diameter = float(mesh.diameter)
+        hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * diameter, generator)
+        depth = torch.as_tensor(scene.depth[0], dtype=torch.float32, device=dev)
+        K = torch.as_tensor(scene.K, dtype=torch.float32, device=dev)
+        frame = ObservedFrame(
+            rgb=torch.as_tensor(scene.rgb[0], device=dev).permute(2, 0, 1).float(), depth=depth,
+            xyz=depth_to_xyz(depth, K).permute(2, 0, 1), mask=torch.as_tensor(scene.masks[0], device=dev), K=K,
+            origin=(0, 0), full_size=(self.height, self.width), diameter=diameter)
+        hyp, truth = hyp.to(dev), truth.to(dev)
+        A, B = crop_pair(hyp, frame, self._renderer(mesh), self.crop_ratio, self.size, REFINER_MIN_Z, "refiner")
+        trans, rot = update_targets(hyp, truth, diameter)
+        return TrainingBatch(A, B, trans, rot)
+
+
 def refine_loss(out: dict, trans_target: torch.Tensor, rot_target: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
     """Per-item loss (N,): squared error of the translation step (radius units) plus that of
     the rotation step tanh(rot)*rot_normalizer against the target, in rot_normalizer units."""
@@ -238,7 +297,7 @@ def finetune(refiner, steps: int, budget_gb: Optional[float] = None, *, batch_si
 
     budget_gb: peak device memory for the training (weights, Adam state and gradient
     buffers are counted as resident); the engine picks the micro-batch. pairs: a PairSource
-    (default RenderedPairs on a built-in synthetic mesh). checkpointing: gradient
+    (default ScenePairs: chunkpose.synth scenes of built-in meshes). checkpointing: gradient
     checkpointing of the network's blocks inside each micro-batch. Returns FinetuneResult;
     the model is left in eval mode with the trained weights.
     """
@@ -258,8 +317,9 @@ def finetune(refiner, steps: int, budget_gb: Optional[float] = None, *, batch_si
     model.to(device).eval()  # frozen BatchNorm statistics, no dropout: slicing-invariant gradients
     previous = model.checkpointing
     model.checkpointing = bool(checkpointing)
-    if pairs is None:
-        pairs = RenderedPairs(device=device)
+    if pairs is None:  # crops as the refiner will see them
+        pairs = ScenePairs(device=device, size=getattr(refiner, "crop_size", 160),
+                           crop_ratio=getattr(refiner, "crop_ratio", 1.2))
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)

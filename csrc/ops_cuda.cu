@@ -92,6 +92,8 @@ at::Tensor xyz_crops_cuda(const at::Tensor& depth_in, const at::Tensor& transfor
                   transforms_in.size(1) == 3 && transforms_in.size(2) == 3 &&
                   inverses_in.sizes() == transforms_in.sizes(),
               "xyz_crops: transforms and inverses must be CUDA float64 (B, 3, 3)");
+  TORCH_CHECK(transforms_in.device() == depth_in.device() && inverses_in.device() == depth_in.device(),
+              "xyz_crops: depth, transforms and inverses must be on the same device");
   TORCH_CHECK(size > 0, "xyz_crops: size must be positive");
   TORCH_CHECK(semantics == kSemanticsRefiner || semantics == kSemanticsScorer, "xyz_crops: unknown semantics code");
   const c10::cuda::CUDAGuard guard(depth_in.device());

@@ -274,3 +274,68 @@ def test_estimator_value_errors_are_reported_as_input_errors(scene, tmp_path, ca
                   estimator_factory=Picky)
     assert rc == 2 and capsys.readouterr().err.strip() == "chunkpose: error: depth: contains NaN (replace NaN with 0 = missing)"
     assert not (tmp_path / "out").exists()
+
+
+def test_debug_3_and_downscale(scene, tmp_path):
+    root, mesh = scene
+    out = tmp_path / "out"
+    seen = []
+
+    class Recording(FakeEstimator):
+        def register(self, rgb, depth, K, mask):
+            seen.append((rgb.shape, K.copy()))
+            return super().register(rgb, depth, K, mask)
+
+    rc = cli.main(["run", "--scene", str(root), "--mesh", str(mesh), "--out", str(out), "--debug", "3",
+                   "--downscale", "0.5", "--zfar", "0.55"], estimator_factory=Recording)
+    assert rc == 0
+    assert seen[0][0] == (24, 32, 3) and seen[0][1][0, 0] == pytest.approx(25.0)
+    for name in ("000000", "000001", "000002"):
+        assert (out / "debug" / name / "scene_raw.ply").is_file() and (out / "debug" / name / "model_tf.obj").is_file()
+    assert (out / "debug" / "000000" / "ob_mask.png").is_file()
+    assert cv2.imread(str(out / "vis" / "000001.png")).shape == (24, 32, 3)
+    report = json.loads((out / "report.json").read_text())
+    assert report["zfar"] == 0.55 and report["frames"][0]["input_resize"] == 0.5
+
+
+def test_bop_mesh_override_and_obj_filter(tmp_path):
+    dataset = tmp_path / "lm"
+    write_bop(dataset)  # no models/obj_*.ply: --mesh provides the model
+    out = tmp_path / "out"
+    mesh = write_mesh(tmp_path / "m.obj")
+    assert cli.main(["run", "--bop", str(dataset), "--scene-id", "2", "--mesh", str(mesh), "--obj-id", "1",
+                     "--out", str(out)], estimator_factory=FakeEstimator) == 0
+    assert len(read_bop_csv(next(out.glob("*.csv")))) == 1
+    assert cli.main(["run", "--bop", str(dataset), "--scene-id", "2", "--out", str(tmp_path / "o2")],
+                    estimator_factory=FakeEstimator) == 2  # models missing and no --mesh
+
+
+def test_per_call_chunk_plan_from_a_cumulative_report():
+    """An engine that keeps one report for its life: each frame gets only its own stages."""
+    before = {"peak_bytes": 900, "sessions": {"register": {"peak_bytes": 900}},
+              "stages": {"refine": {"name": "refine", "calls": 5, "chunk_sizes": [64] * 5, "n_chunks": 5, "items": 320,
+                                    "wall_s": 10.0, "peak_bytes": 900}}}
+    after = {"peak_bytes": 900, "sessions": {"register": {"peak_bytes": 900}, "track": {"peak_bytes": 50}},
+             "stages": {"refine": {"name": "refine", "calls": 7, "chunk_sizes": [64] * 5 + [1, 1], "n_chunks": 7,
+                                   "items": 322, "wall_s": 10.5, "peak_bytes": 900}}}
+    call = cli._this_call(after, before, "track")
+    assert call["peak_bytes"] == 50
+    plan = cli.chunk_plan(call)
+    assert plan["refine"]["chunk_sizes"] == "1x2" and plan["refine"]["items"] == 2
+    assert plan["refine"]["wall_s"] == pytest.approx(0.5)
+    assert cli.chunk_plan(cli._this_call(before, None, "register"))["refine"]["chunk_sizes"] == "64x5"
+
+
+def test_foundationpose_demo_flags_are_accepted(scene, tmp_path):
+    root, mesh = scene
+    out = tmp_path / "dbg"
+    rc = cli.main(["run", "--test_scene_dir", str(root), "--mesh_file", str(mesh), "--est_refine_iter", "3",
+                   "--track_refine_iter", "1", "--debug_dir", str(out), "--frames", "1"], estimator_factory=FakeEstimator)
+    assert rc == 0 and (out / "ob_in_cam" / "000000.txt").is_file()
+    assert FakeEstimator.instances[0].kwargs["refine_iterations"] == 3
+
+
+def test_bench_with_an_unknown_name_is_a_usage_error(capsys):
+    assert cli.main(["bench", "no_such_benchmark"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("chunkpose: error: ") and len(err.splitlines()) == 1

@@ -13,9 +13,11 @@ from chunkpose.outputs import read_bop_csv
 synth = pytest.importorskip("chunkpose.synth")
 
 W, H = 320, 240
-# Fewer rotation hypotheses than FoundationPose's 252 keep these CPU tests quick; the
-# command line itself always uses the estimator's default.
-FAST = dict(hypotheses=42)
+# A third of FoundationPose's 252 rotation hypotheses keeps these CPU tests quick (the
+# command line itself always uses the estimator's default); objects of a clear size.
+FAST = dict(hypotheses=84)
+FAST_ARGS = ["--device", "cpu", "--budget-gb", "0.5"]
+FOOTPRINT = 0.08
 
 
 def _estimator_factory(**fixed):
@@ -33,7 +35,7 @@ def _mesh_file(scene, folder):
 @pytest.fixture(scope="module")
 def ycb_scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("ycb")
-    scene = synth.make_scene(width=W, height=H, frames=3, seed=1)
+    scene = synth.make_scene(width=W, height=H, frames=2, footprint=FOOTPRINT, seed=1)
     scene.save(root / "scene", layout="ycbineoat")
     return scene, root / "scene", _mesh_file(scene, root)
 
@@ -41,11 +43,11 @@ def ycb_scene(tmp_path_factory):
 def test_run_ycbineoat_end_to_end(ycb_scene, tmp_path, capsys):
     scene, scene_dir, mesh = ycb_scene
     out = tmp_path / "out"
-    rc = cli.main(["run", "--scene", str(scene_dir), "--mesh", str(mesh), "--out", str(out), "--budget-gb", "0.5",
-                   "--device", "cpu", "--json", "--debug", "2"], estimator_factory=_estimator_factory(**FAST))
+    rc = cli.main(["run", "--scene", str(scene_dir), "--mesh", str(mesh), "--out", str(out), "--json", "--debug", "2",
+                   *FAST_ARGS], estimator_factory=_estimator_factory(**FAST))
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["frames_done"] == 3 and summary["peak_bytes"] <= summary["budget_bytes"]
+    assert summary["frames_done"] == 2 and summary["peak_bytes"] <= summary["budget_bytes"]
     report = json.loads((out / "report.json").read_text())
     diameter = scene.mesh.diameter
     names = sorted(p.stem for p in (scene_dir / "rgb").iterdir())
@@ -60,15 +62,15 @@ def test_run_ycbineoat_end_to_end(ycb_scene, tmp_path, capsys):
 
 
 def test_run_bop_end_to_end(tmp_path, capsys):
-    scene = synth.make_scene(width=W, height=H, frames=1, seed=2)
+    scene = synth.make_scene(width=W, height=H, frames=1, footprint=FOOTPRINT, seed=2)
     dataset = tmp_path / "synthbop"
     scene.save(dataset, layout="bop")
     scene_dirs = sorted((dataset / "test").iterdir())
     assert scene_dirs, "synth wrote no BOP scene"
     scene_id = int(scene_dirs[0].name)
     out = tmp_path / "out"
-    rc = cli.main(["run", "--bop", str(dataset), "--scene-id", str(scene_id), "--out", str(out), "--budget-gb", "0.5",
-                   "--device", "cpu", "--json"], estimator_factory=_estimator_factory(**FAST))
+    rc = cli.main(["run", "--bop", str(dataset), "--scene-id", str(scene_id), "--out", str(out), "--json",
+                   *FAST_ARGS], estimator_factory=_estimator_factory(**FAST))
     assert rc == 0
     json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     csvs = list(out.glob("*.csv"))
@@ -81,12 +83,34 @@ def test_run_bop_end_to_end(tmp_path, capsys):
     assert report["frames"][0]["add_s"] < 0.1 * scene.mesh.diameter
 
 
+@pytest.mark.slow
 def test_demo_small(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = cli.main(["demo", "--width", str(W), "--height", str(H), "--frames", "2", "--budget-gb", "0.5", "--out", str(out),
-                   "--json", "--device", "cpu"], estimator_factory=_estimator_factory(**FAST))
+    rc = cli.main(["demo", "--width", str(W), "--height", str(H), "--frames", "2", "--out", str(out), "--json",
+                   *FAST_ARGS], estimator_factory=_estimator_factory(**FAST))
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["command"] == "demo" and summary["frames_done"] == 2
     assert summary["add_s_mean"] is not None and summary["peak_bytes"] <= summary["budget_bytes"]
     assert (out / "report.json").is_file() and (out / "vis" / "000000.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_full_resolution_under_three_minutes(tmp_path):
+    """The README's main job: 3072x2048, 252 hypotheses, 1 GiB budget, < 3 min on 2 CPU cores."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "demo"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "chunkpose", "demo", "--out", str(out), "--json", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, cwd=Path(cli.__file__).parents[1])
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["width"] == 3072 and summary["height"] == 2048 and summary["downscale_factor"] == 1.0
+    assert summary["peak_bytes"] <= summary["budget_bytes"] == 2**30
+    assert summary["frames"][0]["add_s"] < 0.1 * json.loads((out / "report.json").read_text())["mesh_diameter"]
+    assert elapsed < 180, f"demo took {elapsed:.0f} s"

@@ -18,7 +18,7 @@ def _batch(n, size, seed=0):
 
 
 def test_accumulated_gradient_equals_full_batch_gradient():
-    batch = _batch(4, 32)
+    batch = _batch(4, 16)
     model = _model()
     model.checkpointing = False
     loss_whole, slices_whole = training_step(model, batch, Engine(None))
@@ -54,7 +54,7 @@ def test_finetune_under_a_budget_trains_and_reports():
     torch.manual_seed(0)
     model = RefineNet()
     before = model.trans_head[1].weight.detach().clone()
-    result = finetune(model, steps=2, budget_gb=None, batch_size=3, pairs=random_pairs(size=32),
+    result = finetune(model, steps=2, budget_gb=None, batch_size=3, pairs=random_pairs(size=16),
                       engine=Engine(1.0, max_chunk=2), lr=1e-3)
     assert len(result.losses) == 2 and all(l > 0 for l in result.losses)
     assert result.micro_batches == [[2, 1], [2, 1]]  # gradient accumulation over micro-batches
@@ -91,3 +91,38 @@ def test_checkpointing_lets_the_engine_pick_a_larger_micro_batch():
         assert engine.report.stages["finetune.step"].peak_bytes <= engine.budget_bytes
         picked[checkpointing] = max(slices)
     assert picked[True] > picked[False], picked
+
+
+@pytest.mark.gl
+def test_rendered_pairs_match_the_refiner_inputs_and_train():
+    import trimesh
+
+    from chunkpose.io.mesh import load_mesh
+    from chunkpose.training import RenderedPairs
+
+    box = trimesh.creation.box(extents=(0.08, 0.06, 0.05))
+    box.visual.vertex_colors = [200, 80, 40, 255]
+    pairs = RenderedPairs(mesh=load_mesh(box), size=32)
+    batch = pairs(0, 3, torch.Generator().manual_seed(0))
+    assert batch.A.shape == (3, 6, 32, 32) and batch.B.shape == (3, 6, 32, 32)
+    assert batch.trans.shape == (3, 3) and batch.rot.shape == (3, 3)
+    assert float(batch.rot.norm(dim=1).max()) <= 15 * 3.1416 / 180 + 1e-4  # the perturbation bound
+    # both sides see the object (non-zero normalised xyz) and differ (the hypothesis is off)
+    assert (batch.A[:, 3:] != 0).any() and (batch.B[:, 3:] != 0).any()
+    assert not torch.allclose(batch.A, batch.B)
+    torch.manual_seed(0)
+    result = finetune(RefineNet(), steps=1, batch_size=2, pairs=pairs, engine=Engine(None))
+    assert len(result.losses) == 1 and result.losses[0] > 0
+
+
+@pytest.mark.gl
+def test_scene_pairs_from_synth_frames():
+    from chunkpose.training import ScenePairs
+
+    pairs = ScenePairs(size=32, width=160, height=120, footprint=(0.1, 0.2))
+    batch = pairs(0, 2, torch.Generator().manual_seed(0))
+    assert batch.A.shape == (2, 6, 32, 32) and batch.B.shape == (2, 6, 32, 32)
+    # the observed crops contain the object's surface near the hypothesis (valid xyz)
+    assert (batch.B[:, 3:] != 0).float().mean() > 0.05
+    assert (batch.A[:, 3:] != 0).float().mean() > 0.05
+    assert float(batch.trans.abs().max()) <= 0.1 + 1e-5  # trans_frac * diameter / radius

@@ -48,7 +48,9 @@ def test_upstream_layout_round_trip(nets, weights_dir):
     # the config drives the behaviour; missing keys take the official defaults
     assert configs["refiner"]["crop_ratio"] == 1.25 and configs["refiner"]["rot_normalizer"] == 0.3
     assert configs["scorer"]["crop_ratio"] == 1.1 and configs["scorer"].crop_size == 160
-    # the parent of `weights/` works too
+    # the parent of `weights/`, a run folder or its model_best.pth work too
+    for path in (weights_dir.parent, weights_dir / SCORER_RUN, weights_dir / REFINER_RUN / "model_best.pth"):
+        assert find_run_folders(path) == {"refiner": weights_dir / REFINER_RUN, "scorer": weights_dir / SCORER_RUN}
     r2, _, _ = load_weights(weights_dir.parent)
     assert_same_weights(r2, nets[0])
 
@@ -116,3 +118,61 @@ def test_python_tags_in_config_are_read(nets, weights_dir, tmp_path):
     cfg.write_text("input_resize: !!python/tuple [160, 160]\ncrop_ratio: 1.1\nuse_BN: true\n")
     _, _, configs = load_weights(tmp_path / "w")
     assert configs["scorer"].crop_size == 160
+
+
+@pytest.fixture(scope="module")
+def small_weights_dir(nets, tmp_path_factory):
+    """The same random weights, configured for 32 px crops (fast on CPU)."""
+    root = tmp_path_factory.mktemp("fp_small") / "weights"
+    save_weights(root, *nets, refiner_config={"input_resize": [32, 32]},
+                 scorer_config={"input_resize": [32, 32]})
+    return root
+
+
+def test_pose_estimator_loads_the_learned_pair_through_weights(nets, small_weights_dir):
+    import trimesh
+
+    from chunkpose import PoseEstimator
+    from chunkpose.pipeline.learned import LearnedRefiner, LearnedScorer
+
+    class NoRenderer:  # construction only; nothing is rendered here
+        device = torch.device("cpu")
+
+    est = PoseEstimator(trimesh.creation.box(extents=(0.08, 0.06, 0.05)), budget_gb=1.0, device="cpu",
+                        weights=small_weights_dir, renderer=NoRenderer())
+    assert isinstance(est.refiner, LearnedRefiner) and isinstance(est.scorer, LearnedScorer)
+    assert_same_weights(est.refiner.model, nets[0])
+    assert_same_weights(est.scorer.model, nets[1])
+    assert est.refiner.crop_size == 32
+
+
+@pytest.mark.gl
+def test_registration_with_random_learned_weights_chunked_equals_unchunked(small_weights_dir):
+    """The small CI case of issue 6: same final pose unbounded and under a tight budget."""
+    import numpy as np
+    import trimesh
+
+    from chunkpose import PoseEstimator, load_mesh
+    from chunkpose.ops.render import make_renderer
+
+    box = trimesh.creation.box(extents=(0.08, 0.06, 0.05))
+    box.visual.vertex_colors = [200, 80, 40, 255]
+    mesh = load_mesh(box)
+    K = np.array([[200.0, 0, 80], [0, 200.0, 60], [0, 0, 1]])
+    pose = np.eye(4)
+    pose[:3, 3] = [0.01, -0.005, 0.5]
+    full = make_renderer(mesh.centered(), "cpu", backend="gl").render_full(
+        torch.as_tensor(pose, dtype=torch.float32), torch.as_tensor(K, dtype=torch.float32), 160, 120)
+    rgb = (full["rgb"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    depth = full["depth"][0].numpy().astype(np.float32)
+    mask = full["mask"][0].numpy()
+    results = []
+    for budget, kwargs in ((None, {}), (0.5, {})):
+        est = PoseEstimator(mesh, budget_gb=budget, device="cpu", weights=small_weights_dir, hypotheses=6,
+                            refine_iterations=2)
+        if budget is not None:
+            est.engine.max_chunk = 2  # force several chunks per stage
+        results.append(est.register(rgb, depth, K, mask))
+    np.testing.assert_allclose(results[1].pose, results[0].pose, atol=1e-5)
+    assert results[1].score == pytest.approx(results[0].score, abs=1e-5)
+    assert results[1].report.to_dict()["stages"]["refine.learned"]["n_chunks"] >= 3 * 2

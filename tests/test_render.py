@@ -365,3 +365,24 @@ def test_nvdiffrast_analytic_box(box_mesh):
     inside = interior(face_id)
     depth = out["depth"][0].cpu().numpy()
     assert np.abs(depth[inside] - expected[inside]).max() < 1e-4
+
+
+@pytest.mark.gl
+def test_crop_render_matches_warp_crops_of_full_render(box_renderer):
+    # the convention shared with chunkpose.ops.warp: crop pixel q samples T^-1 q of the full
+    # image. With integer offsets and scales 1 and 1/2, T^-1 q is a full-image pixel centre,
+    # so nearest warping of the full render must give the crop render; a half-pixel shift
+    # in either op would pick a neighbour and miss by ~1 mm on these tilted faces.
+    warp = pytest.importorskip("chunkpose.ops.warp")
+    size = 64
+    full = box_renderer.render_full(BOX_POSE, K, W, H)
+    transforms = np.stack([crop_transform(140, 80, 140 + size, 80 + size, size), crop_transform(108, 50, 108 + 2 * size, 50 + 2 * size, size)])
+    crops = box_renderer.render_crops(np.stack([BOX_POSE] * 2), K, transforms, size)
+    T = torch.as_tensor(transforms, dtype=torch.float32)
+    warped_mask = warp.warp_crops(full["mask"].float(), T, size, mode="nearest")[:, 0] > 0.5
+    warped_depth = warp.warp_crops(full["depth"], T, size, mode="nearest")[:, 0]
+    for b in range(2):
+        assert (crops["mask"][b] == warped_mask[b]).float().mean() > 0.995
+        both = crops["mask"][b] & warped_mask[b]
+        assert both.sum() > 500
+        assert (crops["depth"][b] - warped_depth[b]).abs()[both].max() < 1e-5

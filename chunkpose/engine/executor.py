@@ -119,6 +119,7 @@ class Engine:
         """One measured span over several map calls; its peak goes to report.peak_bytes."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"session name must be a non-empty string, got {name!r}")
+        self._release_cache_over_budget()
         span = None
         try:
             with self.meter.span(name) as span:
@@ -194,6 +195,7 @@ class Engine:
         stage = self.report.stage(name)
         grad_mode, checkpointed = self._grad_mode(mapped, kwargs)
         stage.checkpointed = stage.checkpointed or checkpointed
+        self._release_cache_over_budget()
         span = None
         try:
             with self.meter.span(name) as span:
@@ -280,6 +282,12 @@ class Engine:
                 )
             buffer[start : start + chunk].copy_(leaf)
 
+    def _release_cache_over_budget(self):
+        """CUDA: cached blocks of earlier work count in reserved bytes; when they alone pass
+        the usable budget, return them before a span starts measuring."""
+        if self.meter.is_cuda and not self.budget.unbounded and self.meter.reserved_bytes() > self.budget.usable_bytes:
+            torch.cuda.empty_cache()
+
     def _free(self):
         gc.collect()
         if self.meter.is_cuda:
@@ -309,8 +317,7 @@ class Engine:
         stage.estimate_source = model.source
         stage.estimate_note = model.note
 
-        if meter.is_cuda and meter.reserved_bytes() > self.budget.usable_bytes:
-            torch.cuda.empty_cache()  # cached blocks of earlier work would count against this stage
+        self._release_cache_over_budget()  # the estimate may have left cached blocks
         live = meter.live_bytes()
         pending = model.pending_bytes(n, 0, False)
         chunk = planner.chunk_size(model, live, pending, n, self.max_chunk)

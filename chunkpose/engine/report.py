@@ -89,7 +89,7 @@ class RunReport:
         header = f"{'stage':<24} {'calls':>5} {'chunks':>6} {'sizes':<16} {'peak MiB':>9} {'pred MiB':>9} {'retry':>5} {'time s':>7} {'est':<6}"
         lines = [header, "-" * len(header)]
         for stage in self.stages.values():
-            sizes = _sizes_text(stage.chunk_sizes)
+            sizes = sizes_text(stage.chunk_sizes)
             lines.append(
                 f"{stage.name[:24]:<24} {stage.calls:>5} {stage.n_chunks:>6} {sizes:<16} "
                 f"{stage.peak_bytes / MIB:>9.1f} {stage.predicted_peak_bytes / MIB:>9.1f} "
@@ -108,8 +108,8 @@ class RunReport:
         return self.summary()
 
 
-def _sizes_text(sizes: list[int]) -> str:
-    """Run-length text of chunk sizes: [64, 64, 64, 16] -> '64x3,16'."""
+def sizes_text(sizes: list[int], width: int | None = 16) -> str:
+    """Run-length text of chunk sizes: [64, 64, 64, 16] -> '64x3,16' (cut to ``width``)."""
     if not sizes:
         return "-"
     parts = []
@@ -121,4 +121,4 @@ def _sizes_text(sizes: list[int]) -> str:
         parts.append(f"{prev}x{count}" if count > 1 else f"{prev}")
         prev, count = size, 1
     text = ",".join(parts)
-    return text if len(text) <= 16 else text[:15] + "~"
+    return text if width is None or len(text) <= width else text[: width - 1] + "~"

@@ -13,7 +13,7 @@ and the insides are recomputed in backward.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Optional
 
 import torch

@@ -6,8 +6,9 @@ Layout the official weights come in (users download them; they are not redistrib
       2023-10-28-18-33-37/   model_best.pth  config.yml    <- refiner (RefineNet)
       2024-01-11-20-02-45/   model_best.pth  config.yml    <- scorer (ScoreNetMultiPair)
 
-`load_weights(path)` accepts that `weights` folder, its parent, either run folder's
-parent under any name, or any folder whose two sub-folders each hold a model_best.pth
+`load_weights(path)` accepts that `weights` folder, its parent, either run folder (or its
+model_best.pth: the other run is looked for beside it), or any folder whose sub-folders
+hold one refiner and one scorer model_best.pth
 (which one is the refiner is read from the state dict's keys, then the config, then the
 known run names). The .pth is {'model': state_dict} or a plain state dict; 'module.'
 prefixes (DataParallel) are stripped; keys are checked strictly.
@@ -248,16 +249,22 @@ class RunFolder:
 
 
 def _candidate_roots(path: Path) -> List[Path]:
+    """Folders that may hold the two runs: path, path/weights, and, when path is itself a
+    run folder, its parent."""
     roots = [path]
     for name in ("weights", "foundationpose_weights"):
         if (path / name).is_dir():
             roots.append(path / name)
+    if (path / WEIGHTS_FILE).is_file():
+        roots.append(path.parent)
     return roots
 
 
 def find_run_folders(path: Union[str, Path]) -> Dict[str, Path]:
     """{'refiner': run folder, 'scorer': run folder} under `path` (see the module docstring)."""
     path = Path(os.path.expanduser(str(path)))
+    if path.is_file() and path.name == WEIGHTS_FILE:  # a run's model_best.pth: look beside its run
+        path = path.parent
     if not path.is_dir():
         raise CheckpointError(f"weights={path}: not a folder. {LAYOUT_HELP}")
     # 1. the official run names

@@ -55,16 +55,20 @@ def _crop_grid(size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _apply(M: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
     """Unrounded ``M (B,3,3) float64`` applied to (x, y): ((a*x + b*y) + c) / ((g*x + h*y) + i),
-    the operation order of the C++/CUDA kernels (csrc/pixel_math.h)."""
+    the operation order of the C++/CUDA kernels (csrc/pixel_math.h). x, y may be float32
+    (integer-valued positions): they are promoted to float64 exactly. In-place steps keep the
+    temporaries to one (B,s,s) buffer at a time."""
     m = M[:, :, :, None, None]
-    den = m[:, 2, 0] * x + m[:, 2, 1] * y
-    den += m[:, 2, 2]
-    px = m[:, 0, 0] * x + m[:, 0, 1] * y
-    px += m[:, 0, 2]
-    px /= den
-    py = m[:, 1, 0] * x + m[:, 1, 1] * y
-    py += m[:, 1, 2]
-    py /= den
+
+    def affine_row(i):
+        acc = x * m[:, i, 0]
+        term = y * m[:, i, 1]
+        acc = acc.add_(term) if acc.shape == torch.broadcast_shapes(acc.shape, term.shape) else acc + term
+        return acc.add_(m[:, i, 2])
+
+    den = affine_row(2)
+    px = affine_row(0).div_(den)
+    py = affine_row(1).div_(den)
     return px, py
 
 
@@ -74,9 +78,13 @@ def _nearest_index(M, x, y, x0: int, y0: int, w: int, h: int):
     px, py = _apply(M, x, y)
     torch.round(px, out=px)  # half to even, like nearbyint
     torch.round(py, out=py)
-    lx, ly = px - x0, py - y0
-    valid = (lx >= 0) & (lx <= w - 1) & (ly >= 0) & (ly <= h - 1)
-    flat = torch.where(valid, ly * w + lx, -1.0).long()
+    px.sub_(x0)  # window coordinates (exact: integer-valued doubles)
+    py.sub_(y0)
+    valid = (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
+    flat = (py * w).add_(px).masked_fill_(~valid, -1.0)
+    flat = flat.long()
+    px.add_(x0)
+    py.add_(y0)
     return px, py, flat
 
 
@@ -165,16 +173,15 @@ def _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin):
     z = torch.where(valid, depth.reshape(-1)[flat.clamp_(min=0)], zero)
     del flat
     u, v = px.float(), py.float()  # integer-valued positions: exact in float32 where valid
+    del px, py
     if code == SEMANTICS["scorer"]:
         # r = nearest(T p) inside the crop; depth there is the crop's depth at r.
-        rx, ry, r_flat = _nearest_index(transforms, px, py, 0, 0, size, size)
-        del px, py, rx, ry
+        rx, ry, r_flat = _nearest_index(transforms, u, v, 0, 0, size, size)
+        del rx, ry
         ok = valid & (r_flat >= 0)
         z = torch.where(ok, z.reshape(B, -1).gather(1, r_flat.clamp_(min=0).reshape(B, -1)).reshape(B, size, size),
                         zero)
         del r_flat, ok
-    else:
-        del px, py
     out = torch.empty((B, 3, size, size), dtype=torch.float32, device=depth.device)
     return _backproject_into(out, u, v, z, intr)
 
@@ -199,6 +206,8 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
         per-hypothesis full-resolution buffers, computed here per crop pixel (memory
         O(B*size*size), never O(B*H*W)).
     Zero where the depth is < 0.001 or the position falls outside the image.
+    For axis-aligned crops (box_3d) the round trip returns to p, so both semantics agree there
+    except at exact .5 ties; "scorer" is kept for exact compatibility with upstream's data flow.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be 'refiner' or 'scorer', got {semantics!r}")
@@ -216,3 +225,31 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
     per_item = size * size * (12 if ext else 12 + 8 * 8)
     return engine.map(_xyz_crops_op, T64, Ti64, name=f"crops.xyz_{semantics}", per_item_bytes=per_item,
                       fixed_bytes=0, **kwargs)
+
+
+# ----------------------------------------------------------------------------- crop preparation
+def observed_crops(rgb, depth, K, windows, semantics: str = "refiner", device="cpu", engine=None):
+    """Observed rgb and xyz crops of ``windows`` (crops.CropWindows, built with image_size) with
+    only the ROI on ``device``: the full ``rgb (H,W,3)`` uint8 and ``depth (H,W)`` stay where
+    they are (numpy arrays on the host, or tensors) and just ``windows.roi`` is copied over.
+
+    Returns (rgb (B,3,s,s) float 0..255 bilinear, xyz (B,3,s,s) camera metres)."""
+    rows, cols = windows.roi_slices()
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        raise ValueError("windows.roi is empty: build the windows with image_size=(H,W) of this frame")
+
+    def roi_tensor(a):
+        part = a[rows, cols]
+        part = torch.from_numpy(part.copy()) if not isinstance(part, torch.Tensor) else part
+        return part.to(device)
+
+    rgb_roi = roi_tensor(rgb)
+    if rgb_roi.dim() != 3 or rgb_roi.shape[2] != 3:
+        raise ValueError(f"rgb must be (H,W,3), got ROI shape {tuple(rgb_roi.shape)}")
+    rgb_roi = rgb_roi.permute(2, 0, 1).float()
+    rgb_crops = warp_crops(rgb_roi, windows.transforms, windows.size, "bilinear", origin=windows.origin,
+                           engine=engine)
+    del rgb_roi
+    xyz = xyz_crops(roi_tensor(depth), K, windows.transforms, windows.size, semantics, origin=windows.origin,
+                    engine=engine)
+    return rgb_crops, xyz

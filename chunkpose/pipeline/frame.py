@@ -159,10 +159,28 @@ def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
 
 
 def roi_bytes_per_pixel() -> int:
-    """Device bytes per ROI pixel while a frame is resident, with clean-up headroom:
-    rgb f32 x3, depth f32, xyz f32 x3, mask bool, plus the raw halo depth, one filter
-    output and the uint8 rgb upload in flight."""
-    return 12 + 4 + 12 + 1 + 4 + 4 + 3 + 4
+    """Device bytes per ROI pixel at the call's peak: the resident frame (rgb f32 x3,
+    depth f32, xyz f32 x3, mask bool) plus headroom for what is briefly alive beside it
+    (the uint8 rgb and mask uploads). Clean-up (raw, eroded, filtered depth: 12 B/px)
+    happens before rgb and xyz exist, so it is below this."""
+    return 12 + 4 + 12 + 1 + 3 + 4
+
+
+def _xyz_channels_first(depth: torch.Tensor, K: np.ndarray) -> torch.Tensor:
+    """Point map (3,h,w) of depth (h,w), written channel by channel (no (h,w,3) copy):
+    the same formula and roundings as chunkpose.ops.depth.depth_to_xyz, zero where z < 1 mm."""
+    h, w = depth.shape
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+    out = torch.empty((3, h, w), dtype=torch.float32, device=depth.device)
+    u = torch.arange(w, dtype=torch.float32, device=depth.device)
+    v = torch.arange(h, dtype=torch.float32, device=depth.device)
+    torch.mul(u - cx, depth, out=out[0])
+    out[0].div_(fx)
+    torch.mul((v - cy)[:, None], depth, out=out[1])
+    out[1].div_(fy)
+    out[2].copy_(depth)
+    out.masked_fill_((depth < 0.001)[None], 0.0)
+    return out
 
 
 def prepare_frame(rgb, depth, K, mask, roi, diameter: float, engine, device) -> ObservedFrame:
@@ -172,7 +190,7 @@ def prepare_frame(rgb, depth, K, mask, roi, diameter: float, engine, device) -> 
     The depth filters run through `engine` (banded), on the ROI plus a halo so the result
     equals full-frame cleaning inside the ROI.
     """
-    from chunkpose.ops.depth import bilateral_filter_depth, depth_to_xyz, erode_depth
+    from chunkpose.ops.depth import bilateral_filter_depth, erode_depth
 
     H, W = depth.shape
     x0, y0, x1, y1 = clip_roi(roi, (H, W))
@@ -190,11 +208,11 @@ def prepare_frame(rgb, depth, K, mask, roi, diameter: float, engine, device) -> 
     K_roi = K.copy()
     K_roi[0, 2] -= x0
     K_roi[1, 2] -= y0
-    K_roi_t = torch.as_tensor(K_roi, dtype=torch.float32, device=device)
-    xyz = depth_to_xyz(depth_roi, K_roi_t).permute(2, 0, 1).contiguous()
+    xyz = _xyz_channels_first(depth_roi, K_roi)
 
-    rgb_roi = torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1])).to(device)
-    rgb_roi = rgb_roi.permute(2, 0, 1).to(torch.float32).contiguous()
+    # channels-first on the host, then one float copy on the device
+    rgb_roi = torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1].transpose(2, 0, 1))).to(device)
+    rgb_roi = rgb_roi.to(torch.float32)
     mask_roi = None
     if mask is not None:
         mask_roi = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).to(device)

@@ -1,9 +1,17 @@
-"""Weight-free refiner and scorer: projective point-to-plane ICP and depth/silhouette agreement.
+"""Weight-free refiner and scorer: point-to-plane ICP and depth/silhouette agreement.
 
-Both work per hypothesis on 160x160 crops (the same crop windows as the learned pair), so
-everything that grows with the number of hypotheses is one fused `engine.map` per
-iteration: render the chunk, sample the observed crops, solve, return only the small
-result ((b,4,4) poses or (b,) scores). No (B x H x W) tensor and no chunk size here.
+Refiner: batched point-to-plane ICP between the model rendered at each hypothesis and the
+observed point map, re-rendering every iteration; pairs come from the closest observed
+point in a small pixel window around each model point's projection, with a distance gate
+shrinking from a quarter of the diameter. Scorer: depth-consistent overlap, silhouette
+IoU, depth closeness and a penalty for model surface in front of what the camera sees.
+
+Both work per hypothesis on square "box_3d" crops (the learned pair's windows; 96x96 by
+default: ICP and the agreement scores are averages over thousands of pixels, and fewer
+pixels make them several times faster on a CPU). Everything that grows with the number of
+hypotheses is one fused `engine.map` per iteration: render the chunk, sample the observed
+crops, solve, return only the small result ((b,4,4) poses or (b,) scores). No
+(B x H x W) tensor and no chunk size here.
 """
 from __future__ import annotations
 
@@ -22,9 +30,44 @@ def _crop_windows(poses, frame: ObservedFrame, crop_ratio: float, size: int):
     return crop_windows(poses, frame.K, frame.diameter, crop_ratio, size=size)
 
 
+def _cross(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """a x b along `dim` (size 3), written out: faster than torch.cross on CPU."""
+    a0, a1, a2 = a.unbind(dim)
+    b0, b1, b2 = b.unbind(dim)
+    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], dim=dim)
+
+
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """(b,3,s,s) -> (b,s*s,3)."""
     return x.flatten(2).transpose(1, 2)
+
+
+def surface_normals(xyz: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Unit normals (b,3,s,s) from a rendered point map xyz (b,3,s,s) by central differences,
+    oriented towards the camera; `fallback` where a neighbour is off the object.
+
+    Rendered vertex normals are interpolated across faces (wrong on boxes and other flat
+    faced meshes); differences of the rendered points are the true surface direction.
+    """
+    pad_xyz = torch.nn.functional.pad(xyz, (1, 1, 1, 1))
+    pad_m = torch.nn.functional.pad(mask, (1, 1, 1, 1))
+    dx = pad_xyz[:, :, 1:-1, 2:] - pad_xyz[:, :, 1:-1, :-2]
+    dy = pad_xyz[:, :, 2:, 1:-1] - pad_xyz[:, :, :-2, 1:-1]
+    ok = mask & pad_m[:, 1:-1, 2:] & pad_m[:, 1:-1, :-2] & pad_m[:, 2:, 1:-1] & pad_m[:, :-2, 1:-1]
+    n = _cross(dx, dy, dim=1)
+    length = (n * n).sum(1, keepdim=True).sqrt()
+    ok = ok & (length[:, 0] > 1e-12)
+    n = n / length.clamp_min(1e-12)
+    # face the camera: a visible surface's normal points against the viewing ray
+    flip = (n * xyz).sum(1, keepdim=True) > 0
+    n = torch.where(flip, -n, n)
+    return torch.where(ok[:, None], n, fallback)
+
+
+def mask_centroid(frame: ObservedFrame):
+    """Full-frame pixel (u, v) of the observed mask's centroid (floats)."""
+    vs, us = torch.nonzero(frame.mask, as_tuple=True)
+    return (float(us.double().mean()) + frame.origin[0], float(vs.double().mean()) + frame.origin[1])
 
 
 def icp_step(
@@ -35,31 +78,47 @@ def icp_step(
     renderer,
     size: int,
     thresholds: Sequence[float],
-    align_depth: bool,
+    align_to,
     damping: float,
     min_pairs: int,
     max_rotation: float,
     max_translation: float,
+    search_radius: int = 0,
 ) -> torch.Tensor:
     """One render + several Gauss-Newton ICP steps for each hypothesis.
 
     poses (b,4,4) re-centred object in camera, transforms (b,3,3) full frame -> crop.
-    The model is rendered once (points p, normals n in the camera frame); each inner step
-    moves them by the current increment, finds the observed point q by projecting into
-    the observed crop (projective association, nearest pixel), keeps pairs with
-    |p - q| < threshold (one threshold per inner step, Tukey-weighted) and solves the
-    damped 6x6 normal equations of sum w (n.(p - q))^2 for a rotation about the object
-    centre and a translation. Returns the updated poses (b,4,4).
+    align_to: None, or the observed mask centroid (u, v) full-frame pixels: first move
+    each hypothesis so silhouettes and depths roughly agree (registration, first round).
+    The model is rendered once (points p in the camera frame, normals n from the rendered
+    points); each inner step moves them by the current increment and pairs each p with
+    the closest observed point q among a (2k+1)^2 pixel window (k = search_radius, stride
+    following the gate) around p's projection into the observed crop; pairs with
+    |p - q| < threshold (one threshold per inner step) get Tukey weights, and the damped
+    6x6 normal equations of sum w (n.(p - q))^2 give a rotation about the object centre
+    and a translation. Returns the updated poses (b,4,4).
     """
     b = poses.shape[0]
     dtype, device = poses.dtype, poses.device
     rendered = renderer.render_crops(poses, frame.K, transforms, size)
     P = _flat(rendered["xyz"].to(dtype))  # (b,N,3)
-    Nrm = _flat(rendered["normals"].to(dtype))
+    Nrm = _flat(surface_normals(rendered["xyz"].to(dtype), rendered["mask"], rendered["normals"].to(dtype)))
     M = rendered["mask"].flatten(1)  # (b,N)
     del rendered
+    # Keep only the rendered object pixels (typically a quarter of the crop), padded to
+    # the chunk's largest count; padding has M False and weight 0 everywhere below.
+    keep = int(M.sum(1).max()) if M.numel() else 0
+    pixel = torch.argsort(M.to(torch.uint8), dim=1, descending=True, stable=True)[:, : max(keep, 1)]
+    P = torch.gather(P, 1, pixel[..., None].expand(-1, -1, 3))
+    Nrm = torch.gather(Nrm, 1, pixel[..., None].expand(-1, -1, 3))
+    M = torch.gather(M, 1, pixel)
     Q = _flat(frame.xyz_crops(transforms, size, semantics="refiner").to(dtype))
     Qvalid = (Q[..., 2] >= 0.001) & frame.mask_crops(transforms, size).flatten(1)
+    # Invalid observed points moved far away: no distance gate ever accepts them, so the
+    # search needs no separate validity lookup. Flat (b*s*s,3) for fast index_select.
+    Q = torch.where(Qvalid[..., None], Q, torch.full_like(Q, 1e6))
+    Q_flat = Q.reshape(-1, 3)
+    base = (torch.arange(b, device=device) * (size * size))[:, None]
 
     # Crop camera: camera point -> crop pixel (homogeneous), for projective association.
     KT = transforms.to(dtype) @ frame.K.to(dtype)  # (b,3,3)
@@ -68,16 +127,45 @@ def icp_step(
     t_acc = torch.zeros(b, 3, dtype=dtype, device=device)
     centre0 = poses[:, :3, 3]
 
-    if align_depth:
-        # Registration starts every hypothesis at the mask's median depth, i.e. on the
-        # visible surface; slide it along its viewing ray so rendered and observed depths
-        # agree (median over pixels where both exist) before the distance gates apply.
-        both = M & Qvalid
-        gap = torch.where(both, Q[..., 2] - P[..., 2], torch.full_like(Q[..., 2], float("nan")))
+    if align_to is not None:
+        # Registration starts every hypothesis at the mask's bbox centre and median depth,
+        # i.e. on the visible surface and wherever this rotation's silhouette happens to
+        # put its centre. Move each hypothesis so that (1) its rendered silhouette's
+        # centroid lands on the observed mask's centroid (lateral; projective ICP corrects
+        # lateral offsets only slowly) and (2) rendered and observed depths agree (median
+        # over pixels where both exist), before the distance gates apply.
+        target_u, target_v = align_to
+        weight = M.to(dtype)
+        count = weight.sum(1).clamp_min(1.0)
+        cu = (weight * (pixel % size).to(dtype)).sum(1) / count  # crop pixels
+        cv = (weight * torch.div(pixel, size, rounding_mode="floor").to(dtype)).sum(1) / count
+        inv = torch.linalg.inv(transforms.to(dtype))
+        full = inv @ torch.stack([cu, cv, torch.ones_like(cu)], -1)[:, :, None]
+        u_r, v_r = full[:, 0, 0] / full[:, 2, 0], full[:, 1, 0] / full[:, 2, 0]
+        z = centre0[:, 2].clamp_min(1e-6)
+        K = frame.K.to(dtype)
+        lateral = torch.stack([(target_u - u_r) * z / K[0, 0], (target_v - v_r) * z / K[1, 1], torch.zeros_like(z)], -1)
+        has = M.sum(1) >= min_pairs
+        t_acc = torch.where(has[:, None], lateral, torch.zeros_like(lateral))
+        # depth: compare at the pixel each shifted point now projects to
+        p = P + t_acc[:, None]
+        uvw = p @ KT.transpose(1, 2)
+        zs = uvw[..., 2].clamp_min(1e-6)
+        ix = torch.round(uvw[..., 0] / zs)
+        iy = torch.round(uvw[..., 1] / zs)
+        inside = (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & M
+        index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
+        qz = torch.gather(Q[..., 2], 1, index)
+        both = inside & torch.gather(Qvalid, 1, index)
+        gap = torch.where(both, qz - p[..., 2], torch.full_like(qz, float("nan")))
         dz = torch.nanmedian(gap, dim=1).values
         dz = torch.where(both.sum(1) >= min_pairs, dz, torch.zeros_like(dz))
-        t_acc = centre0 * (dz / centre0[:, 2].clamp_min(1e-6))[:, None]
+        centre = centre0 + t_acc
+        t_acc = t_acc + centre * (dz / centre[:, 2].clamp_min(1e-6))[:, None]
 
+    k = int(search_radius)
+    # centre first so that ties keep the projective pair
+    window = [(0, 0)] + [(dx, dy) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if (dx, dy) != (0, 0)]
     for threshold in thresholds:
         p = P @ R_acc.transpose(1, 2) + t_acc[:, None]
         n = Nrm @ R_acc.transpose(1, 2)
@@ -88,17 +176,37 @@ def icp_step(
         ix = torch.round(uvw[..., 0] / zs)
         iy = torch.round(uvw[..., 1] / zs)
         inside = front & (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & M
-        index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
-        q = torch.gather(Q, 1, index[..., None].expand(-1, -1, 3))
-        pair = inside & torch.gather(Qvalid, 1, index)
+        if search_radius > 0:
+            # Closest observed point among a (2k+1)^2 window around the projection, the
+            # window's stride following the gate: projective association alone has no
+            # grip on sliding along flat faces, the nearest point near an edge does.
+            gate_px = threshold * KT[:, 0, 0] / centre0[:, 2].clamp_min(1e-6)
+            stride = torch.clamp(torch.round(gate_px / (2 * search_radius)), min=1.0)  # (b,)
+            # one window offset at a time, keeping the running best: memory O(pixels)
+            best_d2 = torch.full_like(ix, float("inf"))
+            index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
+            for dx, dy in window:
+                cx = ix + dx * stride[:, None]
+                cy = iy + dy * stride[:, None]
+                ok = (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
+                cand = (cy.clamp(0, size - 1) * size + cx.clamp(0, size - 1)).long()
+                qc = Q_flat.index_select(0, (cand + base).reshape(-1)).view(b, -1, 3)
+                e = p - qc
+                d2 = e[..., 0] * e[..., 0] + e[..., 1] * e[..., 1] + e[..., 2] * e[..., 2]
+                better = ok & (d2 < best_d2)
+                best_d2 = torch.where(better, d2, best_d2)
+                index = torch.where(better, cand, index)
+        else:
+            index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
+        q = Q_flat.index_select(0, (index + base).reshape(-1)).view(b, -1, 3)
         diff = p - q
-        dist = diff.norm(dim=-1)
-        pair = pair & (dist < threshold)
+        dist = (diff * diff).sum(-1).sqrt()
+        pair = inside & (dist < threshold)  # invalid observed points are 1e6 away
         weight = torch.where(pair, (1 - (dist / threshold) ** 2) ** 2, torch.zeros_like(dist))
         residual = (n * diff).sum(-1)  # (b,N) point-to-plane distance
         centre = (R_acc @ centre0[:, :, None])[:, :, 0] + t_acc  # object centre now
-        arm = torch.cross(p - centre[:, None], n, dim=-1) / scale
-        J = torch.cat([arm, n], dim=-1)  # (b,N,6)
+        lever = (p - centre[:, None]) / scale
+        J = torch.cat([_cross(lever, n, dim=-1), n], dim=-1)  # (b,N,6)
         Jw = J * weight[..., None]
         A = torch.einsum("bni,bnj->bij", Jw, J)
         g = torch.einsum("bni,bn->bi", Jw, residual)
@@ -132,7 +240,9 @@ class GeometricRefiner(Refiner):
     """Batched projective point-to-plane ICP against the observed depth, re-rendering the
     model each iteration.
 
-    Distance gates shrink geometrically over all steps, from `start_threshold` to
+    Association: closest observed point within a small pixel window around each model
+    point's projection (pure projective association cannot correct sliding along flat
+    faces). Distance gates shrink geometrically over all steps, from `start_threshold` to
     `end_threshold` (fractions of the diameter). Registration (mask given) starts wide and
     aligns each hypothesis' depth first; tracking (no mask) starts narrower because the
     last pose is close and the gate is what keeps the background out.
@@ -141,7 +251,7 @@ class GeometricRefiner(Refiner):
     def __init__(
         self,
         crop_ratio: float = 1.2,
-        crop_size: int = 160,
+        crop_size: int = 96,
         inner_steps: int = 3,
         start_threshold: float = 0.25,
         end_threshold: float = 0.03,
@@ -150,6 +260,10 @@ class GeometricRefiner(Refiner):
         min_pairs: int = 30,
         max_rotation_deg: float = 20.0,
         max_translation: float = 0.25,
+        search_radius: int = 2,
+        polish_candidates: int = 3,
+        polish_iterations: int = 5,
+        polish_start_threshold: float = 0.06,
     ):
         self.crop_ratio = crop_ratio
         self.crop_size = crop_size
@@ -161,17 +275,36 @@ class GeometricRefiner(Refiner):
         self.min_pairs = min_pairs
         self.max_rotation = math.radians(max_rotation_deg)
         self.max_translation = max_translation
+        self.search_radius = search_radius
+        self.polish_candidates = polish_candidates
+        self.polish_iterations = polish_iterations
+        self.polish_start_threshold = polish_start_threshold
 
-    def thresholds(self, iterations: int, registration: bool) -> list:
-        """Distance gates (fractions of the diameter), one per inner step of every iteration."""
-        start = self.start_threshold if registration else self.track_start_threshold
+    def item_bytes(self) -> int:
+        # measured ~115 B per crop pixel per hypothesis (render outputs, observed crops,
+        # compacted ICP arrays); twice that for objects filling more of the crop
+        return 250 * self.crop_size * self.crop_size
+
+    def thresholds(self, iterations: int, start: float) -> list:
+        """Distance gates (fractions of the diameter) shrinking geometrically from `start`
+        to end_threshold, one per inner step of every iteration."""
         steps = max(1, iterations * self.inner_steps)
         ratio = self.end_threshold / start
         return [start * ratio ** (j / max(1, steps - 1)) for j in range(steps)]
 
     def refine(self, poses, frame: ObservedFrame, renderer, engine, iterations: int):
         registration = frame.mask is not None
-        gates = [g * frame.diameter for g in self.thresholds(iterations, registration)]
+        target = mask_centroid(frame) if registration else None
+        start = self.start_threshold if registration else self.track_start_threshold
+        return self._run(poses, frame, renderer, engine, iterations, start, target)
+
+    def polish(self, poses, frame: ObservedFrame, renderer, engine):
+        """polish_iterations more rounds from a narrow gate, no initial alignment: the
+        best-scored hypotheses are close already and only need to converge further."""
+        return self._run(poses, frame, renderer, engine, self.polish_iterations, self.polish_start_threshold, None)
+
+    def _run(self, poses, frame, renderer, engine, iterations, start, target):
+        gates = [g * frame.diameter for g in self.thresholds(iterations, start)]
         for k in range(iterations):
             windows = _crop_windows(poses, frame, self.crop_ratio, self.crop_size)
             poses = engine.map(
@@ -183,11 +316,12 @@ class GeometricRefiner(Refiner):
                 renderer=renderer,
                 size=self.crop_size,
                 thresholds=tuple(gates[k * self.inner_steps : (k + 1) * self.inner_steps]),
-                align_depth=registration and k == 0,
+                align_to=target if k == 0 else None,
                 damping=self.damping,
                 min_pairs=self.min_pairs,
                 max_rotation=self.max_rotation,
                 max_translation=self.max_translation * frame.diameter,
+                search_radius=self.search_radius,
             )
         return poses
 
@@ -238,12 +372,15 @@ def score_step(
 class GeometricScorer(Scorer):
     """Weight-free scorer: depth agreement, silhouette IoU and a visibility penalty."""
 
-    def __init__(self, crop_ratio: float = 1.1, crop_size: int = 160, tolerance: float = 0.02,
+    def __init__(self, crop_ratio: float = 1.1, crop_size: int = 96, tolerance: float = 0.02,
                  weights=(0.4, 0.3, 0.3, 1.0)):
         self.crop_ratio = crop_ratio
         self.crop_size = crop_size
         self.tolerance = tolerance
         self.weights = tuple(weights)
+
+    def item_bytes(self) -> int:
+        return 250 * self.crop_size * self.crop_size
 
     def score(self, poses, frame: ObservedFrame, renderer, engine):
         windows = _crop_windows(poses, frame, self.crop_ratio, self.crop_size)

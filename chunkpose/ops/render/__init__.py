@@ -52,6 +52,8 @@ def make_renderer(mesh, device="cpu", backend: str | None = None):
     device = torch.device(device)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} but CUDA is not available here; use device='cpu'")
     if backend is None:
         use_nvdiffrast = device.type == "cuda" and torch.cuda.is_available() and _nvdiffrast_importable()
         backend = "nvdiffrast" if use_nvdiffrast else "gl"

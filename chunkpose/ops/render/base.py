@@ -122,13 +122,3 @@ def clip_projection(
     proj[:, 2, 3] = b
     proj[:, 3, :3] = row_w
     return proj
-
-
-def empty_outputs(count: int, height: int, width: int, device) -> dict:
-    return {
-        "rgb": torch.zeros((count, 3, height, width), dtype=torch.float32, device=device),
-        "depth": torch.zeros((count, height, width), dtype=torch.float32, device=device),
-        "xyz": torch.zeros((count, 3, height, width), dtype=torch.float32, device=device),
-        "normals": torch.zeros((count, 3, height, width), dtype=torch.float32, device=device),
-        "mask": torch.zeros((count, height, width), dtype=torch.bool, device=device),
-    }

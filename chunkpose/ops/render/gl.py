@@ -5,11 +5,11 @@ Many crops are drawn in one instanced draw call: the crops are laid out as tiles
 in a column) of one tall framebuffer, each instance carries its pose, its zoomed projection and its tile, and
 clip distances at the tile's edges keep each instance inside its tile (exact geometric
 clipping, so nothing leaks into a neighbour). Colour, camera-frame xyz and normals go to
-three colour attachments (RGBA8, RGBA32F, RGBA32F) and are read back once per pass.
+seven colour attachments (RGBA8 colour, one R32F plane per float channel) and are read
+back once per pass straight into channels-first tensors.
 """
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
@@ -27,7 +27,7 @@ from .base import (
 
 GL_CLIP_DISTANCE0 = 0x3000
 # Largest framebuffer height used for one pass of crops stacked in a column: 102 crops of
-# 160 px per pass; attachments of 160 x 16384 px take 94 MB.
+# 160 px per pass; attachments of 160 x 16384 px take 73 MB.
 MAX_PASS_SIDE = 16384
 
 _VERTEX_SHADER = """
@@ -70,18 +70,28 @@ in vec3 v_color;
 in vec2 v_uv;
 uniform sampler2D texture0;
 uniform int use_texture;
+// one plane per float channel: read back planes are already channels-first
 layout(location = 0) out vec4 out_color;
-layout(location = 1) out vec4 out_xyz;
-layout(location = 2) out vec4 out_normal;
+layout(location = 1) out float out_x;
+layout(location = 2) out float out_y;
+layout(location = 3) out float out_z;
+layout(location = 4) out float out_nx;
+layout(location = 5) out float out_ny;
+layout(location = 6) out float out_nz;
 void main() {
     vec3 color = v_color;
     if (use_texture != 0) {
         color = texture(texture0, v_uv).rgb;
     }
     out_color = vec4(color, 1.0);
-    out_xyz = vec4(v_xyz, 1.0);
+    out_x = v_xyz.x;
+    out_y = v_xyz.y;
+    out_z = v_xyz.z;
     float len = length(v_normal);
-    out_normal = vec4(len > 0.0 ? v_normal / len : vec3(0.0), 1.0);
+    vec3 n = len > 0.0 ? v_normal / len : vec3(0.0);
+    out_nx = n.x;
+    out_ny = n.y;
+    out_nz = n.z;
 }
 """
 
@@ -114,6 +124,18 @@ def gl_context():
         return _context
 
 
+_program = None
+
+
+def _shared_program(ctx):
+    """The shader program, compiled once per process and shared by all renderers."""
+    global _program
+    with _lock:
+        if _program is None:
+            _program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
+        return _program
+
+
 def gl_available() -> bool:
     try:
         gl_context()
@@ -123,19 +145,19 @@ def gl_available() -> bool:
 
 
 class _Targets:
-    """Colour, xyz, normal and depth attachments of one framebuffer size."""
+    """Attachments of one framebuffer size: colour (RGBA8), x, y, z, nx, ny, nz (R32F
+    each) and depth."""
 
     def __init__(self, ctx, width: int, height: int):
         size = (width, height)
         self.width, self.height = width, height
         self.color = ctx.renderbuffer(size, 4, dtype="f1")
-        self.xyz = ctx.renderbuffer(size, 4, dtype="f4")
-        self.normal = ctx.renderbuffer(size, 4, dtype="f4")
+        self.planes = [ctx.renderbuffer(size, 1, dtype="f4") for _ in range(6)]
         self.depth = ctx.depth_renderbuffer(size)
-        self.fbo = ctx.framebuffer([self.color, self.xyz, self.normal], self.depth)
+        self.fbo = ctx.framebuffer([self.color, *self.planes], self.depth)
 
     def release(self):
-        for item in (self.fbo, self.color, self.xyz, self.normal, self.depth):
+        for item in (self.fbo, self.color, *self.planes, self.depth):
             item.release()
 
 
@@ -149,7 +171,7 @@ class GLRenderer:
         self.device = torch.device(device)
         self.ctx = gl_context()
         ctx = self.ctx
-        self._program = ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
+        self._program = _shared_program(ctx)
         n = len(mesh.vertices)
         uv = mesh.uv if mesh.has_texture else np.zeros((n, 2), np.float32)
         vertex_data = np.concatenate(
@@ -166,11 +188,9 @@ class GLRenderer:
             self._texture = ctx.texture((image.shape[1], image.shape[0]), 3, image.tobytes(), alignment=1)
             self._texture.filter = (ctx.LINEAR, ctx.LINEAR)
             self._texture.repeat_x = self._texture.repeat_y = True
-        self._program["use_texture"].value = 1 if self._texture is not None else 0
-        if "texture0" in self._program:
-            self._program["texture0"].value = 0
         self._vao = None
         self._targets: dict[tuple[int, int], _Targets] = {}
+        self._current = None  # key of the framebuffer last drawn into
         self._center = np.asarray(mesh.center, dtype=np.float64)
         self._radius = float(mesh.radius)
 
@@ -183,12 +203,15 @@ class GLRenderer:
                 self._vao.release()
             self._instances = self.ctx.buffer(reserve=capacity * 36 * 4)
             self._instance_capacity = capacity
-            names = [name for name in ("in_pos", "in_normal", "in_color", "in_uv")]
-            fmt = "3f 3f 3f 2f"
-            # attributes the shader compiler removed must be skipped, not named
-            parts = [f"{n}f" if name in self._program else f"{n}x4" for name, n in zip(names, (3, 3, 3, 2))]
+            # attributes the shader compiler removed must be skipped (padding), not named
+            names, parts = [], []
+            for name, width in (("in_pos", 3), ("in_normal", 3), ("in_color", 3), ("in_uv", 2)):
+                if name in self._program:
+                    names.append(name)
+                    parts.append(f"{width}f")
+                else:
+                    parts.append(f"{width}x4")
             fmt = " ".join(parts)
-            names = [name for name in names if name in self._program]
             self._vao = self.ctx.vertex_array(
                 self._program,
                 [
@@ -216,20 +239,20 @@ class GLRenderer:
         for targets in self._targets.values():
             targets.release()
         self._targets.clear()
-        for item in (self._vao, self._instances, self._vbo, self._ibo, self._texture, self._program):
+        for item in (self._vao, self._instances, self._vbo, self._ibo, self._texture):
             if item is not None:
                 item.release()
-        self._vao = self._instances = self._texture = None
+        self._vao = self._instances = self._vbo = self._ibo = self._texture = None
         self._instance_capacity = 0
 
     # -- drawing ---------------------------------------------------------------------------
     def _draw_tiles(self, poses, proj, tile_w, tile_h, capacity):
         """Draw len(poses) instances as tiles of tile_w x tile_h stacked bottom-up in a
-        framebuffer with room for ``capacity`` tiles; return the used region as numpy arrays
-        (n*tile_h, tile_w, 4): colour uint8, xyz float32, normals float32."""
+        framebuffer with room for ``capacity`` tiles (read them with ``_read_pass``)."""
         count = len(poses)
         width, height = tile_w, count * tile_h
         targets = self._framebuffer(tile_w, capacity * tile_h)
+        self._current = (tile_w, capacity * tile_h)
         fb_height = capacity * tile_h
         row = np.arange(count)
         tiles = np.empty((count, 4), dtype=np.float64)
@@ -254,22 +277,40 @@ class GLRenderer:
         ctx.enable_only(ctx.DEPTH_TEST)
         for plane in range(4):
             ctx.enable_direct(GL_CLIP_DISTANCE0 + plane)
+        # the program is shared: set this mesh's uniforms before every draw
+        self._program["use_texture"].value = 1 if self._texture is not None else 0
+        if "texture0" in self._program:
+            self._program["texture0"].value = 0
         if self._texture is not None:
             self._texture.use(0)
         vao.render(instances=count)
-        color = np.empty((height, width, 4), dtype=np.uint8)
-        xyz = np.empty((height, width, 4), dtype=np.float32)
-        normal = np.empty((height, width, 4), dtype=np.float32)
-        targets.fbo.read_into(color, (0, 0, width, height), components=4, attachment=0, dtype="f1")
-        targets.fbo.read_into(xyz, (0, 0, width, height), components=4, attachment=1, dtype="f4")
-        targets.fbo.read_into(normal, (0, 0, width, height), components=4, attachment=2, dtype="f4")
-        return color, xyz, normal
+
+    def _read_pass(self, out: dict, start: int, stop: int, tile_w: int, tile_h: int) -> None:
+        """Read the drawn tiles of crops start..stop into the output tensors."""
+        n = stop - start
+        fbo = self._targets[self._current].fbo
+        viewport = (0, 0, tile_w, n * tile_h)
+        color = np.empty((n, tile_h, tile_w, 4), dtype=np.uint8)
+        fbo.read_into(color, viewport, components=4, attachment=0, dtype="f1")
+        rgb = out["rgb"][start:stop]
+        rgb.copy_(torch.from_numpy(color)[..., :3].permute(0, 3, 1, 2))
+        rgb.mul_(1.0 / 255.0)
+        out["mask"][start:stop] = torch.from_numpy(color[..., 3]) > 0
+        # depth is read straight into its output; the other planes through one buffer
+        depth = out["depth"][start:stop]
+        fbo.read_into(depth.numpy(), viewport, components=1, attachment=3, dtype="f4")
+        out["xyz"][start:stop, 2] = depth
+        plane = np.empty((n, tile_h, tile_w), dtype=np.float32)
+        plane_t = torch.from_numpy(plane)
+        for attachment, key, channel in ((1, "xyz", 0), (2, "xyz", 1), (4, "normals", 0), (5, "normals", 1), (6, "normals", 2)):
+            fbo.read_into(plane, viewport, components=1, attachment=attachment, dtype="f4")
+            out[key][start:stop, channel] = plane_t
 
     def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
         """Core: poses (B,4,4), transforms (B,3,3) numpy float64 -> dict of tensors.
 
-        Tiles are stacked in one column so that the read-back buffer is already laid out
-        as (B, h, w, 4): only the change to channels-first remains, one copy per output.
+        Tiles are stacked in one column and every float channel has its own attachment, so
+        each read-back plane is already (n, h, w) channels-first.
         """
         count = len(poses)
         out = {
@@ -288,22 +329,12 @@ class GLRenderer:
         capacity = min(per_pass, 1 << (min(count, per_pass) - 1).bit_length())
         for start in range(0, count, per_pass):
             stop = min(count, start + per_pass)
-            n = stop - start
-            color, xyz, normal = self._draw_tiles(poses[start:stop], proj[start:stop], tile_w, tile_h, capacity)
-            color_t = torch.from_numpy(color).view(n, tile_h, tile_w, 4)
-            xyz_t = torch.from_numpy(xyz).view(n, tile_h, tile_w, 4)
-            normal_t = torch.from_numpy(normal).view(n, tile_h, tile_w, 4)
-            rgb = out["rgb"][start:stop]
-            rgb.copy_(color_t[..., :3].permute(0, 3, 1, 2))
-            rgb.mul_(1.0 / 255.0)
-            out["mask"][start:stop] = color_t[..., 3] > 0
-            out["xyz"][start:stop] = xyz_t[..., :3].permute(0, 3, 1, 2)
-            out["depth"][start:stop] = xyz_t[..., 2]
-            out["normals"][start:stop] = normal_t[..., :3].permute(0, 3, 1, 2)
+            self._draw_tiles(poses[start:stop], proj[start:stop], tile_w, tile_h, capacity)
+            self._read_pass(out, start, stop, tile_w, tile_h)
         return self._to_device(out)
 
     def _max_side(self) -> int:
-        return min(MAX_PASS_SIDE, int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]))
+        return min(MAX_PASS_SIDE, int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]), int(self.ctx.info["GL_MAX_VIEWPORT_DIMS"][1]))
 
     def _to_device(self, out: dict) -> dict:
         if self.device.type == "cpu":
@@ -338,7 +369,8 @@ class GLRenderer:
             as_tensor(poses),
             as_tensor(transforms),
             name="render.crops",
-            per_item_bytes=size * size * output_bytes_per_pixel(),
+            # returned tensors plus the read-back buffers (RGBA8 + one float plane)
+            per_item_bytes=size * size * (output_bytes_per_pixel() + 8),
             K=K,
             size=size,
         )
@@ -348,6 +380,12 @@ class GLRenderer:
         pose = as_numpy(pose, "pose", (4, 4)).reshape(1, 4, 4)
         K = as_numpy(K, "K", (3, 3))
         width, height = check_size(width, "width"), check_size(height, "height")
+        limit = self._max_side()
+        if width > limit or height > limit:
+            raise ValueError(
+                f"width, height: {width}x{height} exceeds this OpenGL's largest framebuffer side ({limit}); "
+                "render a downscaled K or use backend='nvdiffrast'"
+            )
         with _lock:
             return self._render(pose, K, np.eye(3)[None], width, height)
 
