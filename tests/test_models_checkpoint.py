@@ -166,13 +166,25 @@ def test_registration_with_random_learned_weights_chunked_equals_unchunked(small
     rgb = (full["rgb"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     depth = full["depth"][0].numpy().astype(np.float32)
     mask = full["mask"][0].numpy()
-    results = []
-    for budget, kwargs in ((None, {}), (0.5, {})):
+    runs = []
+    for budget in (None, 0.5):
         est = PoseEstimator(mesh, budget_gb=budget, device="cpu", weights=small_weights_dir, hypotheses=6,
                             refine_iterations=2)
         if budget is not None:
             est.engine.max_chunk = 2  # force several chunks per stage
-        results.append(est.register(rgb, depth, K, mask))
-    np.testing.assert_allclose(results[1].pose, results[0].pose, atol=1e-5)
-    assert results[1].score == pytest.approx(results[0].score, abs=1e-5)
-    assert results[1].report.to_dict()["stages"]["refine.learned"]["n_chunks"] >= 3 * 2
+        seen = {}
+        refine, score = est.refiner.refine, est.scorer.score
+        est.refiner.refine = lambda *a, **k: seen.setdefault("poses", refine(*a, **k))
+        est.scorer.score = lambda *a, **k: seen.setdefault("scores", score(*a, **k))
+        result = est.register(rgb, depth, K, mask)
+        runs.append((result, seen))
+    (plain, plain_seen), (chunked, chunked_seen) = runs
+    # Every hypothesis is refined and scored alike (float32 re-association across chunk
+    # sizes is the only difference). Random weights give near-equal scores, so the argmax
+    # itself may differ; each run must return the pose its own scores pick.
+    np.testing.assert_allclose(chunked_seen["poses"].numpy(), plain_seen["poses"].numpy(), atol=1e-3)
+    np.testing.assert_allclose(chunked_seen["scores"].numpy(), plain_seen["scores"].numpy(), atol=1e-5)
+    for result, seen in runs:
+        best = int(torch.argmax(seen["scores"]))
+        np.testing.assert_allclose(result.pose, seen["poses"][best].double().numpy() @ est._offset, atol=1e-6)
+    assert chunked.report.to_dict()["stages"]["refine.learned"]["n_chunks"] >= 3 * 2
