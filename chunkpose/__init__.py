@@ -3,7 +3,7 @@
 Heavy submodules are imported lazily so that ``import chunkpose`` stays cheap and the
 engine can be used without the renderer or the networks installed.
 """
-from importlib import import_module
+from chunkpose._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -21,10 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'chunkpose' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr('chunkpose', _EXPORTS, globals())

@@ -90,6 +90,21 @@ CP_HD void xyz_crop_pixel(const float* depth, int64_t x0, int64_t y0, int64_t w,
   backproject(static_cast<float>(px), static_cast<float>(py), z, fx, fy, cx, cy, X, Y, Z);
 }
 
+// Calls visit(yy, xx, dy, dx) for every pixel of the (2 radius + 1)^2 window around
+// (y, x) that lies inside the (H, W) image, rows first, in the torch path's order.
+template <typename Visit>
+CP_HD void for_each_window_pixel(int64_t H, int64_t W, int64_t y, int64_t x, int64_t radius, Visit&& visit) {
+  for (int64_t dy = -radius; dy <= radius; ++dy) {
+    const int64_t yy = y + dy;
+    if (yy < 0 || yy >= H) continue;
+    for (int64_t dx = -radius; dx <= radius; ++dx) {
+      const int64_t xx = x + dx;
+      if (xx < 0 || xx >= W) continue;
+      visit(yy, xx, dy, dx);
+    }
+  }
+}
+
 // Erosion of one pixel (y, x) of a full (H, W) depth map: the pixel keeps its depth unless
 // more than ratio_thres of the window pixels inside the image are bad (invalid, or farther
 // than diff_thres from the centre). Invalid centres become 0.
@@ -98,17 +113,11 @@ CP_HD float erode_pixel(const float* depth, int64_t H, int64_t W, int64_t y, int
   const float c = depth[y * W + x];
   if (c < 0.001f || c >= zfar) return 0.0f;
   int64_t bad = 0, total = 0;
-  for (int64_t dy = -radius; dy <= radius; ++dy) {
-    const int64_t yy = y + dy;
-    if (yy < 0 || yy >= H) continue;
-    for (int64_t dx = -radius; dx <= radius; ++dx) {
-      const int64_t xx = x + dx;
-      if (xx < 0 || xx >= W) continue;
-      ++total;
-      const float d = depth[yy * W + xx];
-      if (d < 0.001f || d >= zfar || fabsf(d - c) > diff_thres) ++bad;
-    }
-  }
+  for_each_window_pixel(H, W, y, x, radius, [&](int64_t yy, int64_t xx, int64_t, int64_t) {
+    ++total;
+    const float d = depth[yy * W + xx];
+    if (d < 0.001f || d >= zfar || fabsf(d - c) > diff_thres) ++bad;
+  });
   return (static_cast<float>(bad) / static_cast<float>(total) > ratio_thres) ? 0.0f : c;
 }
 
@@ -119,41 +128,29 @@ CP_HD float bilateral_pixel(const float* depth, int64_t H, int64_t W, int64_t y,
                             int64_t radius, float sigma_d, float sigma_r, float zfar) {
   float sum = 0.0f;
   int64_t n = 0;
-  for (int64_t dy = -radius; dy <= radius; ++dy) {
-    const int64_t yy = y + dy;
-    if (yy < 0 || yy >= H) continue;
-    for (int64_t dx = -radius; dx <= radius; ++dx) {
-      const int64_t xx = x + dx;
-      if (xx < 0 || xx >= W) continue;
-      const float d = depth[yy * W + xx];
-      if (d >= 0.001f && d < zfar) {
-        sum += d;
-        ++n;
-      }
+  for_each_window_pixel(H, W, y, x, radius, [&](int64_t yy, int64_t xx, int64_t, int64_t) {
+    const float d = depth[yy * W + xx];
+    if (d >= 0.001f && d < zfar) {
+      sum += d;
+      ++n;
     }
-  }
+  });
   if (n == 0) return 0.0f;
   const float mean = sum / static_cast<float>(n);
   const float c = depth[y * W + x];
   const float two_sd2 = 2.0f * sigma_d * sigma_d;
   const float two_sr2 = 2.0f * sigma_r * sigma_r;
   float sw = 0.0f, swd = 0.0f;
-  for (int64_t dy = -radius; dy <= radius; ++dy) {
-    const int64_t yy = y + dy;
-    if (yy < 0 || yy >= H) continue;
-    for (int64_t dx = -radius; dx <= radius; ++dx) {
-      const int64_t xx = x + dx;
-      if (xx < 0 || xx >= W) continue;
-      const float d = depth[yy * W + xx];
-      if (d >= 0.001f && d < zfar && fabsf(d - mean) < 0.01f) {
-        const float spatial = static_cast<float>(dx * dx + dy * dy) / two_sd2;
-        const float diff = c - d;
-        const float wgt = expf(-spatial - diff * diff / two_sr2);
-        sw += wgt;
-        swd += wgt * d;
-      }
+  for_each_window_pixel(H, W, y, x, radius, [&](int64_t yy, int64_t xx, int64_t dy, int64_t dx) {
+    const float d = depth[yy * W + xx];
+    if (d >= 0.001f && d < zfar && fabsf(d - mean) < 0.01f) {
+      const float spatial = static_cast<float>(dx * dx + dy * dy) / two_sd2;
+      const float diff = c - d;
+      const float wgt = expf(-spatial - diff * diff / two_sr2);
+      sw += wgt;
+      swd += wgt * d;
     }
-  }
+  });
   return sw > 0.0f ? swd / sw : 0.0f;
 }
 

@@ -2,7 +2,7 @@
 
 Submodules are imported on first use so that reading a mesh does not pull in OpenCV.
 """
-from importlib import import_module
+from chunkpose._lazy import lazy_getattr
 
 _EXPORTS = {
     "Mesh": "chunkpose.io.mesh",
@@ -18,10 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'chunkpose.io' has no attribute {name!r}")
-    value = getattr(import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr('chunkpose.io', _EXPORTS, globals())

@@ -46,6 +46,62 @@ class Renderer(Protocol):
     def render_full(self, pose, K, width: int, height: int) -> dict: ...
 
 
+class BatchRenderer:
+    """The shared public half of the backends: argument checks, the engine stage, the
+    full-image case. A backend implements ``_render_images(poses, K, transforms, width,
+    height)`` on numpy float64 inputs and ``bytes_per_item(size)``; it may check a full
+    image's size in ``_check_full_size``."""
+
+    def _render_images(self, poses: np.ndarray, K: np.ndarray, transforms: np.ndarray, width: int,
+                       height: int) -> dict:
+        raise NotImplementedError
+
+    def bytes_per_item(self, size: int) -> int:
+        raise NotImplementedError
+
+    def _check_full_size(self, width: int, height: int) -> None:
+        """Raise ValueError when this backend cannot draw a width x height image."""
+
+    def render_crops_op(self, poses, transforms, *, K, size: int) -> dict:
+        """The per-item op: poses (b,4,4), transforms (b,3,3) -> dict with leading b."""
+        poses = as_numpy(poses, "poses", (4, 4))
+        transforms = as_numpy(transforms, "transforms", (3, 3))
+        check_batch(poses, transforms)
+        K = as_numpy(K, "K", (3, 3))
+        size = check_size(size)
+        return self._render_images(poses, K, transforms, size, size)
+
+    def render_crops(self, poses, K, transforms, size: int, engine=None) -> dict:
+        """Render into crops.
+
+        poses (B,4,4) object-in-camera, K (3,3), transforms (B,3,3) full-image pixel ->
+        crop pixel, size: crop side. Returns rgb (B,3,s,s), depth (B,s,s), xyz (B,3,s,s),
+        normals (B,3,s,s), mask (B,s,s). With ``engine``, runs as engine.map over poses and
+        transforms (stage "render.crops") so its output memory is budgeted.
+        """
+        size = check_size(size)
+        if engine is None:
+            return self.render_crops_op(poses, transforms, K=K, size=size)
+        # the engine slices tensors only; float64 keeps the poses exactly as given
+        return engine.map(
+            self.render_crops_op,
+            as_tensor(poses),
+            as_tensor(transforms),
+            name="render.crops",
+            per_item_bytes=self.bytes_per_item(size),
+            K=K,
+            size=size,
+        )
+
+    def render_full(self, pose, K, width: int, height: int) -> dict:
+        """Render the whole image: pose (4,4), K (3,3) -> dict with B = 1 at (height, width)."""
+        pose = as_numpy(pose, "pose", (4, 4)).reshape(1, 4, 4)
+        K = as_numpy(K, "K", (3, 3))
+        width, height = check_size(width, "width"), check_size(height, "height")
+        self._check_full_size(width, height)
+        return self._render_images(pose, K, np.eye(3)[None], width, height)
+
+
 def output_bytes_per_pixel() -> int:
     """Bytes of the returned tensors per rendered pixel: rgb, depth, xyz, normals, mask."""
     return 4 * (3 + 1 + 3 + 3) + 1

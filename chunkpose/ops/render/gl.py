@@ -15,15 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from .base import (
-    as_numpy,
-    as_tensor,
-    check_batch,
-    check_size,
-    clip_projection,
-    near_far,
-    output_bytes_per_pixel,
-)
+from .base import BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 GL_CLIP_DISTANCE0 = 0x3000
 # Largest framebuffer height used for one pass of crops stacked in a column: 102 crops of
@@ -161,7 +153,7 @@ class _Targets:
             item.release()
 
 
-class GLRenderer:
+class GLRenderer(BatchRenderer):
     """Renders one mesh with OpenGL; see :class:`chunkpose.ops.render.base.Renderer`."""
 
     backend = "gl"
@@ -341,53 +333,22 @@ class GLRenderer:
             return out
         return {key: value.to(self.device) for key, value in out.items()}
 
-    # -- public ----------------------------------------------------------------------------
-    def render_crops_op(self, poses, transforms, *, K, size: int) -> dict:
-        """The per-item op: poses (b,4,4), transforms (b,3,3) -> dict with leading b."""
-        poses = as_numpy(poses, "poses", (4, 4))
-        transforms = as_numpy(transforms, "transforms", (3, 3))
-        check_batch(poses, transforms)
-        K = as_numpy(K, "K", (3, 3))
-        size = check_size(size)
-        with _lock:
-            return self._render(poses, K, transforms, size, size)
+    # -- the backend half of BatchRenderer ------------------------------------------------
+    def bytes_per_item(self, size: int) -> int:
+        """Returned tensors plus the read-back buffers (RGBA8 + one float plane) per crop."""
+        return size * size * (output_bytes_per_pixel() + 8)
 
-    def render_crops(self, poses, K, transforms, size: int, engine=None) -> dict:
-        """Render into crops.
-
-        poses (B,4,4) object-in-camera, K (3,3), transforms (B,3,3) full-image pixel ->
-        crop pixel, size: crop side. Returns rgb (B,3,s,s), depth (B,s,s), xyz (B,3,s,s),
-        normals (B,3,s,s), mask (B,s,s). With ``engine``, runs as engine.map over poses and
-        transforms (stage "render.crops") so its output memory is budgeted.
-        """
-        size = check_size(size)
-        if engine is None:
-            return self.render_crops_op(poses, transforms, K=K, size=size)
-        # the engine slices tensors only; float64 keeps the poses exactly as given
-        return engine.map(
-            self.render_crops_op,
-            as_tensor(poses),
-            as_tensor(transforms),
-            name="render.crops",
-            # returned tensors plus the read-back buffers (RGBA8 + one float plane)
-            per_item_bytes=size * size * (output_bytes_per_pixel() + 8),
-            K=K,
-            size=size,
-        )
-
-    def render_full(self, pose, K, width: int, height: int) -> dict:
-        """Render the whole image: pose (4,4), K (3,3) -> dict with B = 1 at (height, width)."""
-        pose = as_numpy(pose, "pose", (4, 4)).reshape(1, 4, 4)
-        K = as_numpy(K, "K", (3, 3))
-        width, height = check_size(width, "width"), check_size(height, "height")
+    def _check_full_size(self, width: int, height: int) -> None:
         limit = self._max_side()
         if width > limit or height > limit:
             raise ValueError(
                 f"width, height: {width}x{height} exceeds this OpenGL's largest framebuffer side ({limit}); "
                 "render a downscaled K or use backend='nvdiffrast'"
             )
+
+    def _render_images(self, poses, K, transforms, width: int, height: int) -> dict:
         with _lock:
-            return self._render(pose, K, np.eye(3)[None], width, height)
+            return self._render(poses, K, transforms, width, height)
 
     def __del__(self):
         try:

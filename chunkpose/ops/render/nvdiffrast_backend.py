@@ -13,22 +13,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import (
-    as_numpy,
-    as_tensor,
-    check_batch,
-    check_size,
-    clip_projection,
-    near_far,
-    output_bytes_per_pixel,
-)
+from .base import BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-class NvdiffrastRenderer:
+class NvdiffrastRenderer(BatchRenderer):
     """Renders one mesh with nvdiffrast on a CUDA device; see ``base.Renderer``."""
 
     backend = "nvdiffrast"
@@ -61,7 +53,6 @@ class NvdiffrastRenderer:
     def _render(self, poses, proj, width: int, height: int) -> dict:
         """poses (B,4,4), proj (B,4,4) torch float32 on device -> dict at (height, width)."""
         dr = self._dr
-        count = poses.shape[0]
         # camera-frame homogeneous positions and clip positions, (B,V,4) each
         cam = torch.einsum("bij,vj->bvi", poses, self._vertices_h)
         clip = torch.einsum("bij,bvj->bvi", proj, cam).contiguous()
@@ -88,7 +79,7 @@ class NvdiffrastRenderer:
             "mask": mask,
         }
 
-    def _render_numpy(self, poses: np.ndarray, K: np.ndarray, transforms: np.ndarray, width: int, height: int):
+    def _render_images(self, poses: np.ndarray, K: np.ndarray, transforms: np.ndarray, width: int, height: int):
         # old nvdiffrast versions need sizes divisible by 8; padding keeps pixel centres
         # where they are because the projection is built for the padded size
         padded_w, padded_h = _round_up(width, 8), _round_up(height, 8)
@@ -105,35 +96,3 @@ class NvdiffrastRenderer:
         after the layout change, and the per-vertex camera/clip/normal arrays."""
         pixels = _round_up(size, 8) ** 2
         return pixels * (16 + 2 * 4 * 10 + output_bytes_per_pixel()) + len(self.mesh.vertices) * 4 * 11
-
-    def render_crops_op(self, poses, transforms, *, K, size: int) -> dict:
-        """The per-item op: poses (b,4,4), transforms (b,3,3) -> dict with leading b."""
-        poses = as_numpy(poses, "poses", (4, 4))
-        transforms = as_numpy(transforms, "transforms", (3, 3))
-        check_batch(poses, transforms)
-        K = as_numpy(K, "K", (3, 3))
-        size = check_size(size)
-        return self._render_numpy(poses, K, transforms, size, size)
-
-    def render_crops(self, poses, K, transforms, size: int, engine=None) -> dict:
-        """Render into crops; see ``base.Renderer``. With ``engine``: engine.map over poses."""
-        size = check_size(size)
-        if engine is None:
-            return self.render_crops_op(poses, transforms, K=K, size=size)
-        # the engine slices tensors only; float64 keeps the poses exactly as given
-        return engine.map(
-            self.render_crops_op,
-            as_tensor(poses),
-            as_tensor(transforms),
-            name="render.crops",
-            per_item_bytes=self.bytes_per_item(size),
-            K=K,
-            size=size,
-        )
-
-    def render_full(self, pose, K, width: int, height: int) -> dict:
-        """Render the whole image: pose (4,4), K (3,3) -> dict with B = 1 at (height, width)."""
-        pose = as_numpy(pose, "pose", (4, 4)).reshape(1, 4, 4)
-        K = as_numpy(K, "K", (3, 3))
-        width, height = check_size(width, "width"), check_size(height, "height")
-        return self._render_numpy(pose, K, np.eye(3)[None], width, height)
