@@ -1,16 +1,18 @@
 """OpenGL renderer: moderngl with a headless EGL context (Mesa llvmpipe on CPU machines,
 the vendor driver on GPU machines).
 
-Many crops are drawn in one instanced draw call: the crops are laid out as tiles (stacked
-in a column) of one tall framebuffer, each instance carries its pose, its zoomed projection and its tile, and
-clip distances at the tile's edges keep each instance inside its tile (exact geometric
-clipping, so nothing leaks into a neighbour). Colour, camera-frame xyz and normals go to
-seven colour attachments (RGBA8 colour, one R32F plane per float channel) and are read
-back once per pass straight into channels-first tensors.
+Many crops are drawn in one instanced draw call: the crops are tiles of a square atlas
+framebuffer, each instance carries its pose, its zoomed projection and its tile, and clip
+distances at the tile's edges keep each instance inside its tile (exact geometric clipping,
+so nothing leaks into a neighbour). A crop's tile is chosen from its own pose and transform
+(see tile_passes), so a batch renders bitwise alike however the engine slices it. Colour,
+camera-frame xyz and normals go to seven colour attachments (RGBA8 colour, one R32F plane
+per float channel) and are read back once per pass.
 """
 from __future__ import annotations
 
 import threading
+import zlib
 
 import numpy as np
 import torch
@@ -18,9 +20,10 @@ import torch
 from .base import BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 GL_CLIP_DISTANCE0 = 0x3000
-# Largest framebuffer height used for one pass of crops stacked in a column: 102 crops of
-# 160 px per pass; attachments of 160 x 16384 px take 73 MB.
-MAX_PASS_SIDE = 16384
+# Side of the square tile atlas one pass draws into: 12 x 12 crops of 160 px per pass,
+# attachments of 1920 x 1920 px take 118 MB. Small enough that window coordinates keep
+# their float precision; larger images (full frames) get an atlas of one tile.
+ATLAS_SIDE = 2048
 
 _VERTEX_SHADER = """
 #version 330
@@ -136,6 +139,27 @@ def gl_available() -> bool:
         return False
 
 
+def tile_passes(poses: np.ndarray, transforms: np.ndarray, capacity: int):
+    """Passes [(items, slots)] that draw every crop into a tile slot chosen from its own
+    pose and transform only. A crop's framebuffer position enters the rasteriser's float
+    arithmetic (coverage at silhouette edges, interpolation), so a slot that depended on
+    the crop's place in the batch would make chunked renders differ from unchunked ones;
+    with the slot a function of the crop, any slicing of a batch renders it bitwise alike.
+    Crops whose slot is taken in every earlier pass go to a new pass."""
+    passes: list[tuple[list, list]] = []
+    taken: list[set] = []
+    for i in range(len(poses)):
+        slot = zlib.crc32(poses[i].tobytes() + transforms[i].tobytes()) % capacity
+        k = next((k for k, used in enumerate(taken) if slot not in used), len(taken))
+        if k == len(taken):
+            passes.append(([], []))
+            taken.append(set())
+        passes[k][0].append(i)
+        passes[k][1].append(slot)
+        taken[k].add(slot)
+    return [(np.asarray(items), np.asarray(slots)) for items, slots in passes]
+
+
 class _Targets:
     """Attachments of one framebuffer size: colour (RGBA8), x, y, z, nx, ny, nz (R32F
     each) and depth."""
@@ -238,19 +262,19 @@ class GLRenderer(BatchRenderer):
         self._instance_capacity = 0
 
     # -- drawing ---------------------------------------------------------------------------
-    def _draw_tiles(self, poses, proj, tile_w, tile_h, capacity):
-        """Draw len(poses) instances as tiles of tile_w x tile_h stacked bottom-up in a
-        framebuffer with room for ``capacity`` tiles (read them with ``_read_pass``)."""
+    def _draw_tiles(self, poses, proj, slots, tile_w, tile_h, grid):
+        """Draw len(poses) instances, instance i into tile slots[i] of a (rows, cols) grid
+        of tile_w x tile_h tiles (slot = row * cols + col, rows bottom-up), after clearing."""
         count = len(poses)
-        width, height = tile_w, count * tile_h
-        targets = self._framebuffer(tile_w, capacity * tile_h)
-        self._current = (tile_w, capacity * tile_h)
-        fb_height = capacity * tile_h
-        row = np.arange(count)
+        rows, cols = grid
+        fb_width, fb_height = cols * tile_w, rows * tile_h
+        targets = self._framebuffer(fb_width, fb_height)
+        self._current = (fb_width, fb_height)
+        row, col = np.divmod(slots, cols)
         tiles = np.empty((count, 4), dtype=np.float64)
-        tiles[:, 0] = 1.0
+        tiles[:, 0] = tile_w / fb_width
         tiles[:, 1] = tile_h / fb_height
-        tiles[:, 2] = 0.0
+        tiles[:, 2] = -1.0 + (2.0 * col * tile_w + tile_w) / fb_width
         tiles[:, 3] = -1.0 + (2.0 * row * tile_h + tile_h) / fb_height
         instance = np.concatenate(
             [
@@ -264,8 +288,8 @@ class GLRenderer(BatchRenderer):
         self._instances.write(instance.tobytes())
         ctx = self.ctx
         targets.fbo.use()
-        targets.fbo.viewport = (0, 0, tile_w, fb_height)
-        targets.fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0, viewport=(0, 0, width, height))
+        targets.fbo.viewport = (0, 0, fb_width, fb_height)
+        targets.fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
         ctx.enable_only(ctx.DEPTH_TEST)
         for plane in range(4):
             ctx.enable_direct(GL_CLIP_DISTANCE0 + plane)
@@ -277,26 +301,35 @@ class GLRenderer(BatchRenderer):
             self._texture.use(0)
         vao.render(instances=count)
 
-    def _read_pass(self, out: dict, start: int, stop: int, tile_w: int, tile_h: int) -> None:
-        """Read the drawn tiles of crops start..stop into the output tensors."""
-        n = stop - start
+    def _read_pass(self, out: dict, items: np.ndarray, slots: np.ndarray, tile_w: int, tile_h: int,
+                   cols: int) -> None:
+        """Read the tiles `slots` of the last pass into the outputs' rows `items`: the band
+        of grid rows that holds them, re-arranged into (tiles, h, w) planes."""
         fbo = self._targets[self._current].fbo
-        viewport = (0, 0, tile_w, n * tile_h)
-        color = np.empty((n, tile_h, tile_w, 4), dtype=np.uint8)
+        first_row, last_row = int(slots.min()) // cols, int(slots.max()) // cols
+        band = last_row - first_row + 1
+        viewport = (0, first_row * tile_h, cols * tile_w, band * tile_h)
+        picked = torch.from_numpy(slots - first_row * cols)
+        index = torch.from_numpy(items)
+
+        def as_tiles(image: np.ndarray) -> torch.Tensor:
+            grid = torch.from_numpy(image).reshape(band, tile_h, cols, tile_w, *image.shape[2:])
+            return grid.transpose(1, 2).reshape(band * cols, tile_h, tile_w, *image.shape[2:])[picked]
+
+        color = np.empty((band * tile_h, cols * tile_w, 4), dtype=np.uint8)
         fbo.read_into(color, viewport, components=4, attachment=0, dtype="f1")
-        rgb = out["rgb"][start:stop]
-        rgb.copy_(torch.from_numpy(color)[..., :3].permute(0, 3, 1, 2))
-        rgb.mul_(1.0 / 255.0)
-        out["mask"][start:stop] = torch.from_numpy(color[..., 3]) > 0
-        # depth is read straight into its output; the other planes through one buffer
-        depth = out["depth"][start:stop]
-        fbo.read_into(depth.numpy(), viewport, components=1, attachment=3, dtype="f4")
-        out["xyz"][start:stop, 2] = depth
-        plane = np.empty((n, tile_h, tile_w), dtype=np.float32)
-        plane_t = torch.from_numpy(plane)
-        for attachment, key, channel in ((1, "xyz", 0), (2, "xyz", 1), (4, "normals", 0), (5, "normals", 1), (6, "normals", 2)):
+        color_t = as_tiles(color)
+        out["rgb"][index] = color_t[..., :3].permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+        out["mask"][index] = color_t[..., 3] > 0
+        plane = np.empty((band * tile_h, cols * tile_w), dtype=np.float32)
+        for attachment, key, channel in ((3, "depth", None), (1, "xyz", 0), (2, "xyz", 1), (4, "normals", 0),
+                                         (5, "normals", 1), (6, "normals", 2)):
             fbo.read_into(plane, viewport, components=1, attachment=attachment, dtype="f4")
-            out[key][start:stop, channel] = plane_t
+            if channel is None:
+                out[key][index] = as_tiles(plane)
+            else:
+                out[key][index, channel] = as_tiles(plane)
+        out["xyz"][index, 2] = out["depth"][index]
 
     def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
         """Core: poses (B,4,4), transforms (B,3,3) numpy float64 -> dict of tensors.
@@ -316,17 +349,15 @@ class GLRenderer(BatchRenderer):
             return self._to_device(out)
         near, far = near_far(poses, self._center, self._radius)
         proj = clip_projection(K, transforms, tile_w, tile_h, near, far)
-        per_pass = max(1, self._max_side() // tile_h)
-        # framebuffer capacity: a power of two of tiles, so batch sizes share framebuffers
-        capacity = min(per_pass, 1 << (min(count, per_pass) - 1).bit_length())
-        for start in range(0, count, per_pass):
-            stop = min(count, start + per_pass)
-            self._draw_tiles(poses[start:stop], proj[start:stop], tile_w, tile_h, capacity)
-            self._read_pass(out, start, stop, tile_w, tile_h)
+        side = min(ATLAS_SIDE, self._max_side())
+        grid = (max(1, side // tile_h), max(1, side // tile_w))
+        for items, slots in tile_passes(poses, transforms, grid[0] * grid[1]):
+            self._draw_tiles(poses[items], proj[items], slots, tile_w, tile_h, grid)
+            self._read_pass(out, items, slots, tile_w, tile_h, grid[1])
         return self._to_device(out)
 
     def _max_side(self) -> int:
-        return min(MAX_PASS_SIDE, int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]), int(self.ctx.info["GL_MAX_VIEWPORT_DIMS"][1]))
+        return min(int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]), int(self.ctx.info["GL_MAX_VIEWPORT_DIMS"][1]))
 
     def _to_device(self, out: dict) -> dict:
         if self.device.type == "cpu":
