@@ -309,27 +309,31 @@ class GLRenderer(BatchRenderer):
         first_row, last_row = int(slots.min()) // cols, int(slots.max()) // cols
         band = last_row - first_row + 1
         viewport = (0, first_row * tile_h, cols * tile_w, band * tile_h)
-        picked = torch.from_numpy(slots - first_row * cols)
-        index = torch.from_numpy(items)
+        pairs = list(zip(items.tolist(), (slots - first_row * cols).tolist()))
 
         def as_tiles(image: np.ndarray) -> torch.Tensor:
-            grid = torch.from_numpy(image).reshape(band, tile_h, cols, tile_w, *image.shape[2:])
-            return grid.transpose(1, 2).reshape(band * cols, tile_h, tile_w, *image.shape[2:])[picked]
+            """(band*h, cols*w, ...) -> a (band*cols, h, w, ...) view, no copy."""
+            grid = torch.from_numpy(image).view(band, tile_h, cols, tile_w, *image.shape[2:])
+            return grid.transpose(1, 2)
 
+        # Tile by tile straight into the outputs: no (n, h, w) temporaries beside them.
         color = np.empty((band * tile_h, cols * tile_w, 4), dtype=np.uint8)
         fbo.read_into(color, viewport, components=4, attachment=0, dtype="f1")
-        color_t = as_tiles(color)
-        out["rgb"][index] = color_t[..., :3].permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-        out["mask"][index] = color_t[..., 3] > 0
+        color_tiles = as_tiles(color)
+        for item, slot in pairs:
+            tile = color_tiles[slot // cols, slot % cols]
+            out["rgb"][item].copy_(tile[..., :3].permute(2, 0, 1)).mul_(1.0 / 255.0)
+            out["mask"][item].copy_(tile[..., 3] > 0)
         plane = np.empty((band * tile_h, cols * tile_w), dtype=np.float32)
+        plane_tiles = as_tiles(plane)
         for attachment, key, channel in ((3, "depth", None), (1, "xyz", 0), (2, "xyz", 1), (4, "normals", 0),
                                          (5, "normals", 1), (6, "normals", 2)):
             fbo.read_into(plane, viewport, components=1, attachment=attachment, dtype="f4")
-            if channel is None:
-                out[key][index] = as_tiles(plane)
-            else:
-                out[key][index, channel] = as_tiles(plane)
-        out["xyz"][index, 2] = out["depth"][index]
+            for item, slot in pairs:
+                target = out[key][item] if channel is None else out[key][item, channel]
+                target.copy_(plane_tiles[slot // cols, slot % cols])
+        for item, _ in pairs:
+            out["xyz"][item, 2].copy_(out["depth"][item])
 
     def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
         """Core: poses (B,4,4), transforms (B,3,3) numpy float64 -> dict of tensors.
