@@ -27,6 +27,9 @@ from chunkpose.pipeline.hypotheses import initial_poses, translation_guess
 #: the guess can be off by about a radius; tracking: the object moves between frames).
 REGISTER_ROI_MARGIN = 2.0
 TRACK_ROI_MARGIN = 3.0
+#: Registration needs at least this many mask pixels with valid depth: fewer cannot pin
+#: down a 6D pose (the refiners need tens of point pairs), so it stops with a clear error.
+MIN_MASK_DEPTH_PIXELS = 30
 
 
 @dataclass
@@ -111,6 +114,11 @@ class PoseEstimator:
         self.refine_iterations = int(refine_iterations)
         self.track_iterations = int(track_iterations)
         self.hypotheses = int(hypotheses)
+        # Choose the rotation set now (cached per count): its selection works on
+        # (rotations x rotations) tables that have no business inside a budgeted call.
+        from chunkpose.pipeline.hypotheses import rotation_hypotheses
+
+        rotation_hypotheses(self.hypotheses)
         self._last_pose = None  # (4,4) float64, re-centred mesh in camera
 
     # ------------------------------------------------------------------ public API
@@ -131,6 +139,12 @@ class PoseEstimator:
         (H,W) of the object. Returns PoseResult; the pose is also kept for track().
         """
         rgb, depth, K, mask = framing.validate_inputs(rgb, depth, K, mask, require_mask=True)
+        measured = int(np.count_nonzero(depth[mask] >= 0.001))
+        if measured < MIN_MASK_DEPTH_PIXELS:
+            raise ValueError(
+                f"mask: only {measured} of its {int(mask.sum())} pixels have valid depth, registration needs at "
+                f"least {MIN_MASK_DEPTH_PIXELS}; the object is too small or too far at this resolution, or the "
+                "depth misses it (check that depth and mask are aligned)")
         with self._call("register") as report:
             rgb, depth, Ks, mask, factor = self._fit_to_budget(rgb, depth, K, mask, "register")
             diameter = self._centered.diameter

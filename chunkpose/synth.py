@@ -14,7 +14,7 @@ scene.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,10 +136,11 @@ def _silhouette(renderer, pose, K, width, height):
     return float(mask.mean()), (xs.min(), ys.min(), xs.max(), ys.max())
 
 
-def _place_object(renderer, mesh: Mesh, rotation, K, width, height, footprint, rng):
+def _place_object(renderer, mesh: Mesh, rotation, K, width, height, footprint, rng, outside: float = 0.0):
     """Choose the object's image position and distance so it covers ``footprint`` of the
     image; returns the centre (camera frame). Measured on a small render: the area
-    fraction does not depend on the resolution, and scales as 1/z^2."""
+    fraction does not depend on the resolution, and scales as 1/z^2. ``outside`` > 0 puts
+    that fraction of the silhouette's width (or height) past a random image edge."""
     factor = min(1.0, 400.0 / max(width, height))
     small_w, small_h = max(8, round(width * factor)), max(8, round(height * factor))
     factor_x = small_w / width
@@ -164,10 +165,21 @@ def _place_object(renderer, mesh: Mesh, rotation, K, width, height, footprint, r
     lo_v, hi_v = top + margin, height - 1 - bottom - margin
     u = rng.uniform(lo_u, hi_u) if hi_u > lo_u else u0
     v = rng.uniform(lo_v, hi_v) if hi_v > lo_v else v0
+    if outside > 0:
+        edge = int(rng.integers(4))  # left, right, top, bottom
+        if edge == 0:
+            u = left - outside * (left + right)
+        elif edge == 1:
+            u = width - 1 - right + outside * (left + right)
+        elif edge == 2:
+            v = top - outside * (top + bottom)
+        else:
+            v = height - 1 - bottom + outside * (top + bottom)
+        lo_u = hi_u = lo_v = hi_v = 0.0  # no room to move: the trajectory stays put
     center = z * _ray(K, u, v)
     # off-centre the perspective changes the area slightly: one more correction
     area, _ = _silhouette(renderer, _pose(rotation, center, mesh.center), K_small, small_w, small_h)
-    if area > 0:
+    if area > 0 and outside <= 0:  # (a cut-off silhouette's area says nothing about the distance)
         center = center * math.sqrt(area / footprint)
     room = (min(u - lo_u, hi_u - u) if hi_u > lo_u else 0.0, min(v - lo_v, hi_v - v) if hi_v > lo_v else 0.0)
     return center, room
@@ -240,8 +252,13 @@ def _background_plane(K, width, height, point, normal, rng):
     tile_m = rng.uniform(0.3, 0.6)  # metres per texture repeat
     uv = np.array([[p / tile_m, q / tile_m] for p, q in [(a0, b0), (a1, b0), (a1, b1), (a0, b1)]])
     visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(_background_texture(rng)))
-    mesh = trimesh.Trimesh(quad, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False)
-    return load_mesh(mesh)
+    # The plane can be wider than load_mesh accepts for an object (it takes a mesh that
+    # large for millimetres): load a shrunk copy, then put the true corners back.
+    shrink = 1.0 / max(1.0, float(np.linalg.norm(quad - quad.mean(0), axis=1).max()))
+    mesh = trimesh.Trimesh(quad * shrink, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False)
+    loaded = load_mesh(mesh)
+    return replace(loaded, vertices=quad.astype(np.float32), center=loaded.center / shrink,
+                   diameter=loaded.diameter / shrink, trimesh=None)
 
 
 def _composite(layers, width, height):
@@ -302,6 +319,8 @@ def make_scene(
     noise: bool = True,
     device="cpu",
     backend: str | None = "gl",
+    K=None,
+    outside: float = 0.0,
 ) -> Scene:
     """A synthetic RGB-D scene (or sequence) with ground truth.
 
@@ -311,7 +330,10 @@ def make_scene(
     0.02..0.15); seed: everything random comes from it; distractors: other objects in the
     scene; noise: sensor noise on depth and RGB (False: clean images, depth still 0 where
     there is no surface); device, backend: where and with which renderer to draw (the
-    default, OpenGL on the CPU, gives the same images on every machine).
+    default, OpenGL on the CPU, gives the same images on every machine); K: (3,3)
+    intrinsics to use (None: drawn from the seed, focal ~0.8 width, centred principal
+    point); outside: fraction (0..0.9) of the object's image extent placed past a random
+    image edge (a partly cut-off object; 0: fully inside with a margin).
     """
     from chunkpose.ops.render import make_renderer
 
@@ -326,6 +348,12 @@ def make_scene(
             f"footprint: expected a fraction of the image area in [{FOOTPRINT_RANGE[0]}, {FOOTPRINT_RANGE[1]}] "
             f"(e.g. 0.01 for a small object, 0.3 for a large one), got {footprint!r}"
         )
+    if not (0.0 <= float(outside) <= 0.9):
+        raise ValueError(f"outside: expected a fraction of the object's extent in [0, 0.9], got {outside!r}")
+    if K is not None:
+        from chunkpose.pipeline.frame import validate_intrinsics
+
+        K = validate_intrinsics(K)
     rng = np.random.default_rng(seed)
     shapes = builtin_meshes()
     names = sorted(shapes)
@@ -341,10 +369,11 @@ def make_scene(
     if footprint is None:
         footprint = float(np.exp(rng.uniform(np.log(DEFAULT_FOOTPRINT[0]), np.log(DEFAULT_FOOTPRINT[1]))))
 
-    K = _intrinsics(width, height, rng)
+    drawn_K = _intrinsics(width, height, rng)  # drawn either way: the same seed, the same scene
+    K = drawn_K if K is None else K
     renderer = make_renderer(mesh, device, backend=backend)
     rotation0 = Rotation.random(random_state=rng).as_matrix()
-    center0, room = _place_object(renderer, mesh, rotation0, K, width, height, footprint, rng)
+    center0, room = _place_object(renderer, mesh, rotation0, K, width, height, footprint, rng, float(outside))
     rotations, centers = _trajectory(rotation0, center0, room, K, frames, rng)
     poses = [_pose(R, c, mesh.center) for R, c in zip(rotations, centers)]
     radius = mesh.radius

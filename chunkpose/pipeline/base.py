@@ -68,6 +68,29 @@ class ObservedFrame:
         return warp_crops(m, transforms, size, mode="nearest", origin=self.origin)[:, 0] > 0.5
 
 
+    def inside_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
+        """Which crop pixels see the image at all (nearest position inside the full frame):
+        (B,size,size) bool. Outside it nothing is observed, so neither absence of mask nor
+        of depth there says anything about a hypothesis (objects cut off by the border)."""
+        from chunkpose.ops.crops import inverse_transforms
+
+        H, W = self.full_size
+        Ti = inverse_transforms(transforms).cpu()
+        q = torch.arange(size, dtype=torch.float64)
+        if bool((Ti[:, 2, :2] == 0).all() & (Ti[:, 0, 1] == 0).all() & (Ti[:, 1, 0] == 0).all()):
+            # box crops (scale + shift): columns and rows separately, no (B,s,s) float buffer
+            px = torch.round((Ti[:, 0, 0, None] * q + Ti[:, 0, 2, None]) / Ti[:, 2, 2, None])
+            py = torch.round((Ti[:, 1, 1, None] * q + Ti[:, 1, 2, None]) / Ti[:, 2, 2, None])
+            inside = ((py >= 0) & (py <= H - 1))[:, :, None] & ((px >= 0) & (px <= W - 1))[:, None, :]
+        else:
+            from chunkpose.ops.warp import sample_positions
+
+            px, py = sample_positions(transforms.cpu(), size)
+            inside = (torch.round(px) >= 0) & (torch.round(px) <= W - 1)
+            inside &= (torch.round(py) >= 0) & (torch.round(py) <= H - 1)
+        return inside.to(transforms.device)
+
+
 class _Stage:
     crop_ratio: float
     crop_size: int

@@ -135,7 +135,10 @@ def icp_step(
         # lateral offsets only slowly) and (2) rendered and observed depths agree (median
         # over pixels where both exist), before the distance gates apply.
         target_u, target_v = align_to
-        weight = M.to(dtype)
+        # only the part of the silhouette inside the image: the mask of an object cut off
+        # by the border is cut off too
+        seen = torch.gather(frame.inside_crops(transforms, size).flatten(1), 1, pixel)
+        weight = (M & seen).to(dtype)
         count = weight.sum(1).clamp_min(1.0)
         cu = (weight * (pixel % size).to(dtype)).sum(1) / count  # crop pixels
         cv = (weight * torch.div(pixel, size, rounding_mode="floor").to(dtype)).sum(1) / count
@@ -145,7 +148,7 @@ def icp_step(
         z = centre0[:, 2].clamp_min(1e-6)
         K = frame.K.to(dtype)
         lateral = torch.stack([(target_u - u_r) * z / K[0, 0], (target_v - v_r) * z / K[1, 1], torch.zeros_like(z)], -1)
-        has = M.sum(1) >= min_pairs
+        has = weight.sum(1) >= min_pairs
         t_acc = torch.where(has[:, None], lateral, torch.zeros_like(lateral))
         # depth: compare at the pixel each shifted point now projects to
         p = P + t_acc[:, None]
@@ -338,7 +341,8 @@ def score_step(
 ) -> torch.Tensor:
     """Agreement of each rendered hypothesis with the observation, (b,) higher is better.
 
-    Inside the crop: R = rendered mask, O = observed mask, V = valid observed depth,
+    Inside the crop: R = rendered mask (where the crop sees the image), O = observed
+    mask, V = valid observed depth,
     e = rendered depth - observed depth.
       fit       |R & O & V & |e| < tol| / |R | O|   (depth-consistent overlap)
       iou       |R & O| / |R | O|                   (silhouette)
@@ -348,7 +352,8 @@ def score_step(
     (symmetries) render the same and get the same score.
     """
     rendered = renderer.render_crops(poses, frame.K, transforms, size)
-    R = rendered["mask"].flatten(1)
+    # Outside the image nothing is observed: the rendered object there is neither right nor wrong.
+    R = rendered["mask"].flatten(1) & frame.inside_crops(transforms, size).flatten(1)
     Dr = rendered["depth"].flatten(1).to(torch.float32)
     del rendered
     Do = frame.xyz_crops(transforms, size, semantics="refiner")[:, 2].flatten(1).to(torch.float32)

@@ -1,6 +1,7 @@
 """Initial pose hypotheses: translation guess from the mask, rotations from an icosphere."""
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -43,29 +44,63 @@ def icosphere_vertices(subdivisions: int = 1) -> np.ndarray:
     return np.stack(verts)
 
 
+def _view_grid(subdivisions: int, n_inplane: int) -> torch.Tensor:
+    """Icosphere views x n_inplane in-plane rotations (V*n_inplane,3,3) float64, views outer."""
+    views = torch.as_tensor(icosphere_vertices(subdivisions), dtype=torch.float64)
+    angles = torch.arange(n_inplane, dtype=torch.float64) * (2 * math.pi / n_inplane)
+    # in-plane rotation is about the camera axis, so it multiplies on the left
+    return (rotation_about_z(angles)[None, :] @ look_at_rotations(views)[:, None]).reshape(-1, 3, 3)
+
+
+def _angles_between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Geodesic angles (len(a), len(b)) in radians between two sets of rotations."""
+    trace = torch.einsum("aij,bij->ab", a, b)
+    return torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0))
+
+
+def _farthest_subset(R: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rotations of R picked greedily, each farthest from those already picked."""
+    D = _angles_between(R, R)
+    picked = [0]
+    nearest = D[0].clone()
+    for _ in range(count - 1):
+        k = int(torch.argmax(nearest))
+        picked.append(k)
+        nearest = torch.minimum(nearest, D[k])
+    return R[picked]
+
+
+@functools.lru_cache(maxsize=16)
+def _spread_rotations(count: int) -> torch.Tensor:
+    """`count` rotations spread over SO(3), float64: from the view x in-plane grids of
+    icosphere subdivisions 0..2 (at least 6 in-plane angles, enough cells for `count`),
+    a farthest-point subset of each; the one whose farthest rotation (measured against
+    a dense grid) is closest wins, so any count gets as even a cover as the grids allow."""
+    probe = _view_grid(2, 12)
+    best, best_gap = None, math.inf
+    for subdivisions in (0, 1, 2):
+        n_views = len(icosphere_vertices(subdivisions))
+        grid = _view_grid(subdivisions, max(6, math.ceil(count / n_views)))
+        if len(grid) > 4 * max(count, 252):
+            continue  # far too fine for this count
+        subset = _farthest_subset(grid, count) if count < len(grid) else grid
+        gap = float(_angles_between(probe, subset).amin(1).amax())
+        if gap < best_gap - 1e-9:
+            best, best_gap = subset, gap
+    return best
+
+
 def rotation_hypotheses(count: int = 252, device="cpu", dtype=torch.float32) -> torch.Tensor:
     """Object-in-camera rotations (count,3,3): icosphere views x in-plane rotations.
 
     252 = 42 views (subdivision 1) x 6 in-plane angles (0, 60, ..., 300 deg), the
-    FoundationPose set. Other counts take the smallest icosphere with enough views and
-    spread `count` rotations over views x in-plane angles (views first), so tests can run
-    with a handful of hypotheses.
+    FoundationPose set. Other counts take an even farthest-point subset of such a
+    views x in-plane grid (see _spread_rotations), so that a handful of hypotheses (tests,
+    fast runs) still leaves no orientation far from every hypothesis.
     """
     if count < 1:
         raise ValueError(f"hypotheses must be >= 1, got {count}")
-    subdivisions = 0 if count <= 72 else 1 if count <= 252 else 2
-    views = torch.as_tensor(icosphere_vertices(subdivisions), dtype=torch.float64)
-    n_views = len(views)
-    n_inplane = max(1, min(6, math.ceil(count / n_views)))
-    angles = torch.arange(n_inplane, dtype=torch.float64) * (2 * math.pi / n_inplane)
-    view_R = look_at_rotations(views)                    # (V,3,3)
-    inplane_R = rotation_about_z(angles)                 # (P,3,3)
-    # in-plane rotation is about the camera axis, so it multiplies on the left
-    R = (inplane_R[None, :] @ view_R[:, None]).reshape(-1, 3, 3)
-    if count < len(R):
-        # Take an even spread over the whole set rather than the first views only.
-        idx = torch.linspace(0, len(R) - 1, count).round().long()
-        R = R[idx]
+    R = _view_grid(1, 6) if count == 252 else _spread_rotations(int(count))
     return R.to(device=device, dtype=dtype)
 
 
