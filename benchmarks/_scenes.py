@@ -35,6 +35,21 @@ class Frames:
         return int(self.rgb[0].shape[1])
 
 
+def make_estimator(mesh, budget_gb, device: str, args):
+    """PoseEstimator with the benchmark's settings: args.hypotheses, args.refine_iters,
+    args.track_iters (if any) and args.no_polish (skip the geometric refiner's polish pass)."""
+    import chunkpose
+
+    refiner = None
+    if getattr(args, "no_polish", False):
+        from chunkpose.pipeline.geometric import GeometricRefiner
+
+        refiner = GeometricRefiner(polish_candidates=0)
+    return chunkpose.PoseEstimator(mesh, budget_gb=budget_gb, device=device, refiner=refiner,
+                                   refine_iterations=args.refine_iters,
+                                   track_iterations=getattr(args, "track_iters", 2), hypotheses=args.hypotheses)
+
+
 def _surface_points(trimesh_mesh, count: int = MODEL_POINTS) -> np.ndarray:
     """Surface samples for ADD, fixed by a seed so every case is scored on the same points."""
     import trimesh

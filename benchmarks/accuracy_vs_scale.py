@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, header_lines, markdown_table, output_dir, write_json  # noqa: E402
-from scenes import resize_frames, synthetic_frames  # noqa: E402
+from common import (add_common_args, apply_quick, environment, header_lines, markdown_table,  # noqa: E402
+                    measure_and_report, stamp_figure, write_markdown)
+from _scenes import make_estimator, resize_frames, synthetic_frames  # noqa: E402
 
-import chunkpose  # noqa: E402
 from chunkpose.metrics import add_error, adds_error, recall_at_diameter  # noqa: E402
 from chunkpose.shapes import builtin_meshes  # noqa: E402
 
@@ -31,8 +30,7 @@ from chunkpose.shapes import builtin_meshes  # noqa: E402
 def register_once(frames, scale: float, args) -> dict:
     if scale != 1.0:
         frames = resize_frames(frames, scale)
-    est = chunkpose.PoseEstimator(frames.mesh, budget_gb=args.budget_gb, device=args.device,
-                                  refine_iterations=args.refine_iters, hypotheses=args.hypotheses)
+    est = make_estimator(frames.mesh, args.budget_gb, args.device, args)
     t0 = time.perf_counter()
     res = est.register(frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
     seconds = time.perf_counter() - t0
@@ -46,43 +44,53 @@ def register_once(frames, scale: float, args) -> dict:
     }
 
 
+def _row(label, scale, group: list[dict]) -> list:
+    add = np.array([r["add_m"] for r in group])
+    adds = np.array([r["adds_m"] for r in group])
+    diam = np.array([r["diameter_m"] for r in group])
+    return [
+        label, scale, len(group), int(np.median([r["object_pixels"] for r in group])),
+        round(float(np.median(add)) * 1000, 3), round(float(np.median(add / diam)), 4), round(float(np.median(adds / diam)), 4),
+        recall_at_diameter(add, diam), recall_at_diameter(adds, diam),
+        round(float(np.median([r["seconds"] for r in group])), 2),
+        round(max(r["peak_bytes"] for r in group) / 2**20, 1), min(r["downscale_factor"] for r in group),
+    ]
+
+
 def summarise(records: list[dict], footprints, scales) -> list[list]:
+    """One row per (footprint, scale), then one per scale over all footprints ("all")."""
     rows = []
-    for fp in footprints:
+    for fp in [*footprints, "all"]:
         for scale in scales:
-            group = [r for r in records if r["footprint"] == fp and r["scale"] == scale]
-            if not group:
-                continue
-            add = np.array([r["add_m"] for r in group])
-            adds = np.array([r["adds_m"] for r in group])
-            diam = np.array([r["diameter_m"] for r in group])
-            rows.append([
-                fp, scale, len(group), int(np.median([r["object_pixels"] for r in group])),
-                round(float(np.median(add / diam)), 4), round(float(np.median(adds / diam)), 4),
-                recall_at_diameter(add, diam), recall_at_diameter(adds, diam),
-                round(float(np.median([r["seconds"] for r in group])), 2),
-            ])
+            group = [r for r in records if (fp == "all" or r["footprint"] == fp) and r["scale"] == scale]
+            if group:
+                rows.append(_row(fp, scale, group))
     return rows
 
 
-COLUMNS = ["footprint", "scale", "n", "object px (full res)", "median ADD / diameter", "median ADD-S / diameter",
-           "ADD recall@0.1d", "ADD-S recall@0.1d", "median s"]
+COLUMNS = ["footprint", "scale", "n", "median object px (at this scale)", "median ADD (mm)", "median ADD / diameter",
+           "median ADD-S / diameter", "ADD recall@0.1d", "ADD-S recall@0.1d", "median register s", "max peak MiB",
+           "engine downscale (min)"]
 
 
-def plot(rows: list[list], path: Path, title: str) -> None:
+def plot(rows: list[list], path: Path, title: str, env: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [r for r in rows if r[0] != "all"]
     for scale in sorted({r[1] for r in rows}, reverse=True):
         sel = [r for r in rows if r[1] == scale]
         label = "full resolution" if scale == 1.0 else f"downscale {scale}"
-        axes[0].plot([r[0] for r in sel], [r[6] for r in sel], "o-", label=label)
-        axes[1].plot([r[0] for r in sel], [r[4] for r in sel], "o-", label=label)
-    axes[0].set_ylabel("ADD recall at 0.1 diameter")
-    axes[1].set_ylabel("median ADD / diameter")
+        line, = axes[0].plot([r[0] for r in sel], [r[7] for r in sel], "o-", label=f"{label}, ADD")
+        axes[0].plot([r[0] for r in sel], [r[8] for r in sel], "s--", color=line.get_color(), label=f"{label}, ADD-S")
+        axes[1].plot([r[0] for r in sel], [r[5] for r in sel], "o-", color=line.get_color(), label=f"{label}, ADD")
+        axes[1].plot([r[0] for r in sel], [r[6] for r in sel], "s--", color=line.get_color(), label=f"{label}, ADD-S")
+    axes[0].set_ylabel("recall at 0.1 diameter")
+    axes[0].set_ylim(-0.05, 1.05)
+    axes[1].set_ylabel("median error / diameter")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xscale("log")
@@ -91,35 +99,30 @@ def plot(rows: list[list], path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    stamp_figure(fig, env)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 320x240, 1 seed, 1 mesh, few hypotheses")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--width", type=int, default=3072)
-    p.add_argument("--height", type=int, default=2048)
+    add_common_args(p)
     p.add_argument("--footprints", default="0.005,0.01,0.03,0.1,0.2")
     p.add_argument("--scales", default="1.0,0.5,0.3")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--meshes", default="all", help="comma-separated builtin mesh names, or 'all'")
     p.add_argument("--budget-gb", type=float, default=1.0)
-    p.add_argument("--hypotheses", type=int, default=252)
-    p.add_argument("--refine-iters", type=int, default=5)
-    p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
     args = p.parse_args(argv)
+    apply_quick(args)
     if args.quick:
-        args.width, args.height, args.seeds, args.hypotheses, args.refine_iters = 320, 240, 1, 42, 2
-        args.footprints, args.scales = "0.1", "1.0,0.5"
+        args.seeds, args.footprints, args.scales = 1, "0.1", "1.0,0.5"
         if args.meshes == "all":
-            args.meshes = next(iter(builtin_meshes()))
+            args.meshes = "drill"  # not symmetric: ADD means something
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def measure(args) -> dict:
+    """Register every (footprint, seed, mesh) scene at every scale; the raw payload."""
     env = environment(args.device)
     footprints = [float(x) for x in args.footprints.split(",")]
     scales = [float(x) for x in args.scales.split(",")]
@@ -136,19 +139,29 @@ def main(argv=None) -> int:
             record = register_once(frames, scale, args)
             record.update(footprint=fp, seed=seed, mesh=name)
             records.append(record)
-    rows = summarise(records, footprints, scales)
-    out = output_dir(env, args.out)
-    stem = "accuracy_vs_scale_quick" if args.quick else "accuracy_vs_scale"
-    title = (f"{args.width}x{args.height}, {len(names)} meshes x {args.seeds} seeds, budget {args.budget_gb} GiB, "
-             f"{args.hypotheses} hypotheses, on {env.get('gpu', env['cpu'])}")
-    write_json(out / f"{stem}.json", {"environment": env, "settings": vars(args), "records": records, "summary": rows})
-    plot(rows, out / f"{stem}.png", title)
+    return {"environment": env, "settings": vars(args), "records": records,
+            "summary": summarise(records, footprints, scales)}
+
+
+def write_reports(payload: dict, out: Path, stem: str) -> None:
+    env, settings = payload["environment"], payload["settings"]
+    rows = summarise(payload["records"], [float(x) for x in settings["footprints"].split(",")],
+                     [float(x) for x in settings["scales"].split(",")])
+    names = sorted({r["mesh"] for r in payload["records"]})
+    title = (f"{settings['width']}x{settings['height']}, {len(names)} meshes ({', '.join(names)}) x "
+             f"{settings['seeds']} seeds, budget {settings['budget_gb']} GiB, {settings['hypotheses']} hypotheses, "
+             f"{settings['refine_iters']} iterations, on {env.get('gpu', env['cpu'])}")
+    plot(rows, out / f"{stem}.png", title, env)
     md = [f"# Accuracy versus scale: {title}", "", *header_lines(env), "", markdown_table(COLUMNS, rows), "",
           "Footprint: the object's share of the image area. Errors in the original camera, metres, "
           "relative to the object diameter. Downscaled rows resize rgb/depth/mask (nearest) and K.",
           f"![plot]({stem}.png)", ""]
-    (out / f"{stem}.md").write_text("\n".join(md))
-    print("\n".join(md))
+    write_markdown(out / f"{stem}.md", md)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    measure_and_report("accuracy_vs_scale", args, measure, write_reports)
     return 0
 
 

@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _git_state() -> str | None:
+    """The checkout the run measured: commit, plus "+dirty" when the package has local edits."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "chunkpose", "csrc"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def environment(device: str) -> dict:
     """Machine, library versions and the exact command line of this run."""
     env = {
@@ -33,7 +47,9 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "device": device,
+        "git": _git_state(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -49,12 +65,79 @@ def machine_name(env: dict) -> str:
 
 
 def header_lines(env: dict) -> list[str]:
-    lines = [f"- machine: `{machine_name(env)}`", f"- cpu: {env['cpu']} ({env['cpu_count']} cores)"]
+    lines = [f"- machine: `{machine_name(env)}`",
+             f"- cpu: {env['cpu']} ({env['cpu_count']} cores, torch threads {env.get('torch_threads', '?')})"]
     if "gpu" in env:
         lines.append(f"- gpu: {env['gpu']} ({env['gpu_memory_gib']} GiB)")
     lines.append(f"- python {env['python']}, torch {env['torch']}, cuda {env['cuda']}")
-    lines.append(f"- command: `{env['command']}`")
+    lines.append(f"- command: `{env['command']}` (checkout {env.get('git') or 'not recorded'})")
     return lines
+
+
+def stamp_figure(fig, env: dict) -> None:
+    """Machine, versions and the exact command along the bottom edge of a figure."""
+    gpu = f", gpu {env['gpu']}" if "gpu" in env else ""
+    text = (f"{machine_name(env)}: cpu {env['cpu']} ({env['cpu_count']} cores){gpu}; python {env['python']}, "
+            f"torch {env['torch']}, cuda {env['cuda']}\n{env['command']}")
+    fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.06)
+    fig.text(0.01, 0.005, text, fontsize=6, family="monospace", va="bottom", ha="left", wrap=True)
+
+
+#: --quick: a small frame, few hypotheses, one iteration, no polish pass.
+QUICK = {"width": 256, "height": 192, "hypotheses": 12, "refine_iters": 1, "no_polish": True}
+
+
+def add_common_args(parser) -> None:
+    """Arguments both pose benchmarks take: size, device, registration settings, outputs."""
+    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+    parser.add_argument("--quick", action="store_true", help=f"smoke run in seconds ({quick}, fewer cases)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, default=3072)
+    parser.add_argument("--height", type=int, default=2048)
+    parser.add_argument("--hypotheses", type=int, default=252, help="rotation hypotheses at registration")
+    parser.add_argument("--refine-iters", type=int, default=5, help="refiner iterations at registration")
+    parser.add_argument("--no-polish", action="store_true",
+                        help="skip the geometric refiner's polish pass (3 best poses, 5 more iterations)")
+    parser.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: redraw the table and plot of a saved run (next to FILE unless --out)")
+
+
+def apply_quick(args) -> None:
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+
+
+def saved_payload(args) -> dict | None:
+    """The raw JSON of an earlier run with ``--from-json``, else None (measure)."""
+    return json.loads(Path(args.from_json).read_text()) if args.from_json else None
+
+
+def measure_and_report(name: str, args, measure, write_reports):
+    """Measure (or read the --from-json payload), keep the raw JSON, then draw the reports:
+    ``write_reports(payload, folder, stem)``, whose result is returned."""
+    payload = saved_payload(args) or measure(args)
+    out, stem = destination(name, args, payload["environment"])
+    if not args.from_json:
+        write_json(out / f"{stem}.json", payload)
+    return write_reports(payload, out, stem)
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    text = "\n".join(lines)
+    path.write_text(text)
+    print(text)
+
+
+def destination(name: str, args, env: dict) -> tuple[Path, str]:
+    """(folder, file stem) for the outputs: next to the --from-json file, or under
+    benchmarks/results/<machine>/ (or --out) named after the benchmark (``_quick`` added)."""
+    if args.from_json:
+        out = Path(args.out or Path(args.from_json).parent)
+        out.mkdir(parents=True, exist_ok=True)
+        return out, Path(args.from_json).stem
+    return output_dir(env, args.out), f"{name}_quick" if args.quick else name
 
 
 def output_dir(env: dict, override: str | None) -> Path:

@@ -5,18 +5,12 @@ import pytest
 import torch
 
 import chunkpose.ops as ops
+from chunkpose.ops.naive import naive_scorer_peak_bytes, naive_scorer_xyz_crops
 from test_ops_common import look_at_poses
 
 meter_mod = pytest.importorskip("chunkpose.engine.meter")
 HAS_EXT = ops.backend("cpu") == "cpp"
 GIB = 2**30
-
-
-def naive_scorer_bytes(B, H, W):
-    """Upstream's scorer preparation, live at its peak (REFERENCE.md): per-hypothesis
-    full-resolution depth (B,1,H,W) f32, invalid mask (B,1,H,W) bool, two pixel grids
-    (B,H,W) f32 and the points (B,H*W,3) f32."""
-    return B * H * W * (4 + 1 + 2 * 4 + 3 * 4)
 
 
 def full_res_windows(B, H=2048, W=3072, size=160, footprint_px=750):
@@ -38,7 +32,7 @@ def measure(fn):
 @pytest.mark.parametrize("path", ["ext", "torch"] if HAS_EXT else ["torch"])
 def test_scorer_xyz_crops_252_hypotheses_at_3072x2048_under_half_a_gib(path):
     B, H, W = 252, 2048, 3072
-    naive = naive_scorer_bytes(B, H, W)
+    naive = naive_scorer_peak_bytes(B, H, W)
     assert 36 * GIB < naive < 38 * GIB  # about 37 GiB, never allocated here
     K, cw = full_res_windows(B, H, W)
 
@@ -90,4 +84,15 @@ def test_crop_preparation_peak_does_not_grow_with_resolution():
     # O(B*s*s + ROI): a few times the two (B,3,s,s) outputs, nothing full-frame sized per hypothesis
     outputs = 2 * 64 * 3 * 160 * 160 * 4
     assert large_peak < 4 * outputs
-    assert large_peak < naive_scorer_bytes(64, 2048, 3072) / 50
+    assert large_peak < naive_scorer_peak_bytes(64, 2048, 3072) / 50
+
+
+def test_naive_scorer_pattern_peaks_where_its_shapes_say():
+    """The upstream baseline the benchmarks quote: measured peak = predicted from shapes."""
+    B, H, W, size = 6, 96, 128, 24
+    K, cw = full_res_windows(B, H, W, size=size, footprint_px=40)
+    depth = torch.rand(H, W) + 0.5
+    peak, out = measure(lambda: naive_scorer_xyz_crops(depth, K, cw.transforms, size))
+    predicted = naive_scorer_peak_bytes(B, H, W, size)
+    assert predicted <= peak <= 1.05 * predicted, (peak, predicted)
+    assert torch.equal(out, ops.xyz_crops(depth, K, cw.transforms, size, "scorer"))

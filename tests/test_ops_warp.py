@@ -5,6 +5,7 @@ import torch
 
 import chunkpose.ops as ops
 from chunkpose.ops import warp as warp_mod
+from chunkpose.ops.naive import naive_scorer_xyz_crops
 from test_ops_common import K_SMALL, look_at_poses, naive_xyz_map, random_transforms, synthetic_depth
 
 kornia = pytest.importorskip("kornia")
@@ -118,28 +119,6 @@ def test_warp_does_not_copy_the_image_per_crop():
 
 
 # ----------------------------------------------------------------------------- xyz crops
-def naive_scorer_xyz(depth, K, T, size):
-    """Upstream's data flow with per-hypothesis full-frame buffers: crop the depth (nearest),
-    warp each crop back to the full frame (nearest), back-project per hypothesis, crop again."""
-    H, W = depth.shape
-    B = T.shape[0]
-    depth_crop = ops.warp_crops(depth[None], T, size, "nearest")[:, 0]  # (B,s,s)
-    T64 = T.double()
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
-    out = torch.zeros(B, 3, size, size)
-    for b in range(B):
-        m = T64[b]
-        den = m[2, 0] * u + m[2, 1] * v + m[2, 2]
-        rx = torch.round((m[0, 0] * u + m[0, 1] * v + m[0, 2]) / den)
-        ry = torch.round((m[1, 0] * u + m[1, 1] * v + m[1, 2]) / den)
-        ok = (rx >= 0) & (rx <= size - 1) & (ry >= 0) & (ry <= size - 1)
-        depth_full = torch.zeros(H, W)
-        depth_full[ok] = depth_crop[b][ry[ok].long(), rx[ok].long()]
-        xyz_full = naive_xyz_map(depth_full, K).permute(2, 0, 1)  # (3,H,W)
-        out[b] = ops.warp_crops(xyz_full, T[b:b + 1], size, "nearest")[0]
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_xyz_refiner_equals_nearest_warp_of_the_point_map(backend):
     d = synthetic_depth(40, 56, seed=9)
@@ -161,7 +140,7 @@ def test_xyz_scorer_equals_naive_full_frame_reference_exactly(backend, kind):
         K = K_SMALL
         T = random_transforms(5, 40, 56, 24, seed=13, projective=kind == "projective")
     out = run(backend, ops.xyz_crops, d, K, T, 24, "scorer")
-    ref = naive_scorer_xyz(d, K, T, 24)
+    ref = naive_scorer_xyz_crops(d, K, T, 24)
     assert torch.equal(out, ref)
     assert (out[:, 2] > 0).float().mean() > 0.3
 
