@@ -308,14 +308,15 @@ def parse_args(argv=None):
                    help="comma-separated GiB ('none' = unbounded); one below the minimum is added")
     p.add_argument("--track-iters", type=int, default=2)
     p.add_argument("--scene", help="a YCBInEOAT scene folder instead of the synthetic one")
-    p.add_argument("--mesh", help="the mesh for --scene")
+    p.add_argument("--mesh", help="the mesh file for --scene; without --scene a builtin mesh name (default drill, "
+                                  "as the demo: not symmetric, so ADD is meaningful)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     apply_quick(args)
     if args.quick:
         args.frames, args.track_iters, args.budgets = 2, 1, "none,0.012"
-    if bool(args.scene) != bool(args.mesh):
-        p.error("--scene and --mesh go together")
+    if args.scene and not args.mesh:
+        p.error("--scene needs --mesh (the object's mesh file)")
     return args
 
 
@@ -325,7 +326,15 @@ def measure(args) -> dict:
     if args.scene:
         frames = load_frames(args.scene, args.mesh, args.frames)
     else:
-        frames = synthetic_frames(args.width, args.height, args.frames, args.seed)
+        from chunkpose.shapes import builtin_meshes
+
+        meshes = builtin_meshes()
+        name = args.mesh or "drill"
+        if name not in meshes:
+            raise SystemExit(f"--mesh: {name!r} is not a builtin mesh ({', '.join(sorted(meshes))}); "
+                             "pass --scene DIR with a mesh file for your own object")
+        frames = synthetic_frames(args.width, args.height, args.frames, args.seed, mesh=meshes[name])
+        frames.description += f", mesh {name}"
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.budgets.split(",")]
     records = []
     progress = tqdm(total=len(budgets) + 4, desc="vram_vs_speed", unit="case")
