@@ -557,10 +557,56 @@ def _head(args, command, device, **more):
             "refine_iterations": args.refine_iters, "track_iterations": args.track_iters, **more}
 
 
+def _register_and_track(args, est, frames, n, mesh, tmp, state) -> dict | None:
+    """Register on the first of `frames` (an iterable of io.readers.Frame, n of them),
+    track the rest; writes ob_in_cam/, vis/ and debug files into tmp and appends one record
+    per finished frame to state. Ctrl-C keeps the finished frames. Returns the registration's
+    chunk plan."""
+    from chunkpose.outputs import write_pose_txt
+    from chunkpose.vis import overlay, save_rgb
+
+    points, bounds = _model_points(mesh), _mesh_bounds(mesh)
+    reports = _ReportReader()
+    plan = None
+    (tmp / "ob_in_cam").mkdir()
+    (tmp / "vis").mkdir()
+    written = []
+    try:
+        for i, frame in enumerate(_progress(frames, n, "frames")):
+            stage = "register" if i == 0 else "track"
+            t0 = time.perf_counter()
+            if i == 0:
+                result = _register(est, (frame.rgb, frame.depth, frame.K, frame.mask))
+            else:
+                result = est.track(frame.rgb, frame.depth, frame.K)
+            elapsed = time.perf_counter() - t0
+            pose = np.asarray(result.pose, dtype=np.float64)
+            written = [tmp / "ob_in_cam" / f"{frame.name}.txt", tmp / "vis" / f"{frame.name}.png"]
+            write_pose_txt(written[0], pose)
+            save_rgb(written[1], overlay(frame.rgb, pose, frame.K, bounds, gt_poses=frame.gt_pose, label=frame.name))
+            if args.debug >= 3 or (args.debug >= 2 and i == 0):
+                written.append(tmp / "debug" / frame.name)
+                _write_debug(tmp, frame.name, frame, mesh, pose, result, frame.mask if i == 0 else None)
+            fields = reports.fields(est, result, stage)
+            if i == 0:
+                plan = fields["chunk_plan"]
+            record = {"frame": frame.name, "stage": stage, "pose": pose,
+                      "score": None if getattr(result, "score", None) is None else float(result.score),
+                      "time_s": elapsed, "input_resize": frame.extra.get("resize_factor", 1.0), **fields,
+                      **_error_fields(pose, frame.gt_pose, points, mesh.diameter)}
+            if frame.gt_pose is not None:
+                record["gt_pose"] = np.asarray(frame.gt_pose, np.float64)
+            state.records.append(record)
+            written = []
+    except KeyboardInterrupt:
+        state.interrupted = True
+        _remove(written)  # the frame being written when interrupted is not kept
+    return plan
+
+
 def run_ycbineoat(args, estimator_factory) -> int:
     from chunkpose.io.readers import YCBInEOATReader
-    from chunkpose.outputs import OutputDir, write_pose_txt
-    from chunkpose.vis import overlay, save_rgb
+    from chunkpose.outputs import OutputDir
 
     if args.mesh is None:
         raise UserError("--mesh FILE is required with --scene (the object model in metres)")
@@ -570,43 +616,11 @@ def run_ycbineoat(args, estimator_factory) -> int:
     od = OutputDir(args.out)
     device = _resolve_device(args.device)
     est = _make_estimator(estimator_factory, mesh, args, device)
-    points, bounds = _model_points(mesh), _mesh_bounds(mesh)
     n = len(reader) if args.frames is None else min(args.frames, len(reader))
+    frames = (first if i == 0 else reader.frame(i) for i in range(n))
     state = _RunState()
-    reports = _ReportReader()
-    plan = None
     with od as tmp:
-        (tmp / "ob_in_cam").mkdir()
-        (tmp / "vis").mkdir()
-        written = []
-        try:
-            for i in _progress(range(n), n, "frames"):
-                frame = first if i == 0 else reader.frame(i)
-                t0 = time.perf_counter()
-                if i == 0:
-                    result = _register(est, (frame.rgb, frame.depth, frame.K, frame.mask))
-                else:
-                    result = est.track(frame.rgb, frame.depth, frame.K)
-                elapsed = time.perf_counter() - t0
-                pose = np.asarray(result.pose, dtype=np.float64)
-                written = [tmp / "ob_in_cam" / f"{frame.name}.txt", tmp / "vis" / f"{frame.name}.png"]
-                write_pose_txt(written[0], pose)
-                save_rgb(written[1], overlay(frame.rgb, pose, frame.K, bounds, gt_poses=frame.gt_pose, label=frame.name))
-                if args.debug >= 3 or (args.debug >= 2 and i == 0):
-                    written.append(tmp / "debug" / frame.name)
-                    _write_debug(tmp, frame.name, frame, mesh, pose, result, frame.mask if i == 0 else None)
-                fields = reports.fields(est, result, "register" if i == 0 else "track")
-                if i == 0:
-                    plan = fields["chunk_plan"]
-                record = {"frame": frame.name, "stage": "register" if i == 0 else "track", "pose": pose,
-                          "score": None if getattr(result, "score", None) is None else float(result.score),
-                          "time_s": elapsed, "input_resize": frame.extra.get("resize_factor", 1.0), **fields,
-                          **_error_fields(pose, frame.gt_pose, points, mesh.diameter)}
-                state.records.append(record)
-                written = []
-        except KeyboardInterrupt:
-            state.interrupted = True
-            _remove(written)  # the frame being written when interrupted is not kept
+        plan = _register_and_track(args, est, frames, n, mesh, tmp, state)
         head = _head(args, "run", device, layout="ycbineoat", scene=str(Path(args.scene).resolve()),
                      mesh=str(Path(args.mesh).resolve()), frames_total=n, zfar=args.zfar,
                      downscale=args.downscale, shorter_side=args.shorter_side)
@@ -733,63 +747,26 @@ def _demo_mesh(args):
 
 
 def run_demo(args, estimator_factory) -> int:
-    from chunkpose.outputs import OutputDir, write_pose_txt
-    from chunkpose.vis import overlay, save_rgb
+    import chunkpose.synth as synth
+    from chunkpose.io.readers import Frame
+    from chunkpose.outputs import OutputDir
 
     od = OutputDir(args.out)
     device = _resolve_device(args.device)
-    import chunkpose.synth as synth
-
     demo_mesh = _demo_mesh(args)  # a bad --mesh fails before anything is made
     t_scene = time.perf_counter()
-    msg = f"making a {args.width}x{args.height} synthetic scene with {args.frames} frames..."
-    print(msg, file=sys.stderr)
+    print(f"making a {args.width}x{args.height} synthetic scene with {args.frames} frames...", file=sys.stderr)
     scene = synth.make_scene(mesh=demo_mesh, width=args.width, height=args.height, frames=args.frames,
                              seed=args.seed)
     scene_time = time.perf_counter() - t_scene
     mesh = scene.mesh
     est = _make_estimator(estimator_factory, mesh, args, device)
-    points, bounds = _model_points(mesh), _mesh_bounds(mesh)
     K = np.asarray(scene.K, dtype=np.float64)
+    frames = (Frame(f"{i:06d}", scene.rgb[i], scene.depth[i], K, scene.masks[i] if i == 0 else None,
+                    np.asarray(scene.poses[i], np.float64)) for i in range(args.frames))
     state = _RunState()
-    reports = _ReportReader()
-    plan = None
     with od as tmp:
-        (tmp / "ob_in_cam").mkdir()
-        (tmp / "vis").mkdir()
-        written = []
-        try:
-            for i in _progress(range(args.frames), args.frames, "frames"):
-                name = f"{i:06d}"
-                t0 = time.perf_counter()
-                if i == 0:
-                    result = _register(est, (scene.rgb[0], scene.depth[0], K, scene.masks[0]))
-                else:
-                    result = est.track(scene.rgb[i], scene.depth[i], K)
-                elapsed = time.perf_counter() - t0
-                pose = np.asarray(result.pose, dtype=np.float64)
-                written = [tmp / "ob_in_cam" / f"{name}.txt", tmp / "vis" / f"{name}.png"]
-                write_pose_txt(written[0], pose)
-                save_rgb(written[1], overlay(scene.rgb[i], pose, K, bounds, gt_poses=scene.poses[i], label=name))
-                if args.debug >= 3 or (args.debug >= 2 and i == 0):
-                    from chunkpose.io.readers import Frame
-
-                    written.append(tmp / "debug" / name)
-                    frame = Frame(name, scene.rgb[i], scene.depth[i], K, scene.masks[i], scene.poses[i])
-                    _write_debug(tmp, name, frame, mesh, pose, result, scene.masks[i] if i == 0 else None)
-                fields = reports.fields(est, result, "register" if i == 0 else "track")
-                if i == 0:
-                    plan = fields["chunk_plan"]
-                state.records.append({
-                    "frame": name, "stage": "register" if i == 0 else "track", "pose": pose,
-                    "gt_pose": np.asarray(scene.poses[i], np.float64),
-                    "score": None if getattr(result, "score", None) is None else float(result.score),
-                    "time_s": elapsed, **fields, **_error_fields(pose, scene.poses[i], points, mesh.diameter),
-                })
-                written = []
-        except KeyboardInterrupt:
-            state.interrupted = True
-            _remove(written)
+        plan = _register_and_track(args, est, frames, args.frames, mesh, tmp, state)
         head = _head(args, "demo", device, width=args.width, height=args.height, frames_total=args.frames,
                      seed=args.seed, scene_time_s=scene_time, mesh_diameter=float(mesh.diameter),
                      mesh=scene.info.get("object") if scene.info.get("object") != "user mesh" else str(args.mesh))
