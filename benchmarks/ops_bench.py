@@ -105,17 +105,11 @@ def make_frame(H, W, seed=0):
 
 def hypotheses(B, K, footprint_px, seed=0):
     """B rotations around one translation (registration: all share the translation guess)."""
-    rng = np.random.default_rng(seed)
-    z = 0.2 * 1.1 * K[0, 0] / footprint_px
+    from scipy.spatial.transform import Rotation
+
     poses = np.tile(np.eye(4), (B, 1, 1))
-    for i in range(B):
-        q = rng.normal(size=4)
-        q /= np.linalg.norm(q)
-        a, b, c, d = q
-        poses[i, :3, :3] = [[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
-                            [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
-                            [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]]
-        poses[i, :3, 3] = [0.0, 0.0, z]
+    poses[:, :3, :3] = Rotation.random(B, random_state=seed).as_matrix()
+    poses[:, 2, 3] = 0.2 * 1.1 * K[0, 0] / footprint_px
     return poses
 
 

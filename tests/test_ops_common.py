@@ -70,16 +70,12 @@ def naive_bilateral(depth, radius=2, sigma_d=2.0, sigma_r=1e5, zfar=100.0):
 
 def look_at_poses(B, t=(0.01, -0.005, 0.9), spread=0.03, seed=0):
     """B object-in-camera poses around t with random rotations (float64 numpy)."""
+    from scipy.spatial.transform import Rotation
+
     rng = np.random.default_rng(seed)
     poses = np.tile(np.eye(4), (B, 1, 1))
-    for i in range(B):
-        q = rng.normal(size=4)
-        q /= np.linalg.norm(q)
-        a, b, c, d = q
-        poses[i, :3, :3] = [[a*a+b*b-c*c-d*d, 2*(b*c-a*d), 2*(b*d+a*c)],
-                            [2*(b*c+a*d), a*a-b*b+c*c-d*d, 2*(c*d-a*b)],
-                            [2*(b*d-a*c), 2*(c*d+a*b), a*a-b*b-c*c+d*d]]
-        poses[i, :3, 3] = np.asarray(t) + rng.uniform(-spread, spread, size=3) * np.array([1, 1, 0.3])
+    poses[:, :3, :3] = Rotation.random(B, random_state=rng).as_matrix()
+    poses[:, :3, 3] = np.asarray(t) + rng.uniform(-spread, spread, size=(B, 3)) * np.array([1, 1, 0.3])
     return poses
 
 
