@@ -60,21 +60,13 @@ def _sync(device: str) -> None:
 
 
 def below_full_resolution_minimum(frames: Frames, device: str, args, scale: float = 0.7) -> tuple[float, int]:
-    """(budget GiB, full-resolution minimum bytes): a budget under what registration needs at
-    full resolution with chunk size 1 (PoseEstimator's own estimate), set to what it needs at
-    ``scale``, so that the engine falls back to downscaling by about that factor."""
-    from chunkpose.engine import Budget
-    from chunkpose.pipeline.hypotheses import translation_guess
-
+    """(budget GiB, full-resolution minimum GiB): a budget under what registration needs at
+    full resolution with chunk size 1 (PoseEstimator.required_budget_gb, its own estimate),
+    set to what it needs at ``scale``, so that the engine falls back to downscaling by about
+    that factor."""
     est = make_estimator(frames.mesh, 1.0, device, args)
-    mask, depth = frames.masks[0], frames.depth[0]
-    t = translation_guess(mask, depth, frames.K)
-
-    def need(factor: float) -> int:  # as PoseEstimator._fit_to_budget computes it
-        return est.minimum_bytes(est._roi_pixels(depth.shape, frames.K, mask, t, "register", factor), args.hypotheses)
-
-    budget = Budget.from_gb(1.0, device).budget_for_usable(need(scale))
-    return round(budget / GIB, 6), need(1.0)
+    inputs = (frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
+    return round(est.required_budget_gb(*inputs, scale=scale), 6), est.required_budget_gb(*inputs)
 
 
 def _stage_plan(report: dict) -> dict:
@@ -346,7 +338,7 @@ def measure(args) -> dict:
     below, minimum = below_full_resolution_minimum(frames, args.device, args)
     progress.set_postfix_str(f"budget {below:.4g} (below minimum)")
     record = run_case(frames, below, args.device, args, f"budget {below:.4g} (below full-res minimum)")
-    record["full_resolution_minimum_bytes"] = minimum
+    record["full_resolution_minimum_gb"] = minimum
     records.append(record)
     progress.update()
     for factor in (0.5, 0.3):

@@ -237,17 +237,33 @@ class PoseEstimator:
         halo = 2 * framing.CLEANUP_HALO
         return (min(h, y1 - y0 + halo)) * (min(w, x1 - x0 + halo))
 
+    def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
+        """The smallest budget_gb (GiB) under which this frame runs at `scale` x its
+        resolution without being downscaled further: register when a mask is given, track
+        (from the last pose) without one. The same estimate register/track use to decide
+        on downscaling: resident ROI tensors and networks plus the largest stage at chunk
+        size 1. Arguments as register (mask None: as track)."""
+        from chunkpose.engine import GIB, Budget
+
+        mode = "register" if mask is not None else "track"
+        _, depth, K, mask = framing.validate_inputs(rgb, depth, K, mask, require_mask=mode == "register")
+        if mode == "track" and self._last_pose is None:
+            raise RuntimeError("required_budget_gb without a mask estimates tracking: call register() first")
+        need = self._need_at_scale(depth, K, mask, mode)(float(scale))
+        return Budget.from_gb(1.0, self.device).budget_for_usable(need) / GIB
+
+    def _need_at_scale(self, depth, K, mask, mode: str):
+        """factor -> minimum bytes of a register/track call on this frame downscaled by factor."""
+        t = translation_guess(mask, depth, K) if mode == "register" else self._last_pose[:3, 3]
+        count = self.hypotheses if mode == "register" else 1
+        return lambda factor: self.minimum_bytes(self._roi_pixels(depth.shape, K, mask, t, mode, factor), count)
+
     def _fit_to_budget(self, rgb, depth, K, mask, mode: str):
         """Downscale only if the call cannot fit the budget at full resolution."""
         budget = self.engine.budget_bytes
         if budget is None:
             return rgb, depth, K, mask, 1.0
-        t = translation_guess(mask, depth, K) if mode == "register" else self._last_pose[:3, 3]
-        count = self.hypotheses if mode == "register" else 1
-
-        def need(factor: float) -> int:
-            return self.minimum_bytes(self._roi_pixels(depth.shape, K, mask, t, mode, factor), count)
-
+        need = self._need_at_scale(depth, K, mask, mode)
         usable = self.engine.budget.usable_bytes
         full = need(1.0)
         if full <= usable:

@@ -136,9 +136,9 @@ def test_chunked_equals_unchunked(scene):
 
 @pytest.mark.parametrize("budget_gb", [None, 2.0, 0.25, "just_enough"])
 def test_no_downscale_when_full_resolution_fits(scene, budget_gb):
-    if budget_gb == "just_enough":
-        est = _estimator(scene, budget_gb=None)
-        budget_gb = est.minimum_bytes(W * H, HYPOTHESES) / 0.98 / 2**30 * 1.01
+    if budget_gb == "just_enough":  # the estimator's own threshold, as a user would ask for it
+        (rgb, depth, mask), _ = scene["frames"][0]
+        budget_gb = _estimator(scene, budget_gb=None).required_budget_gb(rgb, depth, scene["K"], mask) * 1.001
     est = _estimator(scene, budget_gb=budget_gb, refine_iterations=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no downscale warning
@@ -151,8 +151,7 @@ def test_no_downscale_when_full_resolution_fits(scene, budget_gb):
 def test_downscale_only_below_the_full_resolution_minimum_and_pose_still_right(scene):
     probe = _estimator(scene, budget_gb=None)
     (rgb, depth, mask), gt = scene["frames"][0]
-    full = probe.minimum_bytes(probe._roi_pixels((H, W), scene["K"], mask, gt[:3, 3], "register", 1.0), HYPOTHESES)
-    budget_gb = full * 0.85 / 2**30
+    budget_gb = probe.required_budget_gb(rgb, depth, scene["K"], mask) * 0.85
     est = _estimator(scene, budget_gb=budget_gb)
     with pytest.warns(UserWarning, match="downscal"):
         res = est.register(rgb, depth, scene["K"], mask)
