@@ -24,10 +24,15 @@ from chunkpose.pipeline.base import ObservedFrame, Refiner, Scorer
 from chunkpose.pipeline.posemath import so3_exp
 
 
-def _crop_windows(poses, frame: ObservedFrame, crop_ratio: float, size: int):
+def _map_over_crops(engine, op, poses, frame: ObservedFrame, renderer, crop_ratio: float, size: int,
+                    name: str, **kwargs):
+    """engine.map of a per-hypothesis crop op: op(poses, transforms, frame=, renderer=,
+    size=, **kwargs) over the poses (B,4,4) and their crop transforms."""
     from chunkpose.ops.crops import crop_windows
 
-    return crop_windows(poses, frame.K, frame.diameter, crop_ratio, size=size)
+    windows = crop_windows(poses, frame.K, frame.diameter, crop_ratio, size=size)
+    return engine.map(op, poses, windows.transforms.to(poses.dtype), name=name, frame=frame,
+                      renderer=renderer, size=size, **kwargs)
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -309,15 +314,15 @@ class GeometricRefiner(Refiner):
     def _run(self, poses, frame, renderer, engine, iterations, start, target):
         gates = [g * frame.diameter for g in self.thresholds(iterations, start)]
         for k in range(iterations):
-            windows = _crop_windows(poses, frame, self.crop_ratio, self.crop_size)
-            poses = engine.map(
+            poses = _map_over_crops(
+                engine,
                 icp_step,
                 poses,
-                windows.transforms.to(poses.dtype),
+                frame,
+                renderer,
+                self.crop_ratio,
+                self.crop_size,
                 name="refine.geometric",
-                frame=frame,
-                renderer=renderer,
-                size=self.crop_size,
                 thresholds=tuple(gates[k * self.inner_steps : (k + 1) * self.inner_steps]),
                 align_to=target if k == 0 else None,
                 damping=self.damping,
@@ -388,15 +393,6 @@ class GeometricScorer(Scorer):
         return 250 * self.crop_size * self.crop_size
 
     def score(self, poses, frame: ObservedFrame, renderer, engine):
-        windows = _crop_windows(poses, frame, self.crop_ratio, self.crop_size)
-        return engine.map(
-            score_step,
-            poses,
-            windows.transforms.to(poses.dtype),
-            name="score.geometric",
-            frame=frame,
-            renderer=renderer,
-            size=self.crop_size,
-            tolerance=self.tolerance * frame.diameter,
-            weights=self.weights,
-        )
+        return _map_over_crops(engine, score_step, poses, frame, renderer, self.crop_ratio, self.crop_size,
+                               name="score.geometric", tolerance=self.tolerance * frame.diameter,
+                               weights=self.weights)
