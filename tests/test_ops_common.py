@@ -7,6 +7,21 @@ import math
 import numpy as np
 import torch
 
+import chunkpose.ops as ops
+
+#: Whether the compiled CPU kernels are there; the parametrisation of backend-vs-backend tests.
+HAS_EXT = ops.backend("cpu") == "cpp"
+BACKENDS = ["ext", "torch"] if HAS_EXT else ["torch"]
+
+
+def run(backend, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on the extension ("ext") or on the pure-torch path ("torch")."""
+    if backend == "torch":
+        with ops.torch_path():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
 K_SMALL = np.array([[60.0, 0.0, 20.3], [0.0, 62.0, 14.7], [0.0, 0.0, 1.0]])
 
 

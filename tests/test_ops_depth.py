@@ -5,17 +5,8 @@ import torch
 
 import chunkpose.ops as ops
 from chunkpose.ops import depth as depth_ops
-from test_ops_common import K_SMALL, naive_bilateral, naive_erode, naive_xyz_map, synthetic_depth
-
-HAS_EXT = ops.backend("cpu") == "cpp"
-BACKENDS = ["ext", "torch"] if HAS_EXT else ["torch"]
-
-
-def run(backend, fn, *args, **kwargs):
-    if backend == "torch":
-        with ops.torch_path():
-            return fn(*args, **kwargs)
-    return fn(*args, **kwargs)
+from test_ops_common import (BACKENDS, HAS_EXT, K_SMALL, naive_bilateral, naive_erode, naive_xyz_map, run,
+                             synthetic_depth)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

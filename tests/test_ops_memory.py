@@ -6,10 +6,9 @@ import torch
 
 import chunkpose.ops as ops
 from chunkpose.ops.naive import naive_scorer_peak_bytes, naive_scorer_xyz_crops
-from test_ops_common import look_at_poses
+from test_ops_common import BACKENDS, look_at_poses
 
 meter_mod = pytest.importorskip("chunkpose.engine.meter")
-HAS_EXT = ops.backend("cpu") == "cpp"
 GIB = 2**30
 
 
@@ -29,7 +28,7 @@ def measure(fn):
     return span.peak_bytes, out
 
 
-@pytest.mark.parametrize("path", ["ext", "torch"] if HAS_EXT else ["torch"])
+@pytest.mark.parametrize("path", BACKENDS)
 def test_scorer_xyz_crops_252_hypotheses_at_3072x2048_under_half_a_gib(path):
     B, H, W = 252, 2048, 3072
     naive = naive_scorer_peak_bytes(B, H, W)

@@ -4,20 +4,11 @@ import pytest
 import torch
 
 import chunkpose.ops as ops
-from chunkpose.ops import warp as warp_mod
 from chunkpose.ops.naive import naive_scorer_xyz_crops
-from test_ops_common import K_SMALL, look_at_poses, naive_xyz_map, random_transforms, synthetic_depth
+from test_ops_common import (BACKENDS, HAS_EXT, K_SMALL, look_at_poses, naive_xyz_map, random_transforms, run,
+                             synthetic_depth)
 
 kornia = pytest.importorskip("kornia")
-HAS_EXT = ops.backend("cpu") == "cpp"
-BACKENDS = ["ext", "torch"] if HAS_EXT else ["torch"]
-
-
-def run(backend, fn, *args, **kwargs):
-    if backend == "torch":
-        with ops.torch_path():
-            return fn(*args, **kwargs)
-    return fn(*args, **kwargs)
 
 
 def kornia_warp(image, T, size, mode):
