@@ -14,14 +14,14 @@ scene.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy.ndimage import binary_dilation, maximum_filter, minimum_filter
 from scipy.spatial.transform import Rotation
 
-from chunkpose.io.mesh import Mesh, load_mesh
+from chunkpose.io.mesh import Mesh, load_mesh, mesh_from_trimesh
 from chunkpose.shapes import builtin_meshes
 
 __all__ = ["Scene", "make_scene", "builtin_meshes", "sensor_depth"]
@@ -252,13 +252,8 @@ def _background_plane(K, width, height, point, normal, rng):
     tile_m = rng.uniform(0.3, 0.6)  # metres per texture repeat
     uv = np.array([[p / tile_m, q / tile_m] for p, q in [(a0, b0), (a1, b0), (a1, b1), (a0, b1)]])
     visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(_background_texture(rng)))
-    # The plane can be wider than load_mesh accepts for an object (it takes a mesh that
-    # large for millimetres): load a shrunk copy, then put the true corners back.
-    shrink = 1.0 / max(1.0, float(np.linalg.norm(quad - quad.mean(0), axis=1).max()))
-    mesh = trimesh.Trimesh(quad * shrink, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False)
-    loaded = load_mesh(mesh)
-    return replace(loaded, vertices=quad.astype(np.float32), center=loaded.center / shrink,
-                   diameter=loaded.diameter / shrink, trimesh=None)
+    # Scene geometry, not an object: it may be wider than load_mesh's millimetre check allows.
+    return mesh_from_trimesh(trimesh.Trimesh(quad, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False))
 
 
 def _composite(layers, width, height):

@@ -230,6 +230,16 @@ def load_mesh(path_or_trimesh, scale: float | None = None) -> Mesh:
         )
     if diameter <= 0:
         raise ValueError("mesh: all vertices coincide (diameter 0)")
+    return mesh_from_trimesh(source, diameter)
+
+
+def mesh_from_trimesh(source: trimesh.Trimesh, diameter: float | None = None) -> Mesh:
+    """A :class:`Mesh` of a trimesh as it is, without load_mesh's checks of units and size
+    (for scene geometry such as a background plane, which may be metres wide).
+    diameter: pass it when already computed."""
+    vertices = np.asarray(source.vertices, dtype=np.float64)
+    if diameter is None:
+        diameter = mesh_diameter(vertices)
     uv, texture = _texture_of(source)
     colors = _vertex_colors(source)
     normals = np.asarray(source.vertex_normals, dtype=np.float32)

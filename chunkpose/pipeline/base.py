@@ -67,7 +67,6 @@ class ObservedFrame:
         m = self.mask.to(torch.float32)[None]
         return warp_crops(m, transforms, size, mode="nearest", origin=self.origin)[:, 0] > 0.5
 
-
     def inside_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
         """Which crop pixels see the image at all (nearest position inside the full frame):
         (B,size,size) bool. Outside it nothing is observed, so neither absence of mask nor
