@@ -175,9 +175,9 @@ def _pose_estimator(mesh, **kwargs):
     return PoseEstimator(mesh, **kwargs)
 
 
-def _make_estimator(factory, mesh, args, device):
+def _make_estimator(factory, mesh, args, device, **more):
     kwargs = dict(budget_gb=args.budget_gb, device=device, refine_iterations=args.refine_iters,
-                  track_iterations=args.track_iters)
+                  track_iterations=args.track_iters, **more)
     if getattr(args, "weights", None) is not None:
         if not Path(args.weights).is_dir():
             raise UserError(f"--weights {args.weights} is not a folder (download the FoundationPose weights and pass their folder)")
@@ -653,7 +653,10 @@ def run_bop(args, estimator_factory) -> int:
 
     def estimator_for(obj_id):
         if obj_id not in estimators:
-            estimators[obj_id] = _make_estimator(estimator_factory, mesh_for(obj_id), args, device)
+            # the model's own symmetries (BOP models are in millimetres), unless --mesh replaces it
+            symmetries = None if args.mesh is not None else reader.symmetry_transforms(obj_id, scale=args.mesh_scale or 0.001)
+            more = {} if symmetries is None else {"symmetry_tfs": symmetries}
+            estimators[obj_id] = _make_estimator(estimator_factory, mesh_for(obj_id), args, device, **more)
         return estimators[obj_id]
 
     # Load the meshes of the first image now so that a bad model fails before any output.

@@ -74,11 +74,14 @@ class PoseEstimator:
     folder -> the learned pair. refine_iterations (registration), track_iterations
     (tracking). renderer: a chunkpose renderer (default: make_renderer for the device).
     hypotheses: number of rotation hypotheses at registration (252 = FoundationPose).
+    symmetry_tfs: optional (S,4,4) object-frame symmetry transforms of the mesh (e.g. from
+    BOP's models_info.json); hypotheses that coincide modulo a symmetry (within 30 degrees)
+    are clustered away, as upstream does, so fewer than `hypotheses` may run.
     """
 
     def __init__(self, mesh, budget_gb: Optional[float] = 4.0, device=None, weights=None,
                  refine_iterations: int = 5, track_iterations: int = 2, renderer=None,
-                 hypotheses: int = 252, refiner=None, scorer=None):
+                 hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None):
         from chunkpose.engine import Engine
         from chunkpose.io.mesh import Mesh, load_mesh
 
@@ -114,11 +117,12 @@ class PoseEstimator:
         self.refine_iterations = int(refine_iterations)
         self.track_iterations = int(track_iterations)
         self.hypotheses = int(hypotheses)
-        # Choose the rotation set now (cached per count): its selection works on
+        # Choose the rotation set now: its selection and clustering work on
         # (rotations x rotations) tables that have no business inside a budgeted call.
-        from chunkpose.pipeline.hypotheses import rotation_hypotheses
+        from chunkpose.pipeline.hypotheses import cluster_rotations, rotation_hypotheses
 
-        rotation_hypotheses(self.hypotheses)
+        rotations = rotation_hypotheses(self.hypotheses)
+        self._rotations = rotations if symmetry_tfs is None else cluster_rotations(rotations, symmetry_tfs)
         self._last_pose = None  # (4,4) float64, re-centred mesh in camera
 
     # ------------------------------------------------------------------ public API
@@ -154,7 +158,7 @@ class PoseEstimator:
             frame = framing.prepare_frame(rgb, depth, Ks, mask, roi, diameter, self.engine, self.device)
             with self._resident(frame):
                 t = self._guess_on_frame(frame, rough_t)
-                poses = initial_poses(t, self.hypotheses, device=self.device)
+                poses = initial_poses(t, device=self.device, rotations=self._rotations)
                 with torch.no_grad():
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
                     scores = self.scorer.score(poses, frame, self.renderer, self.engine)
@@ -255,7 +259,7 @@ class PoseEstimator:
     def _need_at_scale(self, depth, K, mask, mode: str):
         """factor -> minimum bytes of a register/track call on this frame downscaled by factor."""
         t = translation_guess(mask, depth, K) if mode == "register" else self._last_pose[:3, 3]
-        count = self.hypotheses if mode == "register" else 1
+        count = len(self._rotations) if mode == "register" else 1
         return lambda factor: self.minimum_bytes(self._roi_pixels(depth.shape, K, mask, t, mode, factor), count)
 
     def _fit_to_budget(self, rgb, depth, K, mask, mode: str):

@@ -100,22 +100,41 @@ def test_wrong_shapes_and_missing_folders(nets, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="found no refiner \\+ scorer pair"):
         load_weights(tmp_path / "empty")
-    bad = RefineNet(c_in=4)
+    bad = RefineNet(c_in=4, use_bn=False)
     run = tmp_path / "r"
     run.mkdir()
     torch.save({"model": bad.state_dict()}, run / "model_best.pth")
     with pytest.raises(CheckpointError, match=r"encodeA.0.net.0.weight: file \(64, 4, 7, 7\) vs model \(64, 6, 7, 7\)"):
         load_network(run)
-    # ... unless the config says c_in: 4
-    (run / "config.yml").write_text(yaml.safe_dump({"c_in": 4}))
+    # ... unless the config says so. Keys a config.yml leaves out take upstream's
+    # backward-compatibility defaults (c_in 4, use_BN false, normalize_xyz false, ...).
+    (run / "config.yml").write_text(yaml.safe_dump({"trans_normalizer": [0.02, 0.02, 0.05]}))
     model, cfg = load_network(run)
     assert model.c_in == 4 and cfg.kind == "refiner"
+    assert cfg["use_BN"] is False and cfg["normalize_xyz"] is False and cfg["crop_ratio"] == 1.2
+    assert cfg["zfar"] == 3 and cfg["rot_rep"] == "axis_angle" and cfg["trans_rep"] == "tracknet"
+    # normalize_xyz false needs a trans_normalizer (upstream reads it unconditionally then)
+    (run / "config.yml").write_text(yaml.safe_dump({"c_in": 4}))
+    with pytest.raises(CheckpointError, match="trans_normalizer must be set"):
+        load_network(run)
+
+
+def test_missing_scorer_keys_take_upstream_defaults():
+    from chunkpose.models import make_config
+
+    cfg = make_config("scorer", {"c_in": 6})
+    assert cfg["use_BN"] is False and cfg["normalize_xyz"] is False and cfg["crop_ratio"] == 1.2
+    assert cfg["zfar"] == float("inf") and cfg.crop_size == 160
+    assert make_config("scorer", {"crop_ratio": None})["crop_ratio"] == 1.2  # null counts as missing
+    official = make_config("scorer")  # no config at all: the official run's values
+    assert official["use_BN"] is True and official["normalize_xyz"] is True and official["crop_ratio"] == 1.1
 
 
 def test_python_tags_in_config_are_read(nets, weights_dir, tmp_path):
     shutil.copytree(weights_dir, tmp_path / "w")
     cfg = tmp_path / "w" / SCORER_RUN / "config.yml"
-    cfg.write_text("input_resize: !!python/tuple [160, 160]\ncrop_ratio: 1.1\nuse_BN: true\n")
+    cfg.write_text("input_resize: !!python/tuple [160, 160]\ncrop_ratio: 1.1\nuse_BN: true\nc_in: 6\n"
+                   "normalize_xyz: true\n")
     _, _, configs = load_weights(tmp_path / "w")
     assert configs["scorer"].crop_size == 160
 

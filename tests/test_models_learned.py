@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chunkpose.engine import Engine
-from chunkpose.models import RefineNet, ScoreNetMultiPair, apply_update
+from chunkpose.models import RefineNet, ScoreNetMultiPair, apply_update, official_config
 from chunkpose.pipeline.base import ObservedFrame
 from chunkpose.pipeline.learned import (
     REFINER_MIN_Z,
@@ -24,25 +24,38 @@ SIZE = 32
 DIAMETER = 0.12
 
 
-def test_normalised_xyz_rules():
-    xyz = torch.zeros(1, 3, 1, 5)
+def test_normalised_xyz_masks_each_channel_on_its_own():
+    """Upstream zeroes each channel with |value| >= 2 by itself: a background pixel 0.5 m
+    behind the object reaches the network as (x, y, 0), not (0, 0, 0)."""
+    radius = DIAMETER / 2
+    xyz = torch.zeros(1, 3, 1, 6)
     center = torch.tensor([[0.0, 0.0, 0.5]])
-    xyz[0, :, 0, 0] = torch.tensor([0.03, -0.06, 0.52])  # valid
-    xyz[0, :, 0, 1] = torch.tensor([0.01, 0.01, 0.0005])  # z below both thresholds
-    xyz[0, :, 0, 2] = torch.tensor([0.01, 0.01, 0.05])  # valid for the refiner only... but far
-    xyz[0, :, 0, 3] = torch.tensor([0.13, 0.0, 0.5])  # |x| / radius = 2.17 >= 2
+    xyz[0, :, 0, 0] = torch.tensor([0.03, -0.06, 0.52])  # on the object: all kept
+    xyz[0, :, 0, 1] = torch.tensor([0.01, 0.01, 0.0005])  # z < 1 mm: missing, all three 0
+    xyz[0, :, 0, 2] = torch.tensor([0.03, -0.02, 1.0])  # background 0.5 m behind: z/radius = 8.3
+    xyz[0, :, 0, 3] = torch.tensor([0.13, 0.01, 0.5])  # |x| / radius = 2.17 >= 2: only x zeroed
     xyz[0, :, 0, 4] = torch.tensor([0.0, 0.0, 0.5 - 0.0599])  # just inside |z| < 2
-    out = normalised_xyz(xyz, center, DIAMETER, REFINER_MIN_Z)
-    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.5, -1.0, 1 / 3]))
-    assert out[0, :, 0, 1].abs().sum() == 0
-    assert out[0, :, 0, 2].abs().sum() == 0  # z is 0.45 below the centre: -7.5 radii
-    assert out[0, :, 0, 3].abs().sum() == 0  # one coordinate out of range zeroes all three
-    assert out[0, 2, 0, 4].item() == pytest.approx(-0.0599 / 0.06, rel=1e-4)
+    xyz[0, :, 0, 5] = torch.tensor([0.0, 0.12, 0.5])  # exactly |y| = 2: zeroed (>= 2)
+    out = normalised_xyz(xyz, center, DIAMETER, REFINER_MIN_Z)[0, :, 0]
+    torch.testing.assert_close(out[:, 0], torch.tensor([0.5, -1.0, 1 / 3]))
+    assert out[:, 1].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(out[:, 2], torch.tensor([0.03 / radius, -0.02 / radius, 0.0]))
+    torch.testing.assert_close(out[:, 3], torch.tensor([0.0, 0.01 / radius, 0.0]))
+    assert out[2, 4].item() == pytest.approx(-0.0599 / 0.06, rel=1e-4)
+    assert out[1, 5].item() == 0.0
     near = torch.zeros(1, 3, 1, 1)
     near[0, :, 0, 0] = torch.tensor([0.0, 0.0, 0.09])
     c = torch.tensor([[0.0, 0.0, 0.1]])
     assert normalised_xyz(near, c, DIAMETER, REFINER_MIN_Z).abs().sum() > 0
     assert normalised_xyz(near, c, DIAMETER, SCORER_MIN_Z).abs().sum() == 0  # scorer: z < 0.1
+
+
+def test_unnormalised_xyz_is_relative_and_unmasked():
+    """normalize_xyz: false (older configs): xyz - t and no masking at all, as upstream."""
+    xyz = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 2.0]]).T.reshape(1, 3, 1, 2)
+    center = torch.tensor([[0.01, 0.02, 0.5]])
+    out = normalised_xyz(xyz, center, DIAMETER, REFINER_MIN_Z, normalize=False)[0, :, 0]
+    torch.testing.assert_close(out, (xyz - center[:, :, None, None])[0, :, 0])
 
 
 class PatternRenderer:
@@ -101,13 +114,13 @@ def make_poses(n, seed=1):
 @pytest.fixture(scope="module")
 def refiner():
     torch.manual_seed(0)
-    return LearnedRefiner(RefineNet().eval(), {"input_resize": [SIZE, SIZE]})
+    return LearnedRefiner(RefineNet().eval(), official_config("refiner", input_resize=[SIZE, SIZE]))
 
 
 @pytest.fixture(scope="module")
 def scorer():
     torch.manual_seed(0)
-    return LearnedScorer(ScoreNetMultiPair().eval(), {"input_resize": [SIZE, SIZE]})
+    return LearnedScorer(ScoreNetMultiPair().eval(), official_config("scorer", input_resize=[SIZE, SIZE]))
 
 
 def test_one_refine_iteration_is_the_upstream_update(refiner):
@@ -137,9 +150,9 @@ def test_refine_chunked_equals_unchunked(refiner):
 
 
 class RecordingFrame(ObservedFrame):
-    def xyz_crops(self, transforms, size, semantics="refiner"):
-        self.semantics_seen = semantics
-        return super().xyz_crops(transforms, size, semantics=semantics)
+    def xyz_crops(self, transforms, size, semantics="refiner", sampling="exact"):
+        self.semantics_seen, self.sampling_seen = semantics, sampling
+        return super().xyz_crops(transforms, size, semantics=semantics, sampling=sampling)
 
 
 def test_scorer_crops_semantics_and_cross_attention_over_all_hypotheses(scorer):
@@ -148,6 +161,7 @@ def test_scorer_crops_semantics_and_cross_attention_over_all_hypotheses(scorer):
     poses = make_poses(5)
     whole = scorer.score(poses, frame, PatternRenderer(), Engine(None))
     assert frame.semantics_seen == "scorer" and scorer.crop_ratio == 1.1
+    assert frame.sampling_seen == "kornia_0.7.2"
     renderer = PatternRenderer()
     chunked = scorer.score(poses, frame, renderer, Engine(4.0, max_chunk=2))
     assert max(renderer.calls) <= 2 and chunked.shape == (5,)
@@ -168,7 +182,7 @@ def test_scorer_crops_semantics_and_cross_attention_over_all_hypotheses(scorer):
 
 def test_differentiable_refine_checkpoints_blocks_and_gives_gradients():
     torch.manual_seed(0)
-    ref = LearnedRefiner(RefineNet().eval(), {"input_resize": [16, 16]}, differentiable=True)
+    ref = LearnedRefiner(RefineNet().eval(), official_config("refiner", input_resize=[16, 16]), differentiable=True)
     frame, poses = make_frame(), make_poses(2)
     out = ref.refine(poses, frame, PatternRenderer(), Engine(4.0, max_chunk=1), iterations=1)
     assert out.requires_grad
@@ -235,14 +249,15 @@ def test_learned_pair_on_cuda_with_fp16_autocast():
     torch.manual_seed(0)
     net, snet = RefineNet().eval(), ScoreNetMultiPair().eval()
     cpu_frame, poses = make_frame(), make_poses(4)
-    cfg = {"input_resize": [SIZE, SIZE]}
-    ref_cpu = LearnedRefiner(net, cfg).refine(poses, cpu_frame, PatternRenderer(), Engine(None), iterations=1)
-    sc_cpu = LearnedScorer(snet, cfg).score(poses, cpu_frame, PatternRenderer(), Engine(None))
+    rcfg = official_config("refiner", input_resize=[SIZE, SIZE])
+    scfg = official_config("scorer", input_resize=[SIZE, SIZE])
+    ref_cpu = LearnedRefiner(net, rcfg).refine(poses, cpu_frame, PatternRenderer(), Engine(None), iterations=1)
+    sc_cpu = LearnedScorer(snet, scfg).score(poses, cpu_frame, PatternRenderer(), Engine(None))
     dev = torch.device("cuda")
     frame = ObservedFrame(**{f: (getattr(cpu_frame, f).to(dev) if isinstance(getattr(cpu_frame, f), torch.Tensor)
                                  else getattr(cpu_frame, f)) for f in cpu_frame.__dataclass_fields__})
-    refiner = LearnedRefiner(net.to(dev), cfg)
-    scorer = LearnedScorer(snet.to(dev), cfg)
+    refiner = LearnedRefiner(net.to(dev), rcfg)
+    scorer = LearnedScorer(snet.to(dev), scfg)
     whole = refiner.refine(poses.to(dev), frame, PatternRenderer(), Engine(None, device=dev), iterations=1)
     chunked = refiner.refine(poses.to(dev), frame, PatternRenderer(), Engine(2.0, device=dev, max_chunk=2), iterations=1)
     assert whole.dtype == torch.float32

@@ -233,7 +233,7 @@ def test_texture_orientation_matches_vertex_colours():
     quad = trimesh.Trimesh(vertices, [[0, 1, 2], [0, 2, 3]], visual=visual, process=False)
     mesh = load_mesh(quad)
     assert mesh.has_texture
-    out = make_renderer(mesh, backend="gl").render_full(pose_of([0, 0, 0], [0, 0, 0.5]), K, W, H)
+    out = make_renderer(mesh, backend="gl", shading=False).render_full(pose_of([0, 0, 0], [0, 0, 0.5]), K, W, H)
     rgb = out["rgb"][0].numpy()
     # object +y (v = 1, the texture's top, red) is camera +y: the image's lower half
     lower, upper = rgb[:, int(K[1, 2]) + 30, int(K[0, 2])], rgb[:, int(K[1, 2]) - 30, int(K[0, 2])]

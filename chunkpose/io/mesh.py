@@ -16,7 +16,9 @@ import trimesh
 
 # A mesh wider than this is almost surely in millimetres (objects are hand-held).
 MAX_DIAMETER_M = 3.0
-DEFAULT_GREY = (0.6, 0.6, 0.6)
+#: Albedo of a mesh without texture or colours: trimesh's default vertex colour 102/255,
+#: which is what FoundationPose's renders of such meshes start from.
+DEFAULT_GREY = (102 / 255, 102 / 255, 102 / 255)
 
 
 @dataclass(frozen=True)

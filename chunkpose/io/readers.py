@@ -354,6 +354,39 @@ def _load_json(path: Path, fix: str):
         raise SceneError(f"cannot parse {path}: {err.msg if hasattr(err, 'msg') else err}", "it must be valid JSON") from None
 
 
+def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_rotvec(axis / np.linalg.norm(axis) * angle).as_matrix()
+
+
+def bop_symmetry_transforms(model_info: dict, scale: float = 0.001, continuous_step_deg: float = 5.0) -> np.ndarray:
+    """The symmetry transforms (S,4,4) of one models_info.json entry, identity first.
+
+    symmetries_discrete: 16 values each, a row-major 4x4 with its translation in model
+    units (millimetres in BOP); symmetries_continuous: {axis, offset}, a rotation about the
+    axis through the offset point, discretised every ``continuous_step_deg`` degrees. Every
+    discrete symmetry is combined with every discretised continuous one (continuous after
+    discrete). Translations are multiplied by ``scale`` (0.001: millimetres -> metres).
+    """
+    discrete = [np.eye(4)]
+    for values in model_info.get("symmetries_discrete") or []:
+        S = np.asarray(values, dtype=np.float64).reshape(4, 4).copy()
+        S[:3, 3] *= scale
+        discrete.append(S)
+    continuous = [np.eye(4)]
+    for sym in model_info.get("symmetries_continuous") or []:
+        axis = np.asarray(sym["axis"], dtype=np.float64)
+        offset = np.asarray(sym.get("offset", [0, 0, 0]), dtype=np.float64) * scale
+        steps = max(1, int(round(360.0 / float(continuous_step_deg))))
+        for k in range(1, steps):
+            C = np.eye(4)
+            C[:3, :3] = _axis_rotation(axis, 2 * np.pi * k / steps)
+            C[:3, 3] = offset - C[:3, :3] @ offset
+            continuous.append(C)
+    return np.stack([C @ D for D in discrete for C in continuous])
+
+
 class BOPReader(_ResizingReader):
     """DATASET/{camera.json, models/obj_XXXXXX.ply, models/models_info.json} and
     DATASET/<split>/<scene_id:06d>/{scene_camera.json, scene_gt.json, rgb/, depth/, mask_visib/}.
@@ -409,6 +442,14 @@ class BOPReader(_ResizingReader):
             out["diameter"] = float(info["diameter"]) / 1000.0
         out["symmetric"] = bool(info.get("symmetries_discrete") or info.get("symmetries_continuous"))
         return out
+
+    def symmetry_transforms(self, obj_id: int, scale: float = 0.001, continuous_step_deg: float = 5.0):
+        """(S,4,4) object-frame symmetries of a model from models_info.json, translations in
+        metres (times ``scale``), or None when it lists none (see bop_symmetry_transforms)."""
+        info = self.models_info.get(int(obj_id))
+        if not info or not (info.get("symmetries_discrete") or info.get("symmetries_continuous")):
+            return None
+        return bop_symmetry_transforms(info, scale=scale, continuous_step_deg=continuous_step_deg)
 
     def intrinsics(self, im_id: int) -> tuple[np.ndarray, float]:
         """K (3,3) at native size and the depth scale (raw units -> mm) of an image."""

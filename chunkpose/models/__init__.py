@@ -5,10 +5,11 @@ from chunkpose.models.checkpoint import (
     load_network,
     load_weights,
     make_config,
+    official_config,
     save_network,
     save_weights,
 )
-from chunkpose.models.refine_net import RefineNet, apply_update, rotation_step, so3_exp_map
+from chunkpose.models.refine_net import RefineNet, apply_update, rotation_step, so3_exp_map, translation_step
 from chunkpose.models.score_net import ScoreNetMultiPair
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "load_network",
     "load_weights",
     "make_config",
+    "official_config",
     "rotation_step",
     "save_network",
     "save_weights",
     "so3_exp_map",
+    "translation_step",
 ]

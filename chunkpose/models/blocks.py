@@ -71,7 +71,8 @@ def sinusoid_table(max_len: int, d_model: int) -> torch.Tensor:
 
 
 class PositionalEmbedding(nn.Module):
-    """Adds the fixed sinusoidal table to tokens: x (B,N,d) -> x + pe[:, :N], N <= max_len.
+    """Adds the fixed sinusoidal table to tokens: x (B,N,d) -> x + pe[:, :N], N <= max_len,
+    in the table's dtype (float32) whatever x's (fp16 under autocast).
 
     `pe` (1,max_len,d) is a persistent buffer because the upstream checkpoints contain it
     (as `pos_embed.pe`); loading overwrites it with the stored (identical) table.
@@ -87,7 +88,9 @@ class PositionalEmbedding(nn.Module):
                 f"PositionalEmbedding: {x.shape[1]} tokens but the table has {self.pe.shape[1]}; "
                 "use a smaller input_resize (160 gives 20x20 = 400 tokens)"
             )
-        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+        # No cast: under fp16 autocast the sum promotes to the table's float32, as upstream's
+        # does, so the transformers' residual stream stays float32.
+        return x + self.pe[:, : x.shape[1]]
 
 
 # --- gradient checkpointing ---------------------------------------------------------------

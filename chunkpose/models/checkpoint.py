@@ -35,25 +35,51 @@ SCORER_RUN = "2024-01-11-20-02-45"
 WEIGHTS_FILE = "model_best.pth"
 CONFIG_FILE = "config.yml"
 
-# Defaults of the official configuration, used for keys a config.yml does not set.
-REFINER_DEFAULTS: Dict[str, Any] = {
-    "c_in": 6,
-    "crop_ratio": 1.2,
-    "input_resize": [160, 160],
-    "normalize_xyz": True,
-    "rot_normalizer": 0.3490658503988659,  # 20 degrees
-    "trans_normalizer": None,  # metres per unit of output; needed only when normalize_xyz is false
-    "rot_rep": "axis_angle",
-    "trans_rep": "tracknet",
-    "use_BN": True,
+# The official runs' configuration (what `make_config(kind)` gives without a config, and what
+# save_network writes, updated with its overrides).
+OFFICIAL_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "refiner": {
+        "c_in": 6,
+        "crop_ratio": 1.2,
+        "input_resize": [160, 160],
+        "normalize_xyz": True,
+        "rot_normalizer": 0.3490658503988659,  # 20 degrees
+        "trans_normalizer": None,  # metres per unit of output; used only when normalize_xyz is false
+        "rot_rep": "axis_angle",
+        "trans_rep": "tracknet",
+        "use_BN": True,
+    },
+    "scorer": {
+        "c_in": 6,
+        "crop_ratio": 1.1,
+        "input_resize": [160, 160],
+        "normalize_xyz": True,
+        "use_BN": True,
+    },
 }
-SCORER_DEFAULTS: Dict[str, Any] = {
-    "c_in": 6,
-    "crop_ratio": 1.1,
-    "input_resize": [160, 160],
-    "normalize_xyz": True,
-    "use_BN": True,
+# Upstream's backward-compatibility defaults for keys a run's config.yml does not set (its
+# refine and score predictors fill these in before building the networks).
+MISSING_KEY_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "refiner": {"use_BN": False, "c_in": 4, "crop_ratio": 1.2, "trans_rep": "tracknet", "rot_rep": "axis_angle",
+                "zfar": 3.0, "normalize_xyz": False},
+    "scorer": {"use_BN": False, "c_in": 4, "crop_ratio": 1.2, "zfar": float("inf"), "normalize_xyz": False},
 }
+# Keys upstream reads without a default: a config.yml without them takes the official value.
+OFFICIAL_FILL_INS = ("input_resize", "rot_normalizer", "trans_normalizer")
+# Backwards-compatible names.
+REFINER_DEFAULTS = OFFICIAL_CONFIGS["refiner"]
+SCORER_DEFAULTS = OFFICIAL_CONFIGS["scorer"]
+
+
+def official_config(kind: str, **overrides: Any) -> Dict[str, Any]:
+    """The official run's configuration of `kind` ("refiner" or "scorer"), updated with
+    `overrides` (e.g. input_resize=[32, 32] for small test crops)."""
+    if kind not in OFFICIAL_CONFIGS:
+        raise ValueError(f"kind: expected 'refiner' or 'scorer', got {kind!r}")
+    values = copy.deepcopy(OFFICIAL_CONFIGS[kind])
+    values.update(overrides)
+    return values
+
 
 LAYOUT_HELP = (
     "Expected a folder holding the two FoundationPose run folders, e.g. weights/"
@@ -96,11 +122,28 @@ class NetworkConfig:
 
 
 def make_config(kind: str, raw: Optional[Dict[str, Any]] = None, source: Optional[Path] = None) -> NetworkConfig:
-    """Merge a config dict over the defaults of `kind` ("refiner" or "scorer")."""
-    defaults = REFINER_DEFAULTS if kind == "refiner" else SCORER_DEFAULTS
-    raw = dict(raw or {})
-    values = copy.deepcopy(defaults)
-    values.update(raw)
+    """The configuration a run of `kind` ("refiner" or "scorer") runs with.
+
+    raw None (no config at all): the official run's values. A config (a config.yml's
+    contents or a dict): its keys, and for keys it does not set upstream's
+    backward-compatibility defaults (MISSING_KEY_DEFAULTS: use_BN False, c_in 4,
+    normalize_xyz False, crop_ratio 1.2, zfar 3 for the refiner and inf for the scorer),
+    then the official values of the keys upstream has no default for (input_resize,
+    rot_normalizer, trans_normalizer).
+    """
+    if kind not in OFFICIAL_CONFIGS:
+        raise ValueError(f"kind: expected 'refiner' or 'scorer', got {kind!r}")
+    if raw is None:
+        values, raw = official_config(kind), {}
+    else:
+        raw = dict(raw)
+        values = {key: OFFICIAL_CONFIGS[kind][key] for key in OFFICIAL_FILL_INS if key in OFFICIAL_CONFIGS[kind]}
+        values.update(copy.deepcopy(MISSING_KEY_DEFAULTS[kind]))
+        values.update(raw)
+        if values.get("crop_ratio") is None:  # upstream treats a null crop_ratio as missing
+            values["crop_ratio"] = MISSING_KEY_DEFAULTS[kind]["crop_ratio"]
+    if isinstance(values.get("zfar"), str) and "inf" in values["zfar"].lower():
+        values["zfar"] = float("inf")
     cfg = NetworkConfig(kind=kind, values=values, raw=raw, source=source)
     if kind == "refiner":
         if str(values["rot_rep"]) != "axis_angle":
@@ -299,13 +342,20 @@ def find_run_folders(path: Union[str, Path]) -> Dict[str, Path]:
 
 def load_network(run_dir: Union[str, Path], kind: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                  allow_pickle: bool = True) -> Tuple[nn.Module, NetworkConfig]:
-    """One run folder (model_best.pth + config.yml) -> (network in eval mode on `device`, config)."""
+    """One run folder (model_best.pth + config.yml) -> (network in eval mode on `device`, config).
+
+    The config is make_config of config.yml (upstream's defaults for missing keys); a run
+    folder without config.yml takes the official configuration, with a warning."""
     run_dir = Path(run_dir)
     state = read_state_dict(run_dir / WEIGHTS_FILE, allow_pickle=allow_pickle)
     raw = read_config(run_dir / CONFIG_FILE)
     kind = kind or kind_of_state_dict(state) or kind_of_config(raw)
     if kind not in ("refiner", "scorer"):
         raise CheckpointError(f"{run_dir}: cannot tell whether this is the refiner or the scorer. {LAYOUT_HELP}")
+    if not (run_dir / CONFIG_FILE).is_file():
+        # Upstream cannot run without it; the official configuration is the best guess.
+        warnings.warn(f"{run_dir}: no {CONFIG_FILE}; using the official {kind} run's configuration")
+        raw = None
     cfg = make_config(kind, raw, source=run_dir / CONFIG_FILE)
     model = build_network(cfg)
     load_state_strict(model, state, run_dir / WEIGHTS_FILE, kind)
@@ -322,14 +372,15 @@ def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 
 
 def save_network(run_dir: Union[str, Path], model: nn.Module, config: Optional[Dict[str, Any]] = None) -> Path:
-    """Write model_best.pth ({'model': state_dict}) and config.yml in the upstream layout."""
+    """Write model_best.pth ({'model': state_dict}) and a complete config.yml in the upstream
+    layout: the official run's configuration updated with `config` (a dict of overrides or
+    a NetworkConfig)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     kind = "refiner" if isinstance(model, RefineNet) else "scorer"
-    if config is None:
-        config = REFINER_DEFAULTS if kind == "refiner" else SCORER_DEFAULTS
     if isinstance(config, NetworkConfig):
         config = config.values
+    config = official_config(kind, **dict(config or {}))
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
     config = {k: v for k, v in config.items() if v is not None}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

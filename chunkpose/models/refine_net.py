@@ -83,27 +83,36 @@ def rotation_step(rot: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
     return so3_exp_map(torch.tanh(rot) * rot_normalizer).transpose(1, 2)
 
 
+def translation_step(trans: torch.Tensor, *, diameter: float, normalize_xyz: bool = True,
+                     trans_normalizer=None) -> torch.Tensor:
+    """Network translation output (N,3) -> the camera-frame step (N,3) in metres.
+
+    normalize_xyz (the official configuration): trans * diameter/2 (inputs are in units of
+    the radius). Otherwise, as upstream: tanh(trans) * trans_normalizer (metres, a scalar or
+    one value per axis), so no step exceeds trans_normalizer.
+    """
+    trans = trans.to(torch.float32)
+    if normalize_xyz:
+        return trans * (diameter / 2.0)
+    if trans_normalizer is None:
+        raise ValueError("trans_normalizer is needed when normalize_xyz is false (metres per output unit)")
+    scale = torch.as_tensor(trans_normalizer, dtype=torch.float32, device=trans.device).reshape(-1)
+    return torch.tanh(trans) * scale
+
+
 def apply_update(poses: torch.Tensor, trans: torch.Tensor, rot: torch.Tensor, *, diameter: float,
                  rot_normalizer: float = 0.349, normalize_xyz: bool = True,
                  trans_normalizer=None) -> torch.Tensor:
     """New poses (N,4,4) from old poses (N,4,4) and the network's trans (N,3), rot (N,3).
 
-    R_new = dR @ R_old (rotation about the camera axes), t_new = t_old + trans * diameter/2
-    when xyz inputs are normalised by the radius (else trans * trans_normalizer, metres,
-    a scalar or a per-axis triple).
-    Computed in float32 whatever the network's precision.
+    R_new = dR @ R_old (rotation about the camera axes, see rotation_step), t_new = t_old +
+    translation_step(trans). Computed in float32 whatever the network's precision.
     """
     poses = poses.to(torch.float32)
-    trans = trans.to(torch.float32)
     rot = rot.to(torch.float32)
-    if normalize_xyz:
-        scale = diameter / 2.0
-    elif trans_normalizer is None:
-        raise ValueError("trans_normalizer is needed when normalize_xyz is false (metres per output unit)")
-    else:  # a scalar or one value per axis
-        scale = torch.as_tensor(trans_normalizer, dtype=torch.float32, device=poses.device)
+    step = translation_step(trans, diameter=diameter, normalize_xyz=normalize_xyz, trans_normalizer=trans_normalizer)
     dR = rotation_step(rot, rot_normalizer)
     out = poses.clone()
     out[:, :3, :3] = dR @ poses[:, :3, :3]
-    out[:, :3, 3] = poses[:, :3, 3] + trans * scale
+    out[:, :3, 3] = poses[:, :3, 3] + step
     return out

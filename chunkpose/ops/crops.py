@@ -1,8 +1,16 @@
-"""Crop windows ("box_3d") and the region of the full image that crops can read.
+"""Crop windows ("box_3d"), the pixel conventions crops are sampled with, and the region of
+the full image that crops can read.
 
 A crop transform ``T (3,3)`` maps full-image pixels to crop pixels (pixel centres at integer
 coordinates, the align_corners=False convention of kornia's warp_perspective); crop pixel q
-samples the full image at ``T^-1 q``.
+samples the full image at ``T^-1 q`` ("exact" sampling).
+
+FoundationPose's learned networks were trained on crops sampled with two sub-pixel
+deviations from that, which the learned path reproduces (see ``upstream_render_transforms``
+and ``sampling_maps``): the rasteriser is handed the crop's pixel centres 0 and size-1 as
+the crop box (a (size-1)/size zoom-out, half a pixel at the edges), and the observed crops
+come from kornia 0.7.2's warp_perspective, which samples a source of width W at
+``p * W/(W-1) - 0.5`` for the position p that T^-1 gives (rows likewise with H).
 """
 from __future__ import annotations
 
@@ -102,6 +110,70 @@ def crop_windows(poses, K, diameter: float, crop_ratio: float, size: int = 160,
     roi = crop_roi(transforms, size, image_size)
     dev = poses.device
     return CropWindows(transforms=transforms.to(dev), boxes=boxes.to(dev), roi=roi, size=size)
+
+
+#: Sampling conventions of crop ops: "exact" (crop pixel q at T^-1 q) and "kornia_0.7.2"
+#: (what kornia 0.7.2's warp_perspective(align_corners=False) samples, pinned by upstream).
+SAMPLINGS = ("exact", "kornia_0.7.2")
+
+
+def _check_sampling(sampling: str) -> str:
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling: expected one of {SAMPLINGS}, got {sampling!r}")
+    return sampling
+
+
+def kornia072_offset(source_size: tuple[int, int]) -> torch.Tensor:
+    """The (3,3) float64 map p -> (p_x W/(W-1) - 0.5, p_y H/(H-1) - 0.5) of a source image of
+    ``source_size=(H, W)``: kornia 0.7.2 normalises the homography with the [0, W-1] pixel
+    convention but samples with grid_sample(align_corners=False), so the position it reads
+    for a target pixel is this map applied to the one T^-1 gives."""
+    H, W = int(source_size[0]), int(source_size[1])
+    if H < 2 or W < 2:
+        raise ValueError(f"source_size: expected (H, W) of at least 2 x 2 pixels, got {source_size}")
+    return torch.tensor([[W / (W - 1), 0.0, -0.5], [0.0, H / (H - 1), -0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def sampling_maps(transforms: torch.Tensor, size: int, source_size: tuple[int, int] | None,
+                  sampling: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """(forward, inverse) float64 (B,3,3) maps a crop op samples with.
+
+    inverse: crop pixel -> the source position it reads (exact: T^-1);
+    forward: source pixel -> the crop position a warp back from the crop reads (exact: T),
+    used by the scorer's crop -> frame -> crop round trip, where the crop is the source.
+    With "kornia_0.7.2" each direction carries kornia 0.7.2's offset for its own source:
+    inverse = offset(H, W) @ T^-1 (the full frame of ``source_size``), forward =
+    offset(size, size) @ T (the crop).
+    """
+    _check_sampling(sampling)
+    T = transforms.detach().to("cpu", torch.float64)
+    Ti = inverse_transforms(T)
+    if sampling == "kornia_0.7.2":
+        if source_size is None:
+            raise ValueError("source_size: kornia_0.7.2 sampling depends on the full frame's (H, W); pass it")
+        Ti = kornia072_offset(source_size) @ Ti
+        T = kornia072_offset((size, size)) @ T
+    device = transforms.device
+    return T.contiguous().to(device), Ti.contiguous().to(device)
+
+
+def upstream_render_transforms(transforms: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop transforms (B,3,3) that make a renderer draw what FoundationPose's rasteriser
+    draws into a crop of ``size`` pixels.
+
+    Upstream hands the rasteriser the crop box spanned by the inverse transforms of the
+    crop's pixel CENTRES 0 and size-1, over an OpenGL projection whose NDC spans pixel edges:
+    crop pixel j then shows the full-image point T^-1((j + 1/2) (size-1)/size). A renderer
+    that shows T_r^-1 j at pixel j (chunkpose's convention) does so for
+    T_r = C^-1 T with C^-1(x) = x size/(size-1) - 1/2. Returns float64.
+    """
+    size = int(size)
+    if size < 2:
+        raise ValueError(f"size: expected a crop side of at least 2 pixels, got {size}")
+    zoom = size / (size - 1)
+    C_inv = torch.tensor([[zoom, 0.0, -0.5], [0.0, zoom, -0.5], [0.0, 0.0, 1.0]], dtype=torch.float64,
+                         device=transforms.device)
+    return C_inv @ transforms.to(torch.float64)
 
 
 def inverse_transforms(transforms: torch.Tensor) -> torch.Tensor:

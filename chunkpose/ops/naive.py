@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .depth import MIN_DEPTH, as_depth_tensor, intrinsics
+from .crops import sampling_maps
 from .warp import warp_crops
 
 #: Live bytes per hypothesis per full-frame pixel at the peak: depth f32, invalid mask bool,
@@ -58,13 +59,15 @@ def _back_to_full_frame(depth_crop: torch.Tensor, T: torch.Tensor, us: torch.Ten
         out[r0:r0 + rows] = torch.where(ok, flat_crop[index], torch.zeros((), dtype=out.dtype))
 
 
-def naive_scorer_xyz_crops(depth, K, transforms, size: int) -> torch.Tensor:
+def naive_scorer_xyz_crops(depth, K, transforms, size: int, sampling: str = "exact") -> torch.Tensor:
     """Observed xyz crops ``(B,3,size,size)`` with scorer semantics, computed the naive way.
 
     ``depth (H,W)`` float32 metres (full frame), ``K (3,3)``, ``transforms (B,3,3)`` full-image
-    pixel -> crop pixel. Equals ``chunkpose.ops.xyz_crops(depth, K, transforms, size, "scorer")``
-    exactly, but peaks at ``naive_scorer_peak_bytes(B, H, W, size)``: do not call it at full
-    resolution with many hypotheses unless that much memory is free.
+    pixel -> crop pixel, ``sampling`` "exact" or "kornia_0.7.2" (every warp of the chain with
+    kornia 0.7.2's offset for its own source). Equals ``chunkpose.ops.xyz_crops(depth, K,
+    transforms, size, "scorer", sampling=sampling, source_size=(H, W))`` exactly, but peaks at
+    ``naive_scorer_peak_bytes(B, H, W, size)``: do not call it at full resolution with many
+    hypotheses unless that much memory is free.
     """
     depth = as_depth_tensor(depth)
     H, W = depth.shape
@@ -73,10 +76,11 @@ def naive_scorer_xyz_crops(depth, K, transforms, size: int) -> torch.Tensor:
     if T.dim() != 3 or T.shape[1:] != (3, 3):
         raise ValueError(f"transforms must be (B,3,3) full-image -> crop pixel maps, got shape {tuple(T.shape)}")
     T = T.to(dev)
-    T64 = T.double()
     B = T.shape[0]
     fx, fy, cx, cy = intrinsics(K)
-    depth_crop = warp_crops(depth[None], T, size, "nearest")  # (B,1,s,s)
+    depth_crop = warp_crops(depth[None], T, size, "nearest", sampling=sampling, source_size=(H, W))  # (B,1,s,s)
+    forward, _ = sampling_maps(T, size, (H, W), sampling)  # full frame -> crop, for the warp back
+    T64 = forward.to(dev)
     # per-hypothesis pixel grids and full-resolution depth
     us = torch.arange(W, dtype=torch.float32, device=dev).expand(B, H, W).contiguous()
     vs = torch.arange(H, dtype=torch.float32, device=dev)[:, None].expand(B, H, W).contiguous()
@@ -96,5 +100,5 @@ def naive_scorer_xyz_crops(depth, K, transforms, size: int) -> torch.Tensor:
     # and back into the crops
     out = torch.empty((B, 3, size, size), dtype=torch.float32, device=dev)
     for b in range(B):
-        out[b] = warp_crops(points[b], T[b:b + 1], size, "nearest")[0]
+        out[b] = warp_crops(points[b], T[b:b + 1], size, "nearest", sampling=sampling, source_size=(H, W))[0]
     return out

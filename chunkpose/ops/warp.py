@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
-from .crops import inverse_transforms
+from .crops import inverse_transforms, sampling_maps
 from .depth import MIN_DEPTH, as_depth_tensor, intrinsics
 
 SEMANTICS = {"refiner": 0, "scorer": 1}
@@ -121,15 +121,27 @@ def _warp_op(inverses: torch.Tensor, *, image: torch.Tensor, size: int, mode: st
 
 
 def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear", origin=(0, 0),
-               engine=None) -> torch.Tensor:
-    """Crops ``(B,C,size,size)`` of ``image (C,H,W)`` float under ``transforms (B,3,3)``
-    (full-image pixel -> crop pixel), zero outside the image.
+               engine=None, sampling: str = "exact", source_size=None) -> torch.Tensor:
+    """Crops of one image under many transforms, without B copies of it.
 
-    Equals ``kornia.geometry.transform.warp_perspective(image.expand(B,C,H,W), transforms,
-    (size,size), mode=mode, align_corners=False)`` (bilinear to float rounding; nearest exactly
-    except where kornia's float32 position lands on the other side of an exact .5 tie), without
-    materialising B copies: the B sampling grids are folded into one grid over the batch-1 image.
-    With ``origin=(x0,y0)``, ``image`` is the window of the full frame starting at that pixel.
+    Args:
+        image: (C,H,W) float, the full frame or its window starting at ``origin``.
+        transforms: (B,3,3) full-image pixel -> crop pixel.
+        size: crop side in pixels.
+        mode: "bilinear" or "nearest" (round half to even, as grid_sample).
+        origin: (x0, y0) full-frame pixel of ``image``'s first pixel.
+        engine: optional Engine; the crops then run as its stage "crops.warp_<mode>".
+        sampling: "exact" (crop pixel q reads T^-1 q) or "kornia_0.7.2" (the position kornia
+            0.7.2 reads, see chunkpose.ops.crops.sampling_maps); the latter needs
+            ``source_size=(H, W)`` of the full frame.
+
+    Returns:
+        (B,C,size,size) float, zero outside the image.
+
+    With "exact" this equals ``kornia.geometry.transform.warp_perspective(image.expand(B,C,H,W),
+    transforms, (size,size), mode=mode, align_corners=False)`` of kornia >= 0.7.3 (bilinear to
+    float rounding; nearest exactly except where kornia's float32 position lands on the other
+    side of an exact .5 tie): the B sampling grids are folded into one grid over the batch-1 image.
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
         raise ValueError(f"image must be a (C,H,W) tensor, got {getattr(image, 'shape', type(image))}")
@@ -140,7 +152,8 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
     transforms = _check_transforms(transforms)
     size = _check_size(size)
     origin = _check_origin(origin)
-    inverses = inverse_transforms(transforms).to(image.device)
+    _, inverses = sampling_maps(transforms, size, source_size, sampling)
+    inverses = inverses.to(image.device)
     kwargs = dict(image=image, size=size, mode=mode, origin=origin)
     if engine is None:
         return _warp_op(inverses, **kwargs)
@@ -195,19 +208,31 @@ def _xyz_crops_op(transforms, inverses, *, depth, intr, size, code, origin):
 
 
 def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origin=(0, 0),
-              engine=None) -> torch.Tensor:
-    """The observed point map inside each crop: ``(B,3,size,size)`` camera-frame metres.
+              engine=None, sampling: str = "exact", source_size=None) -> torch.Tensor:
+    """The observed point map inside each crop, camera-frame metres.
 
-    ``depth (H,W)`` (or its window at ``origin=(x0,y0)``), ``K (3,3)`` full-frame intrinsics,
-    ``transforms (B,3,3)`` full-image pixel -> crop pixel. With p = nearest(T^-1 q):
-      - "refiner": xyz_full[p] (the nearest warp of the full point map);
-      - "scorer": backproject(p, depth_crop[nearest(T p)]) where depth_crop is the nearest warp
-        of the depth: the crop -> full frame -> crop round trip upstream makes through
-        per-hypothesis full-resolution buffers, computed here per crop pixel (memory
-        O(B*size*size), never O(B*H*W)).
-    Zero where the depth is < 0.001 or the position falls outside the image.
-    For axis-aligned crops (box_3d) the round trip returns to p, so both semantics agree there
-    except at exact .5 ties; "scorer" is kept for exact compatibility with upstream's data flow.
+    Args:
+        depth: (H,W) float32 metres, the full frame or its window at ``origin=(x0,y0)``.
+        K: (3,3) full-frame intrinsics.
+        transforms: (B,3,3) full-image pixel -> crop pixel.
+        size: crop side in pixels.
+        semantics: with p = nearest(T^-1 q),
+            "refiner": xyz_full[p] (the nearest warp of the full point map);
+            "scorer": backproject(p, depth_crop[nearest(T p)]) where depth_crop is the
+            nearest warp of the depth: the crop -> full frame -> crop round trip upstream
+            makes through per-hypothesis full-resolution buffers, computed here per crop
+            pixel (memory O(B*size*size), never O(B*H*W)).
+        engine: optional Engine (stage "crops.xyz_<semantics>").
+        sampling: "exact" or "kornia_0.7.2" (each warp of the chain with kornia 0.7.2's
+            offset for its own source, see chunkpose.ops.crops.sampling_maps); the latter
+            needs ``source_size=(H, W)`` of the full frame.
+
+    Returns:
+        (B,3,size,size) float32, zero where the depth is < 0.001 or the position falls
+        outside the image.
+
+    For axis-aligned crops (box_3d) and exact sampling the round trip returns to p, so both
+    semantics agree there except at exact .5 ties.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be 'refiner' or 'scorer', got {semantics!r}")
@@ -216,8 +241,9 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
     transforms = _check_transforms(transforms)
     size = _check_size(size)
     origin = _check_origin(origin)
-    T64 = transforms.detach().to(depth.device, torch.float64).contiguous()
-    Ti64 = inverse_transforms(transforms).to(depth.device).contiguous()
+    forward, inverses = sampling_maps(transforms, size, source_size, sampling)
+    T64 = forward.to(depth.device).contiguous()
+    Ti64 = inverses.to(depth.device).contiguous()
     kwargs = dict(depth=depth, intr=intr, size=size, code=SEMANTICS[semantics], origin=origin)
     if engine is None:
         return _xyz_crops_op(T64, Ti64, **kwargs)

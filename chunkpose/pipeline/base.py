@@ -42,21 +42,27 @@ class ObservedFrame:
     # Helpers so that every refiner/scorer prepares observed crops the same way.
     # transforms (B,3,3) map full-frame pixels to crop pixels (chunkpose.ops.crops).
 
-    def rgb_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
-        """Observed colour in each crop, bilinear: (B,3,size,size) float32 0..255."""
+    def rgb_crops(self, transforms: torch.Tensor, size: int, sampling: str = "exact") -> torch.Tensor:
+        """Observed colour in each crop, bilinear: (B,3,size,size) float32 0..255.
+
+        sampling: "exact" or "kornia_0.7.2" (upstream's sub-pixel offset, see
+        chunkpose.ops.crops.sampling_maps)."""
         from chunkpose.ops.warp import warp_crops
 
-        return warp_crops(self.rgb, transforms, size, mode="bilinear", origin=self.origin)
+        return warp_crops(self.rgb, transforms, size, mode="bilinear", origin=self.origin, sampling=sampling,
+                          source_size=self.full_size)
 
-    def xyz_crops(self, transforms: torch.Tensor, size: int, semantics: str = "refiner") -> torch.Tensor:
+    def xyz_crops(self, transforms: torch.Tensor, size: int, semantics: str = "refiner",
+                  sampling: str = "exact") -> torch.Tensor:
         """Observed camera-frame points in each crop: (B,3,size,size) float32.
 
         semantics "refiner": nearest full-frame pixel; "scorer": FoundationPose's double
-        nearest round trip (see chunkpose.ops.warp.xyz_crops).
+        nearest round trip (see chunkpose.ops.warp.xyz_crops). sampling as rgb_crops.
         """
         from chunkpose.ops.warp import xyz_crops
 
-        return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=self.origin)
+        return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=self.origin,
+                         sampling=sampling, source_size=self.full_size)
 
     def mask_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
         """Observed object mask in each crop, nearest: (B,size,size) bool (all True if no mask)."""

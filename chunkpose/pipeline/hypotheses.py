@@ -104,6 +104,52 @@ def rotation_hypotheses(count: int = 252, device="cpu", dtype=torch.float32) -> 
     return R.to(device=device, dtype=dtype)
 
 
+#: Hypotheses closer than this to a kept one, modulo the object's symmetries, are dropped
+#: (upstream clusters its rotation grid at 30 degrees).
+CLUSTER_ANGLE_DEG = 30.0
+
+
+def symmetry_rotations(symmetry_tfs) -> torch.Tensor:
+    """(S,3,3) float64 rotation parts of symmetry transforms (S,4,4) or (S,3,3) in the object
+    frame, with the identity first (added when missing). None or empty: the identity alone."""
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    if symmetry_tfs is None or len(symmetry_tfs) == 0:
+        return eye
+    S = torch.as_tensor(np.asarray(symmetry_tfs, dtype=np.float64))
+    if S.ndim != 3 or S.shape[1:] not in ((4, 4), (3, 3)):
+        raise ValueError(f"symmetry_tfs: expected (S,4,4) object-frame transforms, got shape {tuple(S.shape)}")
+    R = S[:, :3, :3]
+    det = torch.linalg.det(R)
+    orthogonal = torch.allclose(R @ R.transpose(1, 2), eye.expand_as(R), atol=1e-4)
+    if not orthogonal or bool((det < 0.999).any()):
+        raise ValueError("symmetry_tfs: the rotation parts must be proper rotations (orthonormal, det +1)")
+    is_eye = (R - eye).abs().amax(dim=(1, 2)) < 1e-9
+    return torch.cat([eye, R[~is_eye]])
+
+
+def cluster_rotations(R: torch.Tensor, symmetry_tfs=None, min_angle_deg: float = CLUSTER_ANGLE_DEG) -> torch.Tensor:
+    """Upstream's clustering of object-in-camera rotations (N,3,3) under object symmetries.
+
+    Greedily, in order: a rotation is kept unless R_i S is within ``min_angle_deg`` of a kept
+    rotation for some symmetry S (rotation parts of ``symmetry_tfs``, identity included).
+    Without symmetries, rotations at least ``min_angle_deg`` apart (the 252 grid) all stay.
+    Returns the kept rotations (M,3,3), M <= N, in R's dtype and device.
+    """
+    syms = symmetry_rotations(symmetry_tfs)
+    Rd = R.detach().to("cpu", torch.float64)
+    images = Rd[:, None] @ syms[None]  # (N,S,3,3): R_i S_s
+    cos_limit = math.cos(math.radians(float(min_angle_deg)))
+    kept: list[int] = []
+    for i in range(len(Rd)):
+        if kept:
+            # cos of the angle between R_i S_s and each kept R_k: (trace(R_k^T R_i S_s) - 1) / 2
+            trace = torch.einsum("kab,sab->ks", Rd[kept], images[i])
+            if bool(((trace - 1) / 2 > cos_limit + 1e-12).any()):
+                continue
+        kept.append(i)
+    return R[kept]
+
+
 def translation_guess(mask: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     """Object centre guess (3,) in metres: mask bbox centre back-projected at the median depth.
 
@@ -124,8 +170,14 @@ def translation_guess(mask: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.
     return ray * z
 
 
-def initial_poses(t: np.ndarray, count: int = 252, device="cpu") -> torch.Tensor:
-    """Hypotheses (count,4,4) float32: every rotation at the shared translation guess t (3,)."""
-    R = rotation_hypotheses(count, device=device, dtype=torch.float32)
+def initial_poses(t: np.ndarray, count: int = 252, device="cpu", rotations: torch.Tensor | None = None) -> torch.Tensor:
+    """Hypotheses (N,4,4) float32: every rotation at the shared translation guess t (3,).
+
+    rotations (N,3,3): the rotation set (e.g. clustered under symmetries); default the
+    `count` rotation_hypotheses."""
+    if rotations is None:
+        R = rotation_hypotheses(count, device=device, dtype=torch.float32)
+    else:
+        R = rotations.to(device=device, dtype=torch.float32)
     tt = torch.as_tensor(np.asarray(t, dtype=np.float32), device=device).expand(len(R), 3)
     return make_pose(R, tt)

@@ -7,10 +7,12 @@ network (and, for the refiner, apply the pose update). Nothing of size B x crop 
 chunk, so the engine can trade speed for memory freely. The scorer's att_cross, which
 compares all hypotheses, runs once on the gathered (B,512) features.
 
-Input preparation (as upstream, /work/shared/REFERENCE.md section 1): per side 6 channels,
-rgb in 0..1 and xyz normalised as (xyz - t_hypothesis) / (diameter/2), zeroed where the
-camera z is below the side's threshold (0.001 m refiner, 0.1 m scorer) or any coordinate
-reaches |2|. A = rendered, B = observed.
+Input preparation (as upstream's make_crop_data_batch and its dataset's transform_batch):
+per side 6 channels, rgb in 0..1 and xyz relative to the hypothesis' translation, divided by
+the radius when the config says normalize_xyz. Then, per channel, values with |value| >= 2
+are zeroed, and all three channels where the camera z is below the side's threshold (0.001 m
+refiner, 0.1 m scorer). A = rendered (headlight-shaded, drawn with upstream's crop box), B =
+observed (sampled as kornia 0.7.2 samples). ``crop_pair`` returns both for given poses.
 """
 from __future__ import annotations
 
@@ -30,26 +32,38 @@ REFINER_MIN_Z = 0.001
 SCORER_MIN_Z = 0.1
 #: Normalised coordinates at or beyond this magnitude are zeroed (far from the object).
 MAX_NORMALISED = 2.0
+#: How the observed crops are sampled: as kornia 0.7.2 (pinned upstream) does, which is what
+#: the official weights were trained on.
+UPSTREAM_SAMPLING = "kornia_0.7.2"
 
 
 def normalised_xyz(xyz: torch.Tensor, centers: torch.Tensor, diameter: float, min_z: float,
                    normalize: bool = True) -> torch.Tensor:
-    """Camera-frame xyz crops (N,3,s,s) -> (xyz - centers) / (diameter/2), 0 where invalid.
+    """One side's xyz channels as the networks see them.
 
-    centers (N,3) are the hypotheses' translations (the re-centred mesh's origin in the
-    camera). A pixel is invalid when its camera z < min_z or any normalised coordinate has
-    |value| >= 2; all three channels are zeroed there.
+    Args:
+        xyz: (N,3,s,s) camera-frame points (0 where nothing was seen or rendered).
+        centers: (N,3) the hypotheses' translations (the re-centred mesh's origin in the camera).
+        diameter: object diameter in metres.
+        min_z: camera z below which a pixel is missing (0.001 refiner, 0.1 scorer).
+        normalize: the config's normalize_xyz.
+
+    Returns:
+        (N,3,s,s): with normalize, (xyz - centers) / (diameter/2) where each channel with
+        |value| >= 2 is 0 on its own (a far background pixel stays (x, y, 0)) and all three
+        are 0 where z < min_z; without, xyz - centers and no masking (as upstream).
     """
     rel = xyz - centers[:, :, None, None].to(xyz.dtype)
-    if normalize:
-        rel = rel / (diameter / 2.0)
-    invalid = (xyz[:, 2:3] < min_z) | (rel.abs() >= MAX_NORMALISED).any(dim=1, keepdim=True)
+    if not normalize:
+        return rel
+    rel = rel / (diameter / 2.0)
+    invalid = (xyz[:, 2:3] < min_z) | (rel.abs() >= MAX_NORMALISED)
     return rel.masked_fill(invalid, 0.0)
 
 
 def network_input(rgb01: torch.Tensor, xyz: torch.Tensor, centers: torch.Tensor, diameter: float,
                   min_z: float, normalize: bool = True) -> torch.Tensor:
-    """One side's 6-channel input (N,6,s,s): rgb (N,3,s,s) in 0..1, then normalised xyz."""
+    """One side's 6-channel input (N,6,s,s): rgb (N,3,s,s) in 0..1, then normalised_xyz."""
     return torch.cat([rgb01.to(torch.float32), normalised_xyz(xyz, centers, diameter, min_z, normalize)], dim=1)
 
 
@@ -62,18 +76,34 @@ def autocast_for(device: torch.device, enabled: bool = True):
 
 def crop_pair(poses: torch.Tensor, frame: ObservedFrame, renderer, crop_ratio: float, size: int,
               min_z: float, xyz_semantics: str, normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Network inputs for poses (N,4,4): A (rendered) and B (observed), each (N,6,size,size)."""
-    from chunkpose.ops.crops import crop_windows
+    """Both network inputs for poses on a prepared frame, as upstream prepares them.
+
+    Args:
+        poses: (N,4,4) re-centred object in camera.
+        frame: an ObservedFrame (chunkpose.pipeline.frame.prepare_frame).
+        renderer: a chunkpose renderer of the re-centred mesh (headlight shading on).
+        crop_ratio, size: the run config's crop_ratio and input_resize.
+        min_z: 0.001 (refiner, REFINER_MIN_Z) or 0.1 (scorer, SCORER_MIN_Z).
+        xyz_semantics: "refiner" or "scorer" (see chunkpose.ops.warp.xyz_crops).
+        normalize: the config's normalize_xyz.
+
+    Returns:
+        A (rendered) and B (observed), each (N,6,size,size) float32: rgb in 0..1, then the
+        xyz channels of normalised_xyz. The render uses upstream's crop box (crop pixel j
+        shows T^-1((j + 1/2)(size-1)/size)); the observed crops are sampled as kornia
+        0.7.2 samples them (chunkpose.ops.crops.sampling_maps).
+    """
+    from chunkpose.ops.crops import crop_windows, upstream_render_transforms
 
     transforms = crop_windows(poses, frame.K, frame.diameter, crop_ratio, size).transforms
     # Rendering happens inside the caller's engine chunk, so no second level of chunking.
-    rendered = renderer.render_crops(poses, frame.K, transforms, size, engine=None)
+    rendered = renderer.render_crops(poses, frame.K, upstream_render_transforms(transforms, size), size, engine=None)
     centers = poses[:, :3, 3]
     A = network_input(rendered["rgb"].to(poses.device), rendered["xyz"].to(poses.device), centers,
                       frame.diameter, min_z, normalize)
     del rendered
-    observed_rgb = frame.rgb_crops(transforms, size) / 255.0
-    observed_xyz = frame.xyz_crops(transforms, size, semantics=xyz_semantics)
+    observed_rgb = frame.rgb_crops(transforms, size, sampling=UPSTREAM_SAMPLING) / 255.0
+    observed_xyz = frame.xyz_crops(transforms, size, semantics=xyz_semantics, sampling=UPSTREAM_SAMPLING)
     B = network_input(observed_rgb, observed_xyz, centers, frame.diameter, min_z, normalize)
     return A, B
 

@@ -39,11 +39,12 @@ def available_backends(device="cpu") -> list[str]:
     return found
 
 
-def make_renderer(mesh, device="cpu", backend: str | None = None):
+def make_renderer(mesh, device="cpu", backend: str | None = None, shading: bool = True):
     """A renderer for ``mesh`` (a Mesh, a trimesh or a path) on ``device``.
 
     backend=None picks nvdiffrast on a CUDA device when it imports, else gl. Forcing a
-    backend that cannot run raises RuntimeError saying what is missing.
+    backend that cannot run raises RuntimeError saying what is missing. shading: the
+    headlight of FoundationPose's renders (base.HEADLIGHT); False returns the albedo.
     """
     from chunkpose.io.mesh import Mesh, load_mesh
 
@@ -70,7 +71,7 @@ def make_renderer(mesh, device="cpu", backend: str | None = None):
             )
         from .nvdiffrast_backend import NvdiffrastRenderer
 
-        return NvdiffrastRenderer(mesh, device)
+        return NvdiffrastRenderer(mesh, device, shading=shading)
     from .gl import GLRenderer
 
-    return GLRenderer(mesh, device)
+    return GLRenderer(mesh, device, shading=shading)

@@ -17,12 +17,32 @@ buffer back in memory order gives the image top row first.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 OUTPUT_KEYS = ("rgb", "depth", "xyz", "normals", "mask")
+
+
+@dataclass(frozen=True)
+class Headlight:
+    """FoundationPose's render shading: a light at the camera. Per vertex
+    d = clip(normalize(n_cam) . direction, 0, 1), interpolated over the triangle like a colour;
+    rgb = clip(albedo * ambient + d * albedo * diffuse, 0, 1); background 0."""
+
+    direction: tuple = (0.0, 0.0, -1.0)
+    ambient: float = 0.8
+    diffuse: float = 0.5
+
+    def shade(self, albedo, light):
+        """albedo (...,3) and the interpolated d (...,1) -> shaded rgb (...,3) (torch or numpy)."""
+        shaded = albedo * self.ambient + light * albedo * self.diffuse
+        return shaded.clip(0.0, 1.0)
+
+
+HEADLIGHT = Headlight()
 # Nearest allowed near plane (metres); parts of the mesh closer than this are clipped.
 MIN_NEAR = 1e-4
 
@@ -32,7 +52,8 @@ class Renderer(Protocol):
     """Renders one mesh at many poses.
 
     render_crops(poses (B,4,4), K (3,3), transforms (B,3,3), size, engine=None) -> dict:
-        rgb (B,3,s,s) float32 0..1, depth (B,s,s) float32 camera z (0 = background),
+        rgb (B,3,s,s) float32 0..1 (HEADLIGHT-shaded unless the renderer was made with
+        shading=False), depth (B,s,s) float32 camera z (0 = background),
         xyz (B,3,s,s) float32 camera frame, normals (B,3,s,s) float32 camera frame unit
         (0 = background), mask (B,s,s) bool. Tensors on ``renderer.device``.
     render_full(pose (4,4), K (3,3), width, height) -> the same dict with B = 1 at (H,W).

@@ -7,7 +7,12 @@ distances at the tile's edges keep each instance inside its tile (exact geometri
 so nothing leaks into a neighbour). A crop's tile is chosen from its own pose and transform
 (see tile_passes), so a batch renders bitwise alike however the engine slices it. Colour,
 camera-frame xyz and normals go to seven colour attachments (RGBA8 colour, one R32F plane
-per float channel) and are read back once per pass.
+per float channel) and are read back tile by tile.
+
+Shading is FoundationPose's headlight (chunkpose.ops.render.base.HEADLIGHT): a per-vertex
+diffuse term clip(n_cam . (0,0,-1), 0, 1), interpolated over the triangle, and
+rgb = clip(albedo * 0.8 + d * albedo * 0.5, 0, 1); ``shading=False`` returns the albedo.
+Colour is rendered and read back as float32, like nvdiffrast's, not quantised to 8 bits.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import zlib
 import numpy as np
 import torch
 
-from .base import BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
+from .base import HEADLIGHT, BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 GL_CLIP_DISTANCE0 = 0x3000
 # Side of the square tile atlas one pass draws into: 12 x 12 crops of 160 px per pass,
@@ -38,11 +43,15 @@ out vec3 v_xyz;
 out vec3 v_normal;
 out vec3 v_color;
 out vec2 v_uv;
+out float v_light;
 out float gl_ClipDistance[4];
 void main() {
     vec4 cam = inst_pose * vec4(in_pos, 1.0);
     v_xyz = cam.xyz;
     v_normal = mat3(inst_pose) * in_normal;
+    // headlight: per-vertex diffuse term towards the camera (-z), interpolated like a colour
+    float len = length(v_normal);
+    v_light = len > 0.0 ? clamp(dot(v_normal / len, vec3(0.0, 0.0, -1.0)), 0.0, 1.0) : 0.0;
     v_color = in_color;
     v_uv = in_uv;
     vec4 clip = inst_proj * cam;
@@ -63,9 +72,14 @@ in vec3 v_xyz;
 in vec3 v_normal;
 in vec3 v_color;
 in vec2 v_uv;
+in float v_light;
 uniform sampler2D texture0;
 uniform int use_texture;
-// one plane per float channel: read back planes are already channels-first
+uniform int use_shading;
+uniform float ambient;
+uniform float diffuse;
+// float colour (RGBA32F, alpha = coverage) and one plane per float channel: read-back
+// planes are already channels-first
 layout(location = 0) out vec4 out_color;
 layout(location = 1) out float out_x;
 layout(location = 2) out float out_y;
@@ -74,9 +88,13 @@ layout(location = 4) out float out_nx;
 layout(location = 5) out float out_ny;
 layout(location = 6) out float out_nz;
 void main() {
-    vec3 color = v_color;
+    vec3 albedo = v_color;
     if (use_texture != 0) {
-        color = texture(texture0, v_uv).rgb;
+        albedo = texture(texture0, v_uv).rgb;
+    }
+    vec3 color = albedo;
+    if (use_shading != 0) {
+        color = clamp(albedo * ambient + v_light * albedo * diffuse, 0.0, 1.0);
     }
     out_color = vec4(color, 1.0);
     out_x = v_xyz.x;
@@ -161,13 +179,17 @@ def tile_passes(poses: np.ndarray, transforms: np.ndarray, capacity: int):
 
 
 class _Targets:
-    """Attachments of one framebuffer size: colour (RGBA8), x, y, z, nx, ny, nz (R32F
+    """Attachments of one framebuffer size: colour (RGBA32F), x, y, z, nx, ny, nz (R32F
     each) and depth."""
+
+    #: bytes per framebuffer pixel: RGBA32F colour, six R32F planes, a 24-bit depth buffer
+    #: (allocated as 32 bits)
+    BYTES_PER_PIXEL = 16 + 6 * 4 + 4
 
     def __init__(self, ctx, width: int, height: int):
         size = (width, height)
         self.width, self.height = width, height
-        self.color = ctx.renderbuffer(size, 4, dtype="f1")
+        self.color = ctx.renderbuffer(size, 4, dtype="f4")
         self.planes = [ctx.renderbuffer(size, 1, dtype="f4") for _ in range(6)]
         self.depth = ctx.depth_renderbuffer(size)
         self.fbo = ctx.framebuffer([self.color, *self.planes], self.depth)
@@ -182,9 +204,10 @@ class GLRenderer(BatchRenderer):
 
     backend = "gl"
 
-    def __init__(self, mesh, device="cpu"):
+    def __init__(self, mesh, device="cpu", shading: bool = True):
         self.mesh = mesh
         self.device = torch.device(device)
+        self.shading = bool(shading)
         self.ctx = gl_context()
         ctx = self.ctx
         self._program = _shared_program(ctx)
@@ -295,6 +318,9 @@ class GLRenderer(BatchRenderer):
             ctx.enable_direct(GL_CLIP_DISTANCE0 + plane)
         # the program is shared: set this mesh's uniforms before every draw
         self._program["use_texture"].value = 1 if self._texture is not None else 0
+        self._program["use_shading"].value = 1 if self.shading else 0
+        self._program["ambient"].value = HEADLIGHT.ambient
+        self._program["diffuse"].value = HEADLIGHT.diffuse
         if "texture0" in self._program:
             self._program["texture0"].value = 0
         if self._texture is not None:
@@ -303,36 +329,23 @@ class GLRenderer(BatchRenderer):
 
     def _read_pass(self, out: dict, items: np.ndarray, slots: np.ndarray, tile_w: int, tile_h: int,
                    cols: int) -> None:
-        """Read the tiles `slots` of the last pass into the outputs' rows `items`: the band
-        of grid rows that holds them, re-arranged into (tiles, h, w) planes."""
+        """Read the tiles `slots` of the last pass into the outputs' rows `items`, tile by
+        tile: the float planes straight into the output tensors' memory, the colour through
+        one tile-sized buffer. Only the drawn tiles are read, whatever the atlas size."""
         fbo = self._targets[self._current].fbo
-        first_row, last_row = int(slots.min()) // cols, int(slots.max()) // cols
-        band = last_row - first_row + 1
-        viewport = (0, first_row * tile_h, cols * tile_w, band * tile_h)
-        pairs = list(zip(items.tolist(), (slots - first_row * cols).tolist()))
-
-        def as_tiles(image: np.ndarray) -> torch.Tensor:
-            """(band*h, cols*w, ...) -> a (band*cols, h, w, ...) view, no copy."""
-            grid = torch.from_numpy(image).view(band, tile_h, cols, tile_w, *image.shape[2:])
-            return grid.transpose(1, 2)
-
-        # Tile by tile straight into the outputs: no (n, h, w) temporaries beside them.
-        color = np.empty((band * tile_h, cols * tile_w, 4), dtype=np.uint8)
-        fbo.read_into(color, viewport, components=4, attachment=0, dtype="f1")
-        color_tiles = as_tiles(color)
-        for item, slot in pairs:
-            tile = color_tiles[slot // cols, slot % cols]
-            out["rgb"][item].copy_(tile[..., :3].permute(2, 0, 1)).mul_(1.0 / 255.0)
-            out["mask"][item].copy_(tile[..., 3] > 0)
-        plane = np.empty((band * tile_h, cols * tile_w), dtype=np.float32)
-        plane_tiles = as_tiles(plane)
-        for attachment, key, channel in ((3, "depth", None), (1, "xyz", 0), (2, "xyz", 1), (4, "normals", 0),
-                                         (5, "normals", 1), (6, "normals", 2)):
-            fbo.read_into(plane, viewport, components=1, attachment=attachment, dtype="f4")
-            for item, slot in pairs:
+        color = np.empty((tile_h, tile_w, 4), dtype=np.float32)
+        color_t = torch.from_numpy(color)
+        planes = ((1, "xyz", 0), (2, "xyz", 1), (3, "depth", None), (4, "normals", 0), (5, "normals", 1),
+                  (6, "normals", 2))
+        for item, slot in zip(items.tolist(), slots.tolist()):
+            row, col = divmod(slot, cols)
+            viewport = (col * tile_w, row * tile_h, tile_w, tile_h)
+            fbo.read_into(color, viewport, components=4, attachment=0, dtype="f4")
+            out["rgb"][item].copy_(color_t[..., :3].permute(2, 0, 1))
+            out["mask"][item].copy_(color_t[..., 3] > 0)
+            for attachment, key, channel in planes:
                 target = out[key][item] if channel is None else out[key][item, channel]
-                target.copy_(plane_tiles[slot // cols, slot % cols])
-        for item, _ in pairs:
+                fbo.read_into(target.numpy(), viewport, components=1, attachment=attachment, dtype="f4")
             out["xyz"][item, 2].copy_(out["depth"][item])
 
     def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
@@ -370,8 +383,8 @@ class GLRenderer(BatchRenderer):
 
     # -- the backend half of BatchRenderer ------------------------------------------------
     def bytes_per_item(self, size: int) -> int:
-        """Returned tensors plus the read-back buffers (RGBA8 + one float plane) per crop."""
-        return size * size * (output_bytes_per_pixel() + 8)
+        """Returned tensors per crop (the read-back buffers are one tile row, not per crop)."""
+        return size * size * output_bytes_per_pixel()
 
     def _check_full_size(self, width: int, height: int) -> None:
         limit = self._max_side()

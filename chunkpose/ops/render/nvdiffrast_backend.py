@@ -4,6 +4,8 @@ All B crops are rasterised in one instanced call: clip-space positions (B,V,4) c
 each pose and its zoomed projection (K composed with the crop transform, see
 ``base.clip_projection``); camera-frame xyz, normals and colours are interpolated from
 per-vertex attributes. No antialiasing: depth and xyz must stay exact at pixel centres.
+Colours are shaded with the headlight (base.HEADLIGHT): the per-vertex diffuse term is
+interpolated like a colour and applied to the albedo per pixel, as FoundationPose does.
 
 nvdiffrast writes image row 0 at NDC y = -1 and pixel i's centre at NDC -1 + (2i+1)/w,
 the same layout as the GL backend reads back, so the two agree without flips.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
+from .base import HEADLIGHT, BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -25,11 +27,12 @@ class NvdiffrastRenderer(BatchRenderer):
 
     backend = "nvdiffrast"
 
-    def __init__(self, mesh, device="cuda"):
+    def __init__(self, mesh, device="cuda", shading: bool = True):
         import nvdiffrast.torch as dr
 
         self._dr = dr
         self.mesh = mesh
+        self.shading = bool(shading)
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise RuntimeError(f"backend='nvdiffrast' needs a CUDA device, got {str(self.device)!r}")
@@ -67,6 +70,12 @@ class NvdiffrastRenderer(BatchRenderer):
             rgb = dr.texture(self._texture, uv, filter_mode="linear", boundary_mode="wrap")
         else:
             rgb, _ = dr.interpolate(self._colors, rast, self._faces)
+        if self.shading:
+            direction = torch.as_tensor(HEADLIGHT.direction, dtype=torch.float32, device=self.device)
+            unit = torch.nn.functional.normalize(normals_cam, dim=-1)
+            light = (unit @ direction).clamp_(0.0, 1.0)[..., None].contiguous()  # (B,V,1)
+            light, _ = dr.interpolate(light, rast, self._faces)
+            rgb = HEADLIGHT.shade(rgb, light)
         keep = mask[..., None].float()
         rgb = (rgb * keep).clamp_(0.0, 1.0)
         xyz = xyz * keep
