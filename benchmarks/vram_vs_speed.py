@@ -306,7 +306,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     apply_quick(args)
     if args.quick:
-        args.frames, args.track_iters, args.budgets = 2, 1, "none,0.012"
+        args.frames, args.track_iters, args.budgets = 2, 1, "none,0.06"
     if args.scene and not args.mesh:
         p.error("--scene needs --mesh (the object's mesh file)")
     return args

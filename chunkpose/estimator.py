@@ -6,30 +6,41 @@
     res.pose (4,4) float64 object-in-camera (original mesh frame), res.score, res.report
 
 The algorithm (FoundationPose's, see chunkpose/pipeline): depth clean-up, a translation
-guess from the mask, 252 rotation hypotheses, refinement, scoring, best pose. Every stage
-that grows with hypotheses or image size runs through the engine; the full frame stays a
-host array and only the region the crops read goes on the device. Only when even chunk
-size 1 does not fit the budget is the input downscaled (and the report says so).
+guess from the mask, 252 rotation hypotheses, refinement, scoring, best pose. A call flows
+one way: validate -> region -> fit to the budget -> frame -> guess -> refine -> score. Every
+stage that grows with hypotheses or image size runs through the engine; the full frame
+stays a host array and only the region the crops read goes on the device. Only when even
+chunk size 1 does not fit the budget is the input downscaled (and the report says so); that
+decision comes from chunkpose.pipeline.sizing, i.e. from the engine's own cost models of
+the stages, calibrated once on a small copy of the first frame.
 """
 from __future__ import annotations
 
-import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from chunkpose.pipeline import frame as framing
-from chunkpose.pipeline.hypotheses import initial_poses, translation_guess
+from chunkpose.engine import GIB, Budget, Engine
+from chunkpose.engine.fallback import choose_downscale
+from chunkpose.io.mesh import Mesh, load_mesh
+from chunkpose.ops.depth import MIN_DEPTH
+from chunkpose.ops.render import make_renderer
+from chunkpose.pipeline import frame as observation
+from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
+from chunkpose.pipeline.roi import call_region, mask_box
+from chunkpose.pipeline.sizing import CallGeometry, CallSizing
 
-#: The ROI around the expected object covers this many crop windows' widths (registration:
-#: the guess can be off by about a radius; tracking: the object moves between frames).
-REGISTER_ROI_MARGIN = 2.0
-TRACK_ROI_MARGIN = 3.0
 #: Registration needs at least this many mask pixels with valid depth: fewer cannot pin
 #: down a 6D pose (the refiners need tens of point pairs), so it stops with a clear error.
 MIN_MASK_DEPTH_PIXELS = 30
+#: The calibration copy of a frame is resized so that its region is about this many pixels
+#: across (the stages' per-item costs do not depend on it).
+CALIBRATION_SIDE = 192
+#: Hypotheses the calibration runs the stages on, spread over the rotation set.
+CALIBRATION_HYPOTHESES = 8
 
 
 @dataclass
@@ -52,17 +63,9 @@ def _translate(offset) -> np.ndarray:
     return T
 
 
-def crop_roi(center_cam: np.ndarray, K: np.ndarray, diameter: float, crop_ratio: float):
-    """(x0,y0,x1,y1) full-frame box of a "box_3d" crop window (unclipped, end-exclusive)
-    around the camera point center_cam (3,): the projection of center +- r x and +- r y,
-    r = diameter * crop_ratio / 2."""
-    r = diameter * crop_ratio / 2.0
-    z = max(float(center_cam[2]), 1e-3)
-    u = K[0, 0] * center_cam[0] / z + K[0, 2]
-    v = K[1, 1] * center_cam[1] / z + K[1, 2]
-    half = max(K[0, 0], K[1, 1]) * r / z + 2.0  # the +-r points project at f r / z
-    return (int(math.floor(u - half)), int(math.floor(v - half)),
-            int(math.ceil(u + half)) + 1, int(math.ceil(v + half)) + 1)
+def _modules_of(stage) -> list:
+    """The torch modules a refiner or scorer holds (the networks of a learned pair)."""
+    return [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]
 
 
 class PoseEstimator:
@@ -82,9 +85,6 @@ class PoseEstimator:
     def __init__(self, mesh, budget_gb: Optional[float] = 4.0, device=None, weights=None,
                  refine_iterations: int = 5, track_iterations: int = 2, renderer=None,
                  hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None):
-        from chunkpose.engine import Engine
-        from chunkpose.io.mesh import Mesh, load_mesh
-
         for name, value in (("refine_iterations", refine_iterations), ("track_iterations", track_iterations),
                             ("hypotheses", hypotheses)):
             if int(value) != value or value < (1 if name == "hypotheses" else 0):
@@ -97,11 +97,7 @@ class PoseEstimator:
         self.device = torch.device(device or _default_device())
         self.engine = Engine(budget_gb, device=self.device)
         self.budget_gb = budget_gb
-        if renderer is None:
-            from chunkpose.ops.render import make_renderer
-
-            renderer = make_renderer(self._centered, self.device)
-        self.renderer = renderer
+        self.renderer = renderer if renderer is not None else make_renderer(self._centered, self.device)
         if weights is not None and (refiner is None or scorer is None):
             from chunkpose.pipeline.learned import load_learned
 
@@ -119,11 +115,12 @@ class PoseEstimator:
         self.hypotheses = int(hypotheses)
         # Choose the rotation set now: its selection and clustering work on
         # (rotations x rotations) tables that have no business inside a budgeted call.
-        from chunkpose.pipeline.hypotheses import cluster_rotations, rotation_hypotheses
-
         rotations = rotation_hypotheses(self.hypotheses)
-        self._rotations = rotations if symmetry_tfs is None else cluster_rotations(rotations, symmetry_tfs)
+        if symmetry_tfs is not None:
+            rotations = cluster_rotations(rotations, symmetry_tfs)
+        self._rotations = rotations.to(self.device)
         self._last_pose = None  # (4,4) float64, re-centred mesh in camera
+        self._calibrated: set = set()
 
     # ------------------------------------------------------------------ public API
 
@@ -139,25 +136,34 @@ class PoseEstimator:
     def register(self, rgb, depth, K, mask) -> PoseResult:
         """Pose of the object in one frame from scratch.
 
-        rgb uint8 (H,W,3), depth float32 metres (H,W) (0 = missing), K (3,3), mask bool
-        (H,W) of the object. Returns PoseResult; the pose is also kept for track().
+        Args:
+            rgb: (H,W,3) uint8. depth: (H,W) float32 metres (0 = missing). K: (3,3).
+            mask: (H,W) bool of the object.
+
+        Returns:
+            PoseResult; the pose is also kept for track().
         """
-        rgb, depth, K, mask = framing.validate_inputs(rgb, depth, K, mask, require_mask=True)
-        measured = int(np.count_nonzero(depth[mask] >= 0.001))
+        rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=True)
+        measured = int(np.count_nonzero(depth[mask] >= MIN_DEPTH))
         if measured < MIN_MASK_DEPTH_PIXELS:
             raise ValueError(
                 f"mask: only {measured} of its {int(mask.sum())} pixels have valid depth, registration needs at "
                 f"least {MIN_MASK_DEPTH_PIXELS}; the object is too small or too far at this resolution, or the "
                 "depth misses it (check that depth and mask are aligned)")
+        # The region is placed around the raw-depth guess; the hypotheses start at the guess
+        # on the cleaned depth (as upstream), taken once the frame is prepared.
+        anchor = translation_guess(mask, depth, K)
+        geometry = CallGeometry("register", depth.shape, K, anchor, mask_box(mask), len(self._rotations))
+        if not self.engine.budget.unbounded:
+            self._calibrate(geometry, rgb, depth, mask)
         with self._call("register") as report:
-            rgb, depth, Ks, mask, factor = self._fit_to_budget(rgb, depth, K, mask, "register")
-            diameter = self._centered.diameter
-            # The ROI is chosen from the raw depth; the guess is then taken on the cleaned ROI.
-            rough_t = translation_guess(mask, depth, Ks)
-            roi = framing.union_roi(framing.mask_bbox(mask), self._roi_around(rough_t, Ks, REGISTER_ROI_MARGIN))
-            frame = framing.prepare_frame(rgb, depth, Ks, mask, roi, diameter, self.engine, self.device)
-            with self._resident(frame):
-                t = self._guess_on_frame(frame, rough_t)
+            rgb, depth, Ks, mask, factor = self._fit_to_budget(geometry, rgb, depth, K, mask)
+            region = call_region("register", depth.shape, Ks, self._centered.diameter, self._crop_ratio, anchor,
+                                 mask=mask)
+            frame = observation.prepare_frame(rgb, depth, Ks, mask, region, self._centered.diameter, self.engine,
+                                              self.device)
+            with self.engine.resident(*frame.tensors()):
+                t = self._guess_on_frame(frame, anchor)
                 poses = initial_poses(t, device=self.device, rotations=self._rotations)
                 with torch.no_grad():
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
@@ -173,17 +179,25 @@ class PoseEstimator:
     def track(self, rgb, depth, K) -> PoseResult:
         """Pose in the next frame, refined from the last one (track_iterations, no scoring).
 
-        rgb uint8 (H,W,3), depth float32 metres (H,W), K (3,3). Call register() first.
+        Args:
+            rgb: (H,W,3) uint8. depth: (H,W) float32 metres. K: (3,3). Call register() first.
+
+        Returns:
+            PoseResult with score NaN.
         """
         if self._last_pose is None:
             raise RuntimeError("track: no pose to start from; call register(rgb, depth, K, mask) first")
-        rgb, depth, K, _ = framing.validate_inputs(rgb, depth, K, None, require_mask=False)
+        rgb, depth, K, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
+        geometry = CallGeometry("track", depth.shape, K, self._last_pose[:3, 3].copy(), None, 1)
+        if not self.engine.budget.unbounded:
+            self._calibrate(geometry, rgb, depth, None)
         with self._call("track") as report:
-            rgb, depth, Ks, _, factor = self._fit_to_budget(rgb, depth, K, None, "track")
-            roi = self._roi_around(self._last_pose[:3, 3], Ks, TRACK_ROI_MARGIN)
-            frame = framing.prepare_frame(rgb, depth, Ks, None, roi, self._centered.diameter,
-                                          self.engine, self.device)
-            with self._resident(frame):
+            rgb, depth, Ks, _, factor = self._fit_to_budget(geometry, rgb, depth, K, None)
+            region = call_region("track", depth.shape, Ks, self._centered.diameter, self._crop_ratio,
+                                 self._last_pose[:3, 3])
+            frame = observation.prepare_frame(rgb, depth, Ks, None, region, self._centered.diameter, self.engine,
+                                              self.device)
+            with self.engine.resident(*frame.tensors()):
                 poses = torch.as_tensor(self._last_pose, dtype=torch.float32, device=self.device)[None]
                 with torch.no_grad():
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.track_iterations)
@@ -191,6 +205,128 @@ class PoseEstimator:
             del frame, poses
         self._last_pose = pose
         return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report)
+
+    def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
+        """The smallest budget_gb (GiB) under which this frame runs at `scale` x its
+        resolution without being downscaled further: register when a mask is given, track
+        (from the last pose) without one. The same estimate register/track use to decide
+        on downscaling (chunkpose.pipeline.sizing). Arguments as register (mask None: as track)."""
+        geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
+        self._calibrate(geometry, rgb, depth, mask)
+        need = self._sizing(geometry.mode).minimum_bytes(geometry, float(scale))
+        return Budget.from_gb(1.0, self.device).budget_for_usable(need) / GIB
+
+    def estimate_peak_bytes(self, rgb, depth, K, mask=None) -> int:
+        """The peak device bytes (torch and outside it) a register (mask given) or track
+        call on this frame is predicted to reach under this estimator's budget: the what-if
+        the real call can be checked against (report.total_peak_bytes)."""
+        geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
+        self._calibrate(geometry, rgb, depth, mask)
+        sizing = self._sizing(geometry.mode)
+        factor = self._scale_for(geometry, sizing)
+        return sizing.peak_bytes(geometry, factor, usable=self.engine.budget.usable_bytes)
+
+    # ------------------------------------------------------------------ budget
+
+    @property
+    def _crop_ratio(self) -> float:
+        return max(self.refiner.crop_ratio, self.scorer.crop_ratio)
+
+    def _what_if_geometry(self, rgb, depth, K, mask):
+        mode = "register" if mask is not None else "track"
+        rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=mode == "register")
+        if mode == "track":
+            if self._last_pose is None:
+                raise RuntimeError("a what-if without a mask estimates tracking: call register() first")
+            return CallGeometry("track", depth.shape, K, self._last_pose[:3, 3].copy(), None, 1), rgb, depth
+        anchor = translation_guess(mask, depth, K)
+        return CallGeometry("register", depth.shape, K, anchor, mask_box(mask), len(self._rotations)), rgb, depth
+
+    def _resident(self) -> list:
+        """What the estimator holds on the device for a whole call: the networks, the
+        renderer's tensors, the rotation set."""
+        held = [*_modules_of(self.refiner), *_modules_of(self.scorer), self._rotations]
+        tensors = getattr(self.renderer, "device_tensors", None)
+        if callable(tensors):
+            held.extend(tensors())
+        return held
+
+    def _external_bytes(self) -> int:
+        """Renderer memory outside torch's allocator for this object's crops (framebuffers)."""
+        external = getattr(self.renderer, "external_bytes", None)
+        if not callable(external):
+            return 0
+        sizes = sorted({int(self.refiner.crop_size), int(self.scorer.crop_size)})
+        return int(external(sizes))
+
+    def _sizing(self, mode: str) -> CallSizing:
+        from chunkpose.engine.meter import tensors_in
+
+        static = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors_in(self._resident())}.values()
+                     if t.device.type == self.device.type) + self._external_bytes()
+        stages = self._stage_names(mode)
+        return CallSizing(self.engine.planner, self._centered.diameter, self._crop_ratio, static, stages)
+
+    def _stage_names(self, mode: str) -> tuple:
+        names = [getattr(self.refiner, "stage_name", None)]
+        if mode == "register":
+            names.append(getattr(self.scorer, "stage_name", None))
+        return tuple(name for name in names if name)
+
+    def _scale_for(self, geometry: CallGeometry, sizing: CallSizing) -> float:
+        usable = self.engine.budget.usable_bytes
+        if usable is None or sizing.minimum_bytes(geometry, 1.0) <= usable:
+            return 1.0
+        return choose_downscale(lambda s: sizing.minimum_bytes(geometry, s), usable, what=f"{geometry.mode} of one frame")
+
+    def _fit_to_budget(self, geometry: CallGeometry, rgb, depth, K, mask):
+        """Downscale only if the call cannot fit the budget at full resolution."""
+        sizing = self._sizing(geometry.mode)
+        # Raises BudgetTooSmall (with the minimum) when not even the smallest scale fits.
+        factor = self._scale_for(geometry, sizing)
+        if factor >= 1.0:
+            return rgb, depth, K, mask, 1.0
+        full = sizing.minimum_bytes(geometry, 1.0)
+        reason = (f"{geometry.mode} needs at least {full / GIB:.3f} GiB at full resolution "
+                  f"{depth.shape[1]}x{depth.shape[0]} (chunk size 1), the budget allows "
+                  f"{self.engine.budget.usable_bytes / GIB:.3f} GiB")
+        self.engine.note_downscale(factor, reason)
+        rgb, depth, K, mask = observation.resize_inputs(rgb, depth, K, mask, factor)
+        return rgb, depth, K, mask, factor
+
+    def _calibrate(self, geometry: CallGeometry, rgb, depth, mask) -> None:
+        """Once per mode: run the call's stages on a few spread hypotheses of a small copy
+        of this frame, so the engine holds measured cost models of every stage before the
+        first decision that needs them (the what-if, the downscale, the first plan)."""
+        if geometry.mode in self._calibrated:
+            return
+        region = call_region(geometry.mode, geometry.size, geometry.K, self._centered.diameter, self._crop_ratio,
+                             geometry.center, mask_bbox=geometry.mask_bbox)
+        side = max(region.roi[2] - region.roi[0], region.roi[3] - region.roi[1])
+        factor = min(1.0, CALIBRATION_SIDE / side)
+        rgb_s, depth_s, K_s, mask_s = observation.resize_inputs(rgb, depth, geometry.K, mask, factor)
+        if mask_s is not None and not mask_s.any():
+            mask_s = None
+        small = call_region(geometry.mode, depth_s.shape, K_s, self._centered.diameter, self._crop_ratio,
+                            geometry.center, mask=mask_s) if mask_s is not None or geometry.mode == "track" else None
+        if small is None:
+            return
+        with self.engine.call(f"calibrate.{geometry.mode}", resident=self._resident()), \
+                self.engine.external("renderer", self._external_bytes()):
+            frame = observation.prepare_frame(rgb_s, depth_s, K_s, mask_s, small, self._centered.diameter, None,
+                                              self.device)
+            if geometry.mode == "register":
+                picks = torch.linspace(0, len(self._rotations) - 1, CALIBRATION_HYPOTHESES).round().long().unique()
+                poses = initial_poses(geometry.center, device=self.device, rotations=self._rotations[picks.to(self.device)])
+            else:
+                poses = torch.as_tensor(self._last_pose, dtype=torch.float32, device=self.device)[None]
+            with self.engine.resident(*frame.tensors()), self.engine.calibrating(), torch.no_grad():
+                poses = self.refiner.refine(poses, frame, self.renderer, self.engine, 2)
+                if geometry.mode == "register":
+                    self.scorer.score(poses, frame, self.renderer, self.engine)
+        self._calibrated.add(geometry.mode)
+
+    # ------------------------------------------------------------------ helpers
 
     def _polish(self, poses, scores, frame):
         """Second pass of the refiner over its polish_candidates best-scored poses (if it
@@ -207,88 +343,6 @@ class PoseEstimator:
         scores[top[better]] = new_scores[better]
         return poses, scores
 
-    # ------------------------------------------------------------------ budget
-
-    def minimum_bytes(self, roi_pixels: int, hypotheses: int) -> int:
-        """Smallest device footprint (bytes) of a call whose ROI has roi_pixels pixels:
-        the resident ROI tensors, the renderer/network residents, the hypothesis state,
-        and the largest stage at chunk size 1."""
-        stage = max(self.refiner.item_bytes(), self.scorer.item_bytes())
-        resident = self.refiner.resident_bytes() + self.scorer.resident_bytes() + self._renderer_bytes()
-        state = hypotheses * (4 * 16 * 3 + 4 * 4)  # poses in/out/scores and small per-item bits
-        return int(roi_pixels * framing.roi_bytes_per_pixel() + resident + state + stage)
-
-    def _renderer_bytes(self) -> int:
-        if self.device.type == "cpu" and getattr(self.renderer, "backend", "") == "gl":
-            return 0  # GL buffers live in the GL driver, not in torch memory
-        m = self._centered
-        return int(m.vertices.shape[0] * 4 * 11 + m.faces.shape[0] * 8 * 3)
-
-    def _roi_pixels(self, rgb_shape, K, mask, t_guess, mode: str, factor: float) -> int:
-        """ROI size in pixels (halo included) for a frame downscaled by `factor`."""
-        H, W = rgb_shape
-        h, w = max(2, int(round(H * factor))), max(2, int(round(W * factor)))
-        Ks = K.copy()
-        Ks[0] *= w / W
-        Ks[1] *= h / H
-        margin = REGISTER_ROI_MARGIN if mode == "register" else TRACK_ROI_MARGIN
-        roi = self._roi_around(t_guess, Ks, margin)
-        if mask is not None:
-            x0, y0, x1, y1 = framing.mask_bbox(mask)
-            roi = framing.union_roi(roi, (int(x0 * w / W), int(y0 * h / H),
-                                          int(math.ceil(x1 * w / W)), int(math.ceil(y1 * h / H))))
-        x0, y0, x1, y1 = framing.clip_roi(roi, (h, w))
-        halo = 2 * framing.CLEANUP_HALO
-        return (min(h, y1 - y0 + halo)) * (min(w, x1 - x0 + halo))
-
-    def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
-        """The smallest budget_gb (GiB) under which this frame runs at `scale` x its
-        resolution without being downscaled further: register when a mask is given, track
-        (from the last pose) without one. The same estimate register/track use to decide
-        on downscaling: resident ROI tensors and networks plus the largest stage at chunk
-        size 1. Arguments as register (mask None: as track)."""
-        from chunkpose.engine import GIB, Budget
-
-        mode = "register" if mask is not None else "track"
-        _, depth, K, mask = framing.validate_inputs(rgb, depth, K, mask, require_mask=mode == "register")
-        if mode == "track" and self._last_pose is None:
-            raise RuntimeError("required_budget_gb without a mask estimates tracking: call register() first")
-        need = self._need_at_scale(depth, K, mask, mode)(float(scale))
-        return Budget.from_gb(1.0, self.device).budget_for_usable(need) / GIB
-
-    def _need_at_scale(self, depth, K, mask, mode: str):
-        """factor -> minimum bytes of a register/track call on this frame downscaled by factor."""
-        t = translation_guess(mask, depth, K) if mode == "register" else self._last_pose[:3, 3]
-        count = len(self._rotations) if mode == "register" else 1
-        return lambda factor: self.minimum_bytes(self._roi_pixels(depth.shape, K, mask, t, mode, factor), count)
-
-    def _fit_to_budget(self, rgb, depth, K, mask, mode: str):
-        """Downscale only if the call cannot fit the budget at full resolution."""
-        budget = self.engine.budget_bytes
-        if budget is None:
-            return rgb, depth, K, mask, 1.0
-        need = self._need_at_scale(depth, K, mask, mode)
-        usable = self.engine.budget.usable_bytes
-        full = need(1.0)
-        if full <= usable:
-            return rgb, depth, K, mask, 1.0
-        from chunkpose.engine.fallback import choose_downscale
-
-        # Raises BudgetTooSmall (with the minimum) when not even the smallest scale fits.
-        factor = choose_downscale(lambda s: need(s), usable, what=f"{mode} of one frame")
-        reason = (f"{mode} needs at least {full / 2**30:.3f} GiB at full resolution "
-                  f"{depth.shape[1]}x{depth.shape[0]} (chunk size 1), the budget allows "
-                  f"{usable / 2**30:.3f} GiB")
-        self.engine.note_downscale(factor, reason)
-        rgb, depth, K, mask = framing.resize_inputs(rgb, depth, K, mask, factor)
-        return rgb, depth, K, mask, factor
-
-    # ------------------------------------------------------------------ helpers
-
-    def _roi_around(self, center_cam, K, margin: float):
-        ratio = max(self.refiner.crop_ratio, self.scorer.crop_ratio) * margin
-        return crop_roi(np.asarray(center_cam, dtype=np.float64), K, self._centered.diameter, ratio)
-
     def _guess_on_frame(self, frame, fallback_t) -> np.ndarray:
         """Translation guess on the cleaned depth (as upstream), from the ROI tensors."""
         x0, y0 = frame.origin
@@ -302,29 +356,10 @@ class PoseEstimator:
         except ValueError:
             return fallback_t  # clean-up removed every masked depth: keep the raw guess
 
-    def _resident(self, frame):
-        tensors = [t for t in (frame.rgb, frame.depth, frame.xyz, frame.mask) if t is not None]
-        return self.engine.resident(*tensors)
-
+    @contextmanager
     def _call(self, name: str):
-        return _Call(self.engine, name)
-
-
-class _Call:
-    """One measured call: a fresh report, one engine session around everything."""
-
-    def __init__(self, engine, name):
-        self.engine, self.name = engine, name
-
-    def __enter__(self):
-        from chunkpose.engine import RunReport
-
-        # Each call reports on itself; the planner's cache (per stage signature) is kept,
-        # so a tracking loop plans once.
-        self.engine.report = RunReport(budget_bytes=self.engine.budget_bytes, device=str(self.engine.device))
-        self._session = self.engine.session(self.name)
-        self._session.__enter__()
-        return self.engine.report
-
-    def __exit__(self, *exc):
-        return self._session.__exit__(*exc)
+        """The engine's call context with what the estimator holds counted from the first
+        byte, and the renderer's framebuffers declared as memory outside torch."""
+        with self.engine.call(name, resident=self._resident()) as report, \
+                self.engine.external("renderer", self._external_bytes()):
+            yield report

@@ -174,9 +174,9 @@ class ScenePairs:
     def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
         import numpy as np
 
-        from chunkpose.ops.depth import depth_to_xyz
-        from chunkpose.pipeline.base import ObservedFrame
+        from chunkpose.pipeline.frame import prepare_frame, validate_inputs
         from chunkpose.pipeline.learned import REFINER_MIN_Z, crop_pair
+        from chunkpose.pipeline.roi import CallRegion
         from chunkpose.synth import make_scene
 
         lo, hi = self.footprint
@@ -190,12 +190,10 @@ class ScenePairs:
         truth = torch.as_tensor(scene.poses[0] @ to_centre, dtype=torch.float32).repeat(batch_size, 1, 1)
         diameter = float(mesh.diameter)
         hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * diameter, generator)
-        depth = torch.as_tensor(scene.depth[0], dtype=torch.float32, device=dev)
-        K = torch.as_tensor(scene.K, dtype=torch.float32, device=dev)
-        frame = ObservedFrame(
-            rgb=torch.as_tensor(scene.rgb[0], device=dev).permute(2, 0, 1).float(), depth=depth,
-            xyz=depth_to_xyz(depth, K).permute(2, 0, 1), mask=torch.as_tensor(scene.masks[0], device=dev), K=K,
-            origin=(0, 0), full_size=(self.height, self.width), diameter=diameter)
+        # The observed side exactly as inference prepares it: validated, cleaned, uploaded.
+        rgb, depth, K, mask = validate_inputs(scene.rgb[0], scene.depth[0], scene.K, scene.masks[0], require_mask=False)
+        region = CallRegion.of_box((0, 0, self.width, self.height), (self.height, self.width), mask is not None)
+        frame = prepare_frame(rgb, depth, K, mask, region, diameter, None, dev)
         hyp, truth = hyp.to(dev), truth.to(dev)
         A, B = crop_pair(hyp, frame, self._renderer(mesh), self.crop_ratio, self.size, REFINER_MIN_Z, "refiner")
         trans, rot = update_targets(hyp, truth, diameter)

@@ -38,8 +38,38 @@ __global__ void xyz_crops_kernel(const float* __restrict__ depth, int64_t x0, in
   const int64_t b = i / plane, rem = i % plane;
   const int64_t qy = rem / size, qx = rem % size;
   float* o = out + b * 3 * plane + rem;
-  xyz_crop_pixel(depth, x0, y0, w, h, T + 9 * b, Ti + 9 * b, size, semantics, fx, fy, cx, cy,
+  xyz_crop_pixel(WindowDepth{depth}, x0, y0, w, h, T + 9 * b, Ti + 9 * b, size, semantics, fx, fy, cx, cy,
                  static_cast<double>(qx), static_cast<double>(qy), o, o + plane, o + 2 * plane);
+}
+
+__global__ void xyz_crops_cleaned_kernel(CleanedDepth cleaned, int64_t x0, int64_t y0, int64_t w, int64_t h,
+                                         const double* __restrict__ T, const double* __restrict__ Ti, int64_t B,
+                                         int64_t size, int64_t semantics, float fx, float fy, float cx, float cy,
+                                         float* __restrict__ out) {
+  const int64_t plane = size * size;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * plane) return;
+  const int64_t b = i / plane, rem = i % plane;
+  const int64_t qy = rem / size, qx = rem % size;
+  float* o = out + b * 3 * plane + rem;
+  xyz_crop_pixel(cleaned, x0, y0, w, h, T + 9 * b, Ti + 9 * b, size, semantics, fx, fy, cx, cy,
+                 static_cast<double>(qx), static_cast<double>(qy), o, o + plane, o + 2 * plane);
+}
+
+template <typename Pixel>
+__global__ void warp_bilinear_kernel(const Pixel* __restrict__ image, int64_t C, int64_t h, int64_t w,
+                                     const double* __restrict__ Ti, int64_t B, int64_t size, int64_t x0, int64_t y0,
+                                     float* __restrict__ out) {
+  const int64_t plane = size * size;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * plane) return;
+  const int64_t b = i / plane, rem = i % plane;
+  const int64_t qy = rem / size, qx = rem % size;
+  double lx, ly;
+  const bool ok = crop_source_position(Ti + 9 * b, static_cast<double>(qx), static_cast<double>(qy), x0, y0, &lx, &ly);
+  for (int64_t c = 0; c < C; ++c) {
+    out[(b * C + c) * plane + rem] = ok ? bilinear_sample(image + c * h * w, w, h, lx, ly) : 0.0f;
+  }
 }
 
 __global__ void erode_kernel(const float* __restrict__ depth, int64_t H, int64_t W, int64_t row_start,
@@ -111,6 +141,72 @@ at::Tensor xyz_crops_cuda(const at::Tensor& depth_in, const at::Tensor& transfor
   return out;
 }
 
+at::Tensor xyz_crops_cleaned_cuda(const at::Tensor& raw_in, const at::Tensor& transforms_in,
+                                  const at::Tensor& inverses_in, double fx, double fy, double cx, double cy,
+                                  int64_t size, int64_t semantics, int64_t x0, int64_t y0, int64_t w, int64_t h,
+                                  int64_t wx0, int64_t wy0, int64_t H, int64_t W, int64_t erode_radius,
+                                  double diff_thres, double ratio_thres, int64_t bilateral_radius, double sigma_d,
+                                  double sigma_r, double zfar) {
+  check_cuda_depth(raw_in, "xyz_crops_cleaned");
+  TORCH_CHECK(transforms_in.is_cuda() && inverses_in.is_cuda() && transforms_in.scalar_type() == at::kDouble &&
+                  inverses_in.scalar_type() == at::kDouble && transforms_in.dim() == 3 &&
+                  transforms_in.size(1) == 3 && transforms_in.size(2) == 3 &&
+                  inverses_in.sizes() == transforms_in.sizes(),
+              "xyz_crops_cleaned: transforms and inverses must be CUDA float64 (B, 3, 3)");
+  TORCH_CHECK(transforms_in.device() == raw_in.device() && inverses_in.device() == raw_in.device(),
+              "xyz_crops_cleaned: raw, transforms and inverses must be on the same device");
+  TORCH_CHECK(0 <= erode_radius && erode_radius <= kMaxCleanRadius && 0 <= bilateral_radius &&
+                  bilateral_radius <= kMaxCleanRadius,
+              "xyz_crops_cleaned: filter radii must be in 0..", kMaxCleanRadius);
+  TORCH_CHECK(size > 0, "xyz_crops_cleaned: size must be positive");
+  TORCH_CHECK(semantics == kSemanticsRefiner || semantics == kSemanticsScorer,
+              "xyz_crops_cleaned: unknown semantics code");
+  const c10::cuda::CUDAGuard guard(raw_in.device());
+  const at::Tensor raw = raw_in.contiguous();
+  const at::Tensor T = transforms_in.contiguous();
+  const at::Tensor Ti = inverses_in.contiguous();
+  const int64_t B = T.size(0), plane = size * size;
+  at::Tensor out = at::empty({B, 3, size, size}, raw.options());
+  if (B == 0) return out;
+  const CleanedDepth cleaned{RawWindow{raw.data_ptr<float>(), wx0, wy0, raw.size(1)}, H, W,
+                             CleanParams{erode_radius, static_cast<float>(diff_thres), static_cast<float>(ratio_thres),
+                                         bilateral_radius, static_cast<float>(sigma_d), static_cast<float>(sigma_r),
+                                         static_cast<float>(zfar)}};
+  xyz_crops_cleaned_kernel<<<blocks_for(B * plane), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      cleaned, x0, y0, w, h, T.data_ptr<double>(), Ti.data_ptr<double>(), B, size, semantics, static_cast<float>(fx),
+      static_cast<float>(fy), static_cast<float>(cx), static_cast<float>(cy), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor warp_bilinear_cuda(const at::Tensor& image_in, const at::Tensor& inverses_in, int64_t size, int64_t x0,
+                              int64_t y0) {
+  TORCH_CHECK(image_in.is_cuda() && image_in.dim() == 3 &&
+                  (image_in.scalar_type() == at::kByte || image_in.scalar_type() == at::kFloat),
+              "warp_bilinear: image must be a CUDA uint8 or float32 (C, H, W) tensor");
+  TORCH_CHECK(inverses_in.is_cuda() && inverses_in.scalar_type() == at::kDouble && inverses_in.dim() == 3 &&
+                  inverses_in.size(1) == 3 && inverses_in.size(2) == 3 && inverses_in.device() == image_in.device(),
+              "warp_bilinear: inverses must be CUDA float64 (B, 3, 3) on the image's device");
+  TORCH_CHECK(size > 0, "warp_bilinear: size must be positive");
+  const c10::cuda::CUDAGuard guard(image_in.device());
+  const at::Tensor image = image_in.contiguous();
+  const at::Tensor Ti = inverses_in.contiguous();
+  const int64_t B = Ti.size(0), C = image.size(0), plane = size * size;
+  at::Tensor out = at::empty({B, C, size, size}, image.options().dtype(at::kFloat));
+  if (B == 0) return out;
+  if (image.scalar_type() == at::kByte) {
+    warp_bilinear_kernel<uint8_t><<<blocks_for(B * plane), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        image.data_ptr<uint8_t>(), C, image.size(1), image.size(2), Ti.data_ptr<double>(), B, size, x0, y0,
+        out.data_ptr<float>());
+  } else {
+    warp_bilinear_kernel<float><<<blocks_for(B * plane), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        image.data_ptr<float>(), C, image.size(1), image.size(2), Ti.data_ptr<double>(), B, size, x0, y0,
+        out.data_ptr<float>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor erode_depth_cuda(const at::Tensor& depth_in, int64_t row_start, int64_t row_end, int64_t radius,
                             double diff_thres, double ratio_thres, double zfar) {
   check_cuda_depth(depth_in, "erode_depth");
@@ -149,6 +245,8 @@ at::Tensor bilateral_filter_depth_cuda(const at::Tensor& depth_in, int64_t row_s
 TORCH_LIBRARY_IMPL(chunkpose, CUDA, m) {
   m.impl("depth_to_xyz_out", &depth_to_xyz_out_cuda);
   m.impl("xyz_crops", &xyz_crops_cuda);
+  m.impl("xyz_crops_cleaned", &xyz_crops_cleaned_cuda);
+  m.impl("warp_bilinear", &warp_bilinear_cuda);
   m.impl("erode_depth", &erode_depth_cuda);
   m.impl("bilateral_filter_depth", &bilateral_filter_depth_cuda);
 }

@@ -193,8 +193,14 @@ def test_registration_with_random_learned_weights_chunked_equals_unchunked(small
             est.engine.max_chunk = 2  # force several chunks per stage
         seen = {}
         refine, score = est.refiner.refine, est.scorer.score
-        est.refiner.refine = lambda *a, **k: seen.setdefault("poses", refine(*a, **k))
-        est.scorer.score = lambda *a, **k: seen.setdefault("scores", score(*a, **k))
+
+        def keep(key, fn):  # the last call's result: the registration's (a calibration run comes first)
+            def wrapped(*a, **k):
+                seen[key] = fn(*a, **k)
+                return seen[key]
+            return wrapped
+
+        est.refiner.refine, est.scorer.score = keep("poses", refine), keep("scores", score)
         result = est.register(rgb, depth, K, mask)
         runs.append((result, seen))
     (plain, plain_seen), (chunked, chunked_seen) = runs

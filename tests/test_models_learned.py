@@ -94,10 +94,8 @@ def make_frame(H=96, W=128):
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
     depth = 0.5 + 0.01 * torch.sin(u / 7) * torch.cos(v / 5)
     depth[:4] = 0.0  # some missing depth
-    xyz = torch.stack([(u - K[0, 2]) * depth / K[0, 0], (v - K[1, 2]) * depth / K[1, 1], depth])
-    xyz = xyz * (depth > 0.001)
-    rgb = torch.rand(3, H, W, generator=g) * 255
-    return ObservedFrame(rgb=rgb, depth=depth, xyz=xyz, mask=None, K=K, origin=(0, 0), full_size=(H, W),
+    rgb = (torch.rand(3, H, W, generator=g) * 255).to(torch.uint8)
+    return ObservedFrame(rgb=rgb, depth=depth, mask=None, K=K, origin=(0, 0), full_size=(H, W),
                          diameter=DIAMETER)
 
 

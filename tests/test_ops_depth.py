@@ -71,13 +71,14 @@ def test_filters_through_the_engine(backend):
     engine_mod = pytest.importorskip("chunkpose.engine")
     d = synthetic_depth(120, 64, seed=8)
     # A budget that forces several row bands.
-    hints = depth_ops._band_hints(d, 2)
+    hints = run(backend, depth_ops.band_hints, d.shape[1], 2)
     budget = 3 * d.numel() * 4 + hints["fixed_bytes"] + 20 * hints["per_item_bytes"]
     engine = engine_mod.Engine(budget_gb=budget / 2**30, device="cpu")
     for fn in (ops.erode_depth, ops.bilateral_filter_depth):
         whole = run(backend, fn, d)
         banded = run(backend, fn, d, engine=engine)
         assert torch.equal(banded, whole)
+    assert len(engine.report.stages["depth.erode"].chunk_sizes) > 1
     report = str(engine.report.to_dict())
     assert "depth.erode" in report and "depth.bilateral" in report
     print(report)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from chunkpose.ops.crops import crop_windows
 from chunkpose.pipeline import frame as framing
+from chunkpose.pipeline.roi import CallRegion
 from chunkpose.pipeline.hypotheses import icosphere_vertices, initial_poses, rotation_hypotheses, translation_guess
 from chunkpose.pipeline.posemath import (
     invert_pose,
@@ -175,15 +177,23 @@ def test_prepared_roi_equals_full_frame_cleaning_inside_the_roi():
     mask[20:35, 30:50] = True
     K = np.array([[70.0, 0, 41.5], [0, 70.0, 29.5], [0, 0, 1]])
     roi = (25, 15, 57, 41)
-    frame = framing.prepare_frame(rgb, depth, K, mask, roi, 0.1, Engine(None), "cpu")
+    frame = framing.prepare_frame(rgb, depth, K, mask, CallRegion.of_box(roi, (H, W), True), 0.1, Engine(None), "cpu")
     full = bilateral_filter_depth(erode_depth(torch.from_numpy(depth)))
     x0, y0, x1, y1 = roi
     assert frame.origin == (x0, y0) and frame.full_size == (H, W)
     assert torch.equal(frame.depth, full[y0:y1, x0:x1])
-    xyz_full = depth_to_xyz(full, torch.tensor(K, dtype=torch.float32))
-    assert torch.allclose(frame.xyz.permute(1, 2, 0), xyz_full[y0:y1, x0:x1], atol=1e-6)
-    assert torch.equal(frame.rgb, torch.from_numpy(rgb[y0:y1, x0:x1]).permute(2, 0, 1).float())
+    assert frame.rgb.dtype == torch.uint8 and torch.equal(frame.rgb, torch.from_numpy(rgb[y0:y1, x0:x1]).permute(2, 0, 1))
     assert torch.equal(frame.mask, torch.from_numpy(mask[y0:y1, x0:x1]))
+    # The same region cleaned on demand at the pixels crops sample gives the same points.
+    lazy = framing.prepare_frame(rgb, depth, K, None, CallRegion.of_box(roi, (H, W), False, on_demand=True), 0.1,
+                                 Engine(None), "cpu")
+    assert lazy.depth.shape == (41 - 15 + 8, 57 - 25 + 8) and lazy.on_demand is not None
+    windows = crop_windows(torch.tensor([[[1.0, 0, 0, -0.02], [0, 1.0, 0, 0.0], [0, 0, 1.0, 0.6], [0, 0, 0, 1.0]],
+                                         [[1.0, 0, 0, 0.01], [0, 1.0, 0, 0.01], [0, 0, 1.0, 0.62], [0, 0, 0, 1.0]]]),
+                           K, 0.15, 1.2, size=24)
+    for semantics in ("refiner", "scorer"):
+        assert torch.equal(lazy.xyz_crops(windows.transforms, 24, semantics),
+                           frame.xyz_crops(windows.transforms, 24, semantics))
 
 
 # ----------------------------------------------------------------------------- geometric ops
@@ -208,7 +218,8 @@ def small_setup():
     m = out["mask"][0].numpy()
     depth = np.where(m, out["depth"][0].numpy(), 0.6).astype(np.float32)
     rgb = (out["rgb"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    frame = framing.prepare_frame(rgb, depth, K, m, (0, 0, W, H), mesh.diameter, Engine(None), "cpu")
+    frame = framing.prepare_frame(rgb, depth, K, m, CallRegion.of_box((0, 0, W, H), (H, W), True), mesh.diameter,
+                                  Engine(None), "cpu")
     return dict(mesh=mesh, renderer=renderer, frame=frame, pose=torch.tensor(pose, dtype=torch.float32))
 
 
@@ -291,7 +302,8 @@ def test_geometric_scorer_gives_symmetric_poses_equal_scores():
     m = out["mask"][0].numpy()
     depth = np.where(m, out["depth"][0].numpy(), 0.6).astype(np.float32)
     rgb = np.zeros((120, 160, 3), np.uint8)
-    frame = framing.prepare_frame(rgb, depth, K, m, (0, 0, 160, 120), mesh.diameter, Engine(None), "cpu")
+    frame = framing.prepare_frame(rgb, depth, K, m, CallRegion.of_box((0, 0, 160, 120), (120, 160), True),
+                                  mesh.diameter, Engine(None), "cpu")
     base = torch.tensor(pose, dtype=torch.float32)
     spun = []
     for a in (0.0, 1.0, 2.5):  # rotations about the cylinder's own z axis

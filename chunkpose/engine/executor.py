@@ -1,15 +1,17 @@
 """Engine: runs a batched op over chunks of its leading axis under a memory budget.
 
     engine = Engine(budget_gb=4.0, device="cuda")
-    xyz = engine.map(op, rows, name="depth.xyz", depth=depth, K=K)
+    with engine.call("frame", resident=[network]) as report:
+        xyz = engine.map(op, rows, name="depth.xyz", depth=depth, K=K)
 
 The op is called on slices of the positional tensors (axis 0) with the keyword arguments
 whole; chunk outputs are written into outputs preallocated from the first chunk's result
 (no concatenation). The chunk size comes from the planner's cost model; an out-of-memory
-error halves it (after leaving the except block and freeing), and a chunk of one item that
-still fails raises BudgetTooSmall. With autograd on and an input that requires grad, each
-chunk runs under non-reentrant gradient checkpointing, so only chunk inputs are kept for
-backward.
+error halves it (after leaving the except block and freeing), bounded or not, and a chunk
+of one item that still fails raises BudgetTooSmall (unbounded: the memory error). With
+autograd on and an input that requires grad, each chunk runs under non-reentrant gradient
+checkpointing (per call: ``map(..., checkpoint=False)`` keeps whole graphs), so only chunk
+inputs are kept for backward.
 
 CUDA allocator tip: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the first
 CUDA allocation to cut the reserved-minus-allocated overhead that the budget margin covers
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -26,17 +29,25 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .budget import GIB, Budget, BudgetTooSmall, gib_ceil
+from .budget import GIB, MIB, Budget, BudgetTooSmall, gib_ceil
 from .meter import Meter, tensors_in
 from .planner import CostModel, Planner, stage_signature, tracing_fake
 from .report import RunReport
 
+#: nvdiffrast reports its own failed allocations as a plain RuntimeError "Cuda error: 2[cudaMalloc ..."
+#: (cudaErrorMemoryAllocation), outside torch's allocator.
+_FOREIGN_OOM = re.compile(r"Cuda error: 2\[cudaMalloc|cudaErrorMemoryAllocation|CUDA error: out of memory")
 
-def _is_out_of_memory(exc: BaseException) -> bool:
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means that memory ran out (and nothing else)."""
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    # The CPU allocator reports exhaustion as a plain RuntimeError.
-    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    # The CPU allocator reports exhaustion as a plain RuntimeError; so does nvdiffrast.
+    return "DefaultCPUAllocator: can't allocate memory" in text or bool(_FOREIGN_OOM.search(text))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -52,12 +63,13 @@ class Engine:
     """Budget-driven chunked execution. See the module docstring.
 
     budget_gb: GiB (2**30 bytes) the work may use on ``device``, resident tensors, inputs and
-        outputs included; None = unbounded (every map runs as one chunk).
+        outputs included; None = unbounded (every map runs as one chunk unless memory runs out).
     device: "cpu", "cuda", "cuda:N" or a torch.device. The meter measures this device.
     hard_cap: CUDA: torch.cuda.set_per_process_memory_fraction while the engine runs
         (restored afterwards); CPU: the meter raises torch.OutOfMemoryError rather than let
         live tensor bytes pass the budget.
-    checkpoint: run chunks under gradient checkpointing when autograd needs them (default).
+    checkpoint: run chunks under gradient checkpointing when autograd needs them (default;
+        ``map(..., checkpoint=)`` decides per call).
     max_chunk: optional upper bound on items per chunk (latency, debugging); None = the
         budget alone decides.
     """
@@ -77,8 +89,11 @@ class Engine:
         cap = self.budget.total_bytes if (hard_cap and not self.budget.unbounded) else None
         self.meter = Meter(self.budget.device, hard_cap_bytes=cap)
         self.planner = Planner(self.budget)
-        self.report = RunReport(budget_bytes=self.budget.total_bytes, device=str(self.budget.device))
+        self.report = self._new_report()
         self.checkpointing = bool(checkpoint)
+        self._external: dict[str, int] = {}
+        self._calibrating = False
+        self._listeners: list = []
 
     # ------------------------------------------------------------------ properties
     @property
@@ -93,15 +108,37 @@ class Engine:
     def hard_cap(self) -> bool:
         return self.budget.hard_cap
 
+    @property
+    def external_bytes(self) -> int:
+        """Bytes held outside torch's allocator now (declared with ``external``)."""
+        return sum(self._external.values())
+
     def __repr__(self) -> str:
         budget = "unbounded" if self.budget_bytes is None else f"{self.budget_bytes / GIB:g} GiB"
         return f"Engine(budget={budget}, device={self.device}, hard_cap={self.hard_cap})"
 
     def available_bytes(self) -> int | None:
-        """Budget minus what is live now on the device (None when unbounded)."""
+        """Budget minus what is live now on the device and outside torch (None when unbounded)."""
         if self.budget_bytes is None:
             return None
-        return max(0, self.budget_bytes - self.meter.live_bytes())
+        return max(0, self.budget_bytes - self.meter.live_bytes() - self.external_bytes)
+
+    def _new_report(self) -> RunReport:
+        return RunReport(budget_bytes=self.budget.total_bytes, device=str(self.budget.device))
+
+    # ------------------------------------------------------------------ hooks
+    def add_listener(self, listener) -> None:
+        """``listener(event, stage)`` is called with event "start" when a map call begins,
+        "chunk" after each chunk, "end" when it returns; ``stage`` is its StageReport."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, event: str, stage) -> None:
+        for listener in list(self._listeners):
+            listener(event, stage)
 
     # ------------------------------------------------------------------ contexts
     @contextmanager
@@ -113,6 +150,27 @@ class Engine:
         """
         with self.meter.holding(*tensors_or_modules):
             yield self
+
+    @contextmanager
+    def external(self, what: str, nbytes: int):
+        """Declare ``nbytes`` held outside torch's allocator inside the block (a renderer's
+        framebuffers, a library's own device buffers): taken off the budget the planner
+        fills and added to the reported peak (report.external_bytes)."""
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"nbytes: expected a non-negative number of bytes, got {nbytes}")
+        previous = self._external.get(what)
+        self._external[what] = nbytes
+        self.planner.reserve_bytes = self.external_bytes
+        self.report.see_external(self.external_bytes)
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self._external.pop(what, None)
+            else:
+                self._external[what] = previous
+            self.planner.reserve_bytes = self.external_bytes
 
     @contextmanager
     def session(self, name: str):
@@ -129,6 +187,28 @@ class Engine:
                 self.report.record_session(name, span.peak_bytes, span.peak_allocated_bytes, span.wall_s)
                 self.report.see_peak(span.peak_bytes, span.peak_allocated_bytes)
 
+    @contextmanager
+    def call(self, name: str, resident=()):
+        """One call of the layer above (a register, a track): a fresh report, one session
+        over everything, and ``resident`` (tensors, modules) counted from the first byte.
+        Cost models stay cached across calls, so a tracking loop plans once. Yields the
+        call's RunReport."""
+        self.report = self._new_report()
+        self.report.see_external(self.external_bytes)
+        with self.meter.holding(*resident), self.session(name):
+            yield self.report
+
+    @contextmanager
+    def calibrating(self):
+        """Inside the block, every map call measures its op on all the items it is given
+        and caches that as the stage's cost model (the caller hands it a few spread items
+        on a small frame), then returns the op's output. Nothing is reported as stage work."""
+        previous, self._calibrating = self._calibrating, True
+        try:
+            yield self
+        finally:
+            self._calibrating = previous
+
     def note_downscale(self, factor: float, reason: str) -> None:
         """Record (and warn about) a decision to run on inputs downscaled by ``factor``."""
         factor = float(factor)
@@ -139,23 +219,13 @@ class Engine:
         if factor < 1.0:
             warnings.warn(f"chunkpose: input downscaled by {factor:.3f}: {reason}", stacklevel=2)
 
-    # ------------------------------------------------------------------ planning
-    def estimate(self, op, *mapped, name: str, per_item_bytes=None, fixed_bytes=None, **kwargs) -> CostModel:
-        """The cost model map would use for this call (cached; may trace the op on fakes)."""
-        self._check_args(op, mapped, name)
-        grad_mode, checkpointed = self._grad_mode(mapped, kwargs)
-        key = stage_signature(name, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode)
-        probe = functools.partial(self._probe, op, mapped, kwargs, checkpointed)
-        with self.meter.span(name):
-            self.meter.track(mapped, kwargs, scope="span")
-            model, _ = self.planner.model_for(key, op, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode, probe)
-        return model
-
-    def _grad_mode(self, mapped, kwargs):
+    # ------------------------------------------------------------------ checks
+    def _grad_mode(self, mapped, kwargs, checkpoint=None):
         needs_grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (*mapped, *tensors_in(kwargs))
         )
-        checkpointed = needs_grad and self.checkpointing
+        wanted = self.checkpointing if checkpoint is None else bool(checkpoint)
+        checkpointed = needs_grad and wanted
         return ("checkpoint" if checkpointed else ("saved" if needs_grad else "none")), checkpointed
 
     @staticmethod
@@ -180,65 +250,6 @@ class Engine:
                     f"positional tensors must share the leading length: argument 0 has {n}, argument {i} has {t.shape[0]}"
                 )
 
-    # ------------------------------------------------------------------ running
-    def map(self, op, *mapped, name: str, per_item_bytes: int | None = None, fixed_bytes: int | None = None, **kwargs):
-        """op(*slices_of_mapped, **kwargs) over chunks; returns what op(*mapped, **kwargs) returns.
-
-        mapped: tensors sliced along axis 0 (same leading length N). kwargs: passed whole.
-        per_item_bytes / fixed_bytes: cost hints in bytes (skip estimation).
-        The op must return a tensor, or a tuple/list/dict of tensors, each with leading length
-        equal to its slice's.
-        """
-        self._check_args(op, mapped, name)
-        if tracing_fake():  # an outer stage is being estimated on fake tensors
-            return op(*mapped, **kwargs)
-        stage = self.report.stage(name)
-        grad_mode, checkpointed = self._grad_mode(mapped, kwargs)
-        stage.checkpointed = stage.checkpointed or checkpointed
-        self._release_cache_over_budget()
-        span = None
-        try:
-            with self.meter.span(name) as span:
-                # Inputs count against the budget for the whole outermost span (a session).
-                self.meter.track(mapped, kwargs, scope="span")
-                if self.budget.unbounded or mapped[0].shape[0] == 0:
-                    return self._run_whole(op, mapped, kwargs, stage)
-                return self._run_chunked(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes)
-        finally:
-            stage.calls += 1
-            if span is not None:
-                stage.wall_s += span.wall_s
-                stage.peak_bytes = max(stage.peak_bytes, span.peak_bytes)
-                stage.peak_allocated_bytes = max(stage.peak_allocated_bytes, span.peak_allocated_bytes)
-                self.report.see_peak(span.peak_bytes, span.peak_allocated_bytes)
-
-    def _run_whole(self, op, mapped, kwargs, stage):
-        out = op(*mapped, **kwargs)
-        n = mapped[0].shape[0]
-        self._check_output(out, n)
-        stage.estimate_source = stage.estimate_source or "none"
-        stage.chunk_sizes.append(n)
-        stage.n_chunks += 1
-        stage.items += n
-        return out
-
-    def _call_chunk(self, op, mapped, kwargs, start, stop, checkpointed):
-        args = [t[start:stop] for t in mapped]
-        if checkpointed:
-            return _checkpoint(functools.partial(op, **kwargs), *args, use_reentrant=False)
-        return op(*args, **kwargs)
-
-    def _probe(self, op, mapped, kwargs, checkpointed, n):
-        """Run the real op on the first n items; (transient, output, kept) bytes measured."""
-        before = self.meter.live_bytes()
-        with self.meter.span() as span:
-            out = self._call_chunk(op, mapped, kwargs, 0, n, checkpointed)
-            leaves = self._check_output(out, n)
-            out_bytes = _output_bytes(leaves)
-            kept = self.meter.live_bytes() - before
-        del out, leaves
-        return span.peak_allocated_bytes - before, out_bytes, kept
-
     @staticmethod
     def _check_output(out, n):
         leaves = pytree.tree_leaves(out)
@@ -256,36 +267,159 @@ class Engine:
                 )
         return leaves
 
+    # ------------------------------------------------------------------ running
+    def map(self, op, *mapped, name: str, per_item_bytes: int | None = None, fixed_bytes: int | None = None,
+            checkpoint: bool | None = None, **kwargs):
+        """Run ``op`` over chunks of the positional tensors' first axis.
+
+        Args:
+            op: a function of slices of ``mapped`` and of ``kwargs`` (passed whole).
+            mapped: tensors sliced along axis 0, all of the same leading length N.
+            name: the stage name (the report's key, and part of the cost model's signature).
+            per_item_bytes, fixed_bytes: cost hints in bytes (skip estimation).
+            checkpoint: None = the engine's setting; False = keep whole autograd graphs
+                (e.g. an op that runs its own backward); True = checkpoint when autograd needs it.
+
+        Returns:
+            What ``op(*mapped, **kwargs)`` returns: a tensor, or a tuple/list/dict of
+            tensors, each with leading length N.
+        """
+        self._check_args(op, mapped, name)
+        if tracing_fake():  # an outer stage is being estimated on fake tensors
+            return op(*mapped, **kwargs)
+        grad_mode, checkpointed = self._grad_mode(mapped, kwargs, checkpoint)
+        if self._calibrating:
+            return self._calibrate(op, mapped, kwargs, name, grad_mode, checkpointed)
+        stage = self.report.stage(name)
+        stage.checkpointed = stage.checkpointed or checkpointed
+        self._release_cache_over_budget()
+        self._notify("start", stage)
+        span = None
+        try:
+            with self.meter.span(name) as span:
+                # Inputs count against the budget for the whole outermost span (a session).
+                self.meter.track(mapped, kwargs, scope="span")
+                return self._run(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes,
+                                 fixed_bytes)
+        finally:
+            stage.calls += 1
+            if span is not None:
+                stage.wall_s += span.wall_s
+                stage.peak_bytes = max(stage.peak_bytes, span.peak_bytes)
+                stage.peak_allocated_bytes = max(stage.peak_allocated_bytes, span.peak_allocated_bytes)
+                self.report.see_peak(span.peak_bytes, span.peak_allocated_bytes)
+            self._notify("end", stage)
+
+    def _call_chunk(self, op, mapped, kwargs, start, stop, checkpointed, indices=None):
+        args = [t[start:stop] for t in mapped] if indices is None else [t[indices] for t in mapped]
+        if checkpointed:
+            return _checkpoint(functools.partial(op, **kwargs), *args, use_reentrant=False)
+        return op(*args, **kwargs)
+
+    def _measured(self, op, mapped, kwargs, checkpointed, start=0, stop=None, indices=None):
+        """Run one chunk under a meter span: (output, transient bytes, kept bytes)."""
+        before = self.meter.live_bytes()
+        with self.meter.span() as span:
+            out = self._call_chunk(op, mapped, kwargs, start, stop, checkpointed, indices)
+            kept = self.meter.live_bytes() - before
+        return out, span.peak_allocated_bytes - before, kept
+
+    def _probe(self, op, mapped, kwargs, checkpointed, indices):
+        """Run the real op on the items ``indices``; (transient, output, kept) bytes measured."""
+        out, transient, kept = self._measured(op, mapped, kwargs, checkpointed, indices=indices)
+        out_bytes = _output_bytes(self._check_output(out, len(indices)))
+        del out
+        return transient, out_bytes, kept
+
+    def _attempt(self, fn):
+        """(fn(), None), or (None, (first line, attempted bytes)) when memory ran out. The
+        failed attempt's tensors are freed out of the except block: a tensor caught in the
+        exception's frames would otherwise stay alive."""
+        try:
+            return fn(), None
+        except Exception as exc:  # noqa: BLE001 - only memory errors are caught, see below
+            if not is_out_of_memory(exc):
+                raise
+            failure = (_first_line(exc), getattr(exc, "attempted_bytes", None))
+        self._free()
+        return None, failure
+
+    def _calibrate(self, op, mapped, kwargs, name, grad_mode, checkpointed):
+        """Measure op on all of ``mapped`` and cache that as the stage's model (calibrating())."""
+        key = stage_signature(name, mapped, kwargs, None, None, grad_mode)
+        n = mapped[0].shape[0]
+        with self.meter.span(name):
+            self.meter.track(mapped, kwargs, scope="span")
+            out, transient, kept = self._measured(op, mapped, kwargs, checkpointed, 0, n)
+            out_bytes = _output_bytes(self._check_output(out, n))
+            self.planner.calibrated(key, name, n, transient, out_bytes, kept)
+        return out
+
+    def _run(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes):
+        n = mapped[0].shape[0]
+        model = None
+        if self.budget.unbounded or n == 0:
+            stage.estimate_source = stage.estimate_source or "none"
+            chunk = n if self.max_chunk is None else min(n, self.max_chunk)
+        else:
+            model = self._model(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes)
+            live = self.meter.live_bytes()
+            pending = model.pending_bytes(n, 0, False)
+            chunk = self.planner.chunk_size(model, live, pending, n, self.max_chunk)
+            if chunk < 1:  # before anything big exists
+                raise self._too_small(name, model, n, live)
+            if model.out_per_item_bytes is None:
+                chunk = 1  # hints say nothing about outputs: learn their size on one item first
+            stage.predicted_peak_bytes = max(stage.predicted_peak_bytes,
+                                             self.planner.predicted_peak(model, live, pending, chunk))
+        if n == 0:
+            out = op(*mapped, **kwargs)
+            self._check_output(out, 0)
+            stage.chunk_sizes.append(0)
+            return out
+        return _ChunkLoop(self, op, mapped, kwargs, name, stage, model, checkpointed).run(chunk)
+
+    def _model(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes):
+        """The stage's cost model (cached, hinted, faked or probed); a probe that runs out of
+        memory on its few items means the budget is too small."""
+        key = stage_signature(name, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode)
+        probe = functools.partial(self._probe, op, mapped, kwargs, checkpointed)
+        estimations_before = self.planner.estimations
+        found, failure = self._attempt(lambda: self.planner.model_for(
+            key, op, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode, probe, name=name,
+            probe_limit=self.max_chunk))
+        if failure is not None:  # the probe itself did not fit
+            stage.oom_errors.append(failure[0])
+            attempted = failure[1] or (self.budget_bytes + 1)
+            raise self._too_small(name, CostModel(0, 0, 0, source="probe"), mapped[0].shape[0], self.meter.live_bytes(),
+                                  attempted=attempted, detail=f"; the probe of its cost ran out of memory: {failure[0]}")
+        model, cached = found
+        stage.estimations += self.planner.estimations - estimations_before
+        stage.estimate_source = f"cache:{model.source}" if cached else model.source
+        stage.estimate_note = model.note
+        stage.per_item_bytes, stage.fixed_bytes = model.per_item_bytes, model.fixed_bytes
+        self._release_cache_over_budget()  # the estimate may have left cached blocks
+        return model
+
     def _too_small(self, name, model: CostModel, n, live, attempted=None, detail="") -> BudgetTooSmall:
-        need = model.minimum_bytes(n, live)
+        need = model.minimum_bytes(n, live) + self.external_bytes
         if attempted is not None:
             need = max(need, int(attempted))
         minimum = max(self.budget.budget_for_usable(need), (self.budget_bytes or 0) + 1 if attempted is not None else 0)
         budget_gb = self.budget_bytes / GIB
         text = (
             f"budget {budget_gb:.3f} GiB is below the minimum {minimum / GIB:.3f} GiB this stage needs "
-            f"(stage '{name}': {live / 2**20:.1f} MiB live, {model.pending_bytes(n, 0, False) / 2**20:.1f} MiB of "
-            f"outputs, {model.fixed_bytes / 2**20:.1f} MiB fixed + {model.per_item_bytes / 2**20:.2f} MiB per item)"
-            f"{detail}; pass budget_gb>={gib_ceil(minimum)}"
+            f"(stage '{name}': {live / MIB:.1f} MiB live, {self.external_bytes / MIB:.1f} MiB outside torch, "
+            f"{model.pending_bytes(n, 0, False) / MIB:.1f} MiB of outputs, {model.fixed_bytes / MIB:.1f} MiB fixed + "
+            f"{model.per_item_bytes / MIB:.2f} MiB per item){detail}; the minimum is {gib_ceil(minimum)} GiB"
         )
         return BudgetTooSmall(text, minimum_bytes=minimum, stage=name)
-
-    @staticmethod
-    def _write(buffers, leaves, start, chunk):
-        """Copy one chunk's outputs into the preallocated buffers (a function, so that no
-        loop variable keeps the chunk's output alive afterwards)."""
-        for buffer, leaf in zip(buffers, leaves):
-            if buffer.shape[1:] != leaf.shape[1:] or buffer.dtype != leaf.dtype:
-                raise ValueError(
-                    f"op returned {tuple(leaf.shape[1:])} {leaf.dtype} per item for items {start}..{start + chunk - 1} "
-                    f"but {tuple(buffer.shape[1:])} {buffer.dtype} before; ops must not depend on the slicing"
-                )
-            buffer[start : start + chunk].copy_(leaf)
 
     def _release_cache_over_budget(self):
         """CUDA: cached blocks of earlier work count in reserved bytes; when they alone pass
         the usable budget, return them before a span starts measuring."""
-        if self.meter.is_cuda and not self.budget.unbounded and self.meter.reserved_bytes() > self.budget.usable_bytes:
+        usable = self.planner.usable_bytes
+        if self.meter.is_cuda and usable is not None and self.meter.reserved_bytes() > usable:
             torch.cuda.empty_cache()
 
     def _free(self):
@@ -293,120 +427,117 @@ class Engine:
         if self.meter.is_cuda:
             torch.cuda.empty_cache()
 
-    def _run_chunked(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes):
-        meter, planner = self.meter, self.planner
-        n = mapped[0].shape[0]
-        key = stage_signature(name, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode)
-        probe = functools.partial(self._probe, op, mapped, kwargs, checkpointed)
 
-        failed = None
-        estimations_before = planner.estimations
-        try:
-            model, _cached = planner.model_for(key, op, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode, probe)
-        except Exception as exc:  # only memory errors are turned into BudgetTooSmall
-            if not _is_out_of_memory(exc):
-                raise
-            failed = (_first_line(exc), getattr(exc, "attempted_bytes", None))
-        if failed is not None:  # the one-item probe itself did not fit
-            self._free()
-            stage.oom_errors.append(failed[0])
-            probe_model = CostModel(0, 0, 0, source="probe")
-            raise self._too_small(name, probe_model, n, meter.live_bytes(), attempted=failed[1] or (self.budget_bytes + 1),
-                                  detail=f"; one item ran out of memory: {failed[0]}")
-        stage.estimations += planner.estimations - estimations_before
-        stage.estimate_source = model.source
-        stage.estimate_note = model.note
+class _ChunkLoop:
+    """The chunks of one map call: run, measure, correct the model, store, plan the next;
+    halve on out-of-memory (bounded or not) and never grow back past a size that failed."""
 
-        self._release_cache_over_budget()  # the estimate may have left cached blocks
-        live = meter.live_bytes()
-        pending = model.pending_bytes(n, 0, False)
-        chunk = planner.chunk_size(model, live, pending, n, self.max_chunk)
-        if chunk < 1:  # before anything big exists
-            raise self._too_small(name, model, n, live)
-        if model.out_per_item_bytes is None:
-            chunk = 1  # hints say nothing about outputs: learn their size on one item first
-        stage.predicted_peak_bytes = max(stage.predicted_peak_bytes, planner.predicted_peak(model, live, pending, chunk))
-        stage.per_item_bytes, stage.fixed_bytes = model.per_item_bytes, model.fixed_bytes
+    def __init__(self, engine: Engine, op, mapped, kwargs, name, stage, model, checkpointed):
+        self.engine, self.op, self.mapped, self.kwargs = engine, op, mapped, kwargs
+        self.name, self.stage, self.model, self.checkpointed = name, stage, model, checkpointed
+        self.n = mapped[0].shape[0]
+        self.outputs = None  # (buffers, spec) of the preallocated outputs
+        self.ceiling = engine.max_chunk
 
-        outputs = None  # (leaves, spec) of the preallocated outputs
-        result = None
-        done = 0
-        ceiling = self.max_chunk  # after an OOM the chunk never grows back above the halved size
-        first = True
-        while done < n:
-            chunk = max(1, min(chunk, n - done))
-            before = meter.live_bytes()
-            failed = None
-            try:
-                with meter.span() as chunk_span:
-                    out = self._call_chunk(op, mapped, kwargs, done, done + chunk, checkpointed)
-                    kept = meter.live_bytes() - before
-            except Exception as exc:
-                if not _is_out_of_memory(exc):
-                    raise
-                failed = (_first_line(exc), getattr(exc, "attempted_bytes", None))
-            if failed is not None:
-                # Out of the except block: the failed attempt's tensors are gone with its frames.
-                self._free()
-                stage.retries += 1
-                stage.oom_errors.append(failed[0])
-                planner.note_failure(model, chunk)
-                if chunk == 1:
-                    raise self._too_small(name, model, n, meter.live_bytes(), attempted=failed[1] or (self.budget_bytes + 1),
-                                          detail=f"; one item ran out of memory: {failed[0]}")
-                chunk = chunk // 2
-                ceiling = chunk if ceiling is None else min(ceiling, chunk)
+    def run(self, chunk: int):
+        engine, stage, model = self.engine, self.stage, self.model
+        done, first = 0, True
+        while True:
+            chunk = max(1, min(chunk, self.n - done))
+            found, failure = engine._attempt(lambda: engine._measured(
+                self.op, self.mapped, self.kwargs, self.checkpointed, done, done + chunk))
+            if failure is not None:
+                chunk = self._shrink(chunk, failure)
                 continue
-
-            leaves = self._check_output(out, chunk)
-            planner.note_success(model, chunk)
-            if first:
-                transient = chunk_span.peak_allocated_bytes - before
-                if planner.correct(model, chunk, transient, _output_bytes(leaves), kept):
-                    stage.corrections += 1
-                stage.per_item_bytes, stage.fixed_bytes = model.per_item_bytes, model.fixed_bytes
-                first = False
-            if meter.is_cuda and chunk_span.peak_bytes > self.budget.usable_bytes and chunk > 1:
-                # Allocator overhead beyond the margin: make later chunks smaller.
-                ceiling = max(1, (chunk * 3) // 4) if ceiling is None else min(ceiling, max(1, (chunk * 3) // 4))
-                torch.cuda.empty_cache()
-
-            if done == 0 and chunk == n:
-                result = out  # one chunk: the op's own result, nothing copied
-            else:
-                if outputs is None:
-                    spec = pytree.tree_structure(out)
-                    try:
-                        buffers = [torch.empty((n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in leaves]
-                    except Exception as exc:
-                        if not _is_out_of_memory(exc):
-                            raise
-                        failed = (_first_line(exc), getattr(exc, "attempted_bytes", None))
-                    if failed is not None:
-                        del out, leaves
-                        self._free()
-                        raise self._too_small(name, model, n, meter.live_bytes(), attempted=failed[1],
-                                              detail="; the full outputs did not fit")
-                    outputs = (buffers, spec)
-                self._write(outputs[0], leaves, done, chunk)
+            out, transient, kept = found
+            del found
+            leaves = engine._check_output(out, chunk)
+            if model is not None:
+                engine.planner.note_success(model, chunk)
+                if first:
+                    if engine.planner.correct(model, chunk, transient, _output_bytes(leaves), kept, name=self.name):
+                        stage.corrections += 1
+                    stage.per_item_bytes, stage.fixed_bytes = model.per_item_bytes, model.fixed_bytes
+                self._cap_overshoot(chunk)
+            first = False
+            if done == 0 and chunk == self.n:
+                stage.chunk_sizes.append(chunk)
+                stage.n_chunks += 1
+                stage.items += self.n
+                engine._notify("chunk", stage)
+                return out  # one chunk: the op's own result, nothing copied
+            self._store(out, leaves, done, chunk)
             del out, leaves
             stage.chunk_sizes.append(chunk)
             stage.n_chunks += 1
             done += chunk
-            if done >= n:
-                break
-            live = meter.live_bytes()
-            pending = model.pending_bytes(n, done, outputs is not None)
-            remaining = n - done
-            next_chunk = planner.chunk_size(model, live, pending, remaining, ceiling)
-            if next_chunk < 1:
-                next_chunk = 1
-                stage.over_budget = True
-            stage.predicted_peak_bytes = max(
-                stage.predicted_peak_bytes, planner.predicted_peak(model, live, pending, min(next_chunk, remaining))
-            )
-            chunk = next_chunk
-        stage.items += n
-        if result is not None:
-            return result
-        return pytree.tree_unflatten(outputs[0], outputs[1])
+            engine._notify("chunk", stage)
+            if done >= self.n:
+                stage.items += self.n
+                return pytree.tree_unflatten(self.outputs[0], self.outputs[1])
+            chunk = self._next(chunk, done)
+
+    def _shrink(self, chunk: int, failure) -> int:
+        """Record an out-of-memory chunk and return the halved size (or raise at one item)."""
+        engine, stage = self.engine, self.stage
+        stage.retries += 1
+        stage.oom_errors.append(failure[0])
+        if self.model is not None:
+            engine.planner.note_failure(self.model, chunk)
+        if chunk == 1:
+            if self.model is None:  # unbounded: nothing smaller to try
+                raise torch.OutOfMemoryError(f"stage '{self.name}': one item ran out of memory: {failure[0]}")
+            raise engine._too_small(self.name, self.model, self.n, engine.meter.live_bytes(),
+                                    attempted=failure[1] or (engine.budget_bytes + 1),
+                                    detail=f"; one item ran out of memory: {failure[0]}")
+        chunk //= 2
+        self.ceiling = chunk if self.ceiling is None else min(self.ceiling, chunk)
+        return chunk
+
+    def _cap_overshoot(self, chunk: int) -> None:
+        """CUDA: a chunk whose reserved peak passed the usable budget (allocator overhead
+        beyond the margin) caps the later chunks at three quarters of it."""
+        engine = self.engine
+        usable = engine.planner.usable_bytes
+        if engine.meter.is_cuda and usable is not None and chunk > 1 and engine.meter.reserved_bytes() > usable:
+            smaller = max(1, (chunk * 3) // 4)
+            self.ceiling = smaller if self.ceiling is None else min(self.ceiling, smaller)
+            torch.cuda.empty_cache()
+
+    def _store(self, out, leaves, start: int, chunk: int) -> None:
+        """Copy one chunk's outputs into the preallocated outputs (allocated at the first)."""
+        engine = self.engine
+        if self.outputs is None:
+            spec = pytree.tree_structure(out)
+            buffers, failure = engine._attempt(lambda: [
+                torch.empty((self.n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in leaves])
+            if failure is not None:
+                if self.model is None:
+                    raise torch.OutOfMemoryError(f"stage '{self.name}': the full outputs did not fit: {failure[0]}")
+                raise engine._too_small(self.name, self.model, self.n, engine.meter.live_bytes(), attempted=failure[1],
+                                        detail="; the full outputs did not fit")
+            self.outputs = (buffers, spec)
+        for buffer, leaf in zip(self.outputs[0], leaves):
+            if buffer.shape[1:] != leaf.shape[1:] or buffer.dtype != leaf.dtype:
+                raise ValueError(
+                    f"op returned {tuple(leaf.shape[1:])} {leaf.dtype} per item for items {start}..{start + chunk - 1} "
+                    f"but {tuple(buffer.shape[1:])} {buffer.dtype} before; ops must not depend on the slicing"
+                )
+            buffer[start: start + chunk].copy_(leaf)
+
+    def _next(self, chunk: int, done: int) -> int:
+        """The next chunk's size: the plan under the budget, or (unbounded) the rest up to
+        the ceiling an out-of-memory error left."""
+        engine, model, stage = self.engine, self.model, self.stage
+        remaining = self.n - done
+        if model is None:
+            return remaining if self.ceiling is None else min(remaining, self.ceiling)
+        live = engine.meter.live_bytes()
+        pending = model.pending_bytes(self.n, done, self.outputs is not None)
+        next_chunk = engine.planner.chunk_size(model, live, pending, remaining, self.ceiling)
+        if next_chunk < 1:
+            next_chunk = 1
+            stage.over_budget = True
+        stage.predicted_peak_bytes = max(
+            stage.predicted_peak_bytes, engine.planner.predicted_peak(model, live, pending, min(next_chunk, remaining)))
+        return next_chunk

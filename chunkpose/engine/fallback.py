@@ -66,6 +66,6 @@ def choose_downscale(
     minimum = int(min_bytes_at(smallest))
     raise BudgetTooSmall(
         f"budget {budget_bytes / GIB:.3f} GiB is below the minimum {minimum / GIB:.3f} GiB {what} needs "
-        f"even downscaled by {smallest:g}; pass budget_gb>={gib_ceil(minimum)}",
+        f"even downscaled by {smallest:g}; the minimum is {gib_ceil(minimum)} GiB",
         minimum_bytes=minimum,
     )

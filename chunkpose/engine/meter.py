@@ -130,18 +130,74 @@ def _release_callback(meter_ref, key, token):
     return release
 
 
+def _aliased_returns(func) -> tuple[bool, ...] | None:
+    """Per return of an aten op: whether its schema says it aliases an input (views,
+    in-place and out= results); None when the op has no usable schema."""
+    try:
+        return tuple(r.alias_info is not None for r in func._schema.returns)
+    except AttributeError:
+        return None
+
+
+def _flat_tensors(obj, found: list) -> list:
+    """The tensors of an aten op's arguments or results: tensors, (nested) lists and tuples
+    of them. Faster than a general pytree walk, which matters on every op."""
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+            elif isinstance(item, (list, tuple)):
+                _flat_tensors(item, found)
+    return found
+
+
+def _storages_of(t: torch.Tensor):
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        try:
+            return (t.untyped_storage(),)
+        except (RuntimeError, NotImplementedError):
+            return ()
+    return tuple(_tensor_storages(t))
+
+
 class _LiveStorageMode(TorchDispatchMode):
-    """Dispatch mode that reports every op's outputs to its meter."""
+    """Dispatch mode that reports every op's outputs to its meter.
+
+    An output the op's schema marks as aliasing an input (a view, an in-place or out=
+    result) can only be an input's storage: it is never counted as new, only re-read when
+    it is counted already (a resize). Every other output is a fresh storage."""
 
     def __init__(self, meter: "Meter"):
         super().__init__()
         self._meter = meter
+        self._aliases: dict = {}
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled in here; torch's default wraps every dispatch in a dynamo
+        # guard, which costs more than the counting itself.
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        input_keys = self._meter._storage_keys((args, kwargs))
-        out = func(*args, **kwargs)
-        self._meter._count_outputs(out, input_keys, func)
+        out = func(*args, **(kwargs or {}))
+        aliases = self._aliases.get(func, False)
+        if aliases is False:
+            aliases = self._aliases[func] = _aliased_returns(func)
+        meter = self._meter
+        if aliases is None:  # no schema: fall back to excluding every input storage
+            meter._count_outputs(out, meter._storage_keys((args, kwargs)), func)
+        elif isinstance(out, (tuple, list)) and len(aliases) == len(out):
+            fresh = [o for o, aliased in zip(out, aliases) if not aliased]
+            known = [o for o, aliased in zip(out, aliases) if aliased]
+            meter._count_outputs(fresh, (), func, known)
+        elif aliases and aliases[0]:
+            meter._count_outputs((), (), func, out)
+        elif type(out) is torch.Tensor:
+            meter._count_fresh(out, func)
+        else:
+            meter._count_outputs(out, (), func)
         return out
 
 
@@ -212,7 +268,13 @@ class Meter:
                 self._fold_cuda_peaks()
             span.end_bytes, span.end_allocated_bytes = self.reserved_bytes(), self.live_bytes()
             span.wall_s = time.perf_counter() - span._t0
+            position = self._open.index(span)
             self._open.remove(span)
+            if not self.is_cuda:
+                # CPU peaks are seen by the innermost span only (once per op); a closing span
+                # hands its peak to the spans opened before it.
+                for outer in self._open[:position]:
+                    outer._see(span.peak_bytes, span.peak_allocated_bytes)
             if not self._open:
                 if self.is_cuda:
                     self._restore_cuda_cap()
@@ -302,31 +364,46 @@ class Meter:
             self._live -= entry.nbytes
 
     def _storage_keys(self, obj) -> set[int]:
-        keys = set()
-        for leaf in pytree.tree_leaves(obj):
-            if isinstance(leaf, torch.Tensor):
-                for st in _tensor_storages(leaf):
-                    keys.add(st._cdata)
-        return keys
+        return {st._cdata for t in _flat_tensors(pytree.tree_leaves(obj), []) for st in _storages_of(t)}
 
-    def _count_outputs(self, out, input_keys: set[int], func) -> None:
+    def _count_fresh(self, out: torch.Tensor, func) -> None:
+        """_count_outputs for the common case: one fresh plain tensor."""
+        try:
+            st = out.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        if st.device.type != self._counted:
+            return
+        key = st._cdata
+        if key in self._entries:
+            return
+        nbytes = st.nbytes()
+        if self.hard_cap_bytes is not None and self._live + nbytes > self.hard_cap_bytes:
+            self._count_outputs(out, (), func)  # raises with the full message
+            return
+        self._add_entry(key, st, nbytes, owned=True)
+        self._see_live()
+
+    def _count_outputs(self, out, input_keys, func, aliased=()) -> None:
+        """Count the new storages among ``out`` (not in ``input_keys``, not counted yet) and
+        re-read the size of counted storages among ``out`` and ``aliased`` (resized by out=)."""
         new = {}
         resized = []
         delta = 0
-        for leaf in pytree.tree_leaves(out):
-            if not isinstance(leaf, torch.Tensor):
-                continue
-            for st in _tensor_storages(leaf):
+        entries = self._entries
+        fresh = _flat_tensors(out, [])
+        for index, leaf in enumerate(fresh + _flat_tensors(aliased, [])):
+            for st in _storages_of(leaf):
                 if st.device.type != self._counted:
                     continue
                 key = st._cdata
-                entry = self._entries.get(key)
+                entry = entries.get(key)
                 if entry is not None:
                     nbytes = st.nbytes()
                     if nbytes != entry.nbytes:  # resized in place (out= / resize_)
                         resized.append((entry, nbytes))
                         delta += nbytes - entry.nbytes
-                elif key not in input_keys and key not in new:
+                elif index < len(fresh) and key not in input_keys and key not in new:
                     new[key] = st
                     delta += st.nbytes()
         if not new and not resized:
@@ -347,6 +424,6 @@ class Meter:
         self._see_live()
 
     def _see_live(self) -> None:
-        live = self._live
-        for span in self._open:
-            span._see(live, live)
+        if self._open:
+            live = self._live
+            self._open[-1]._see(live, live)

@@ -76,13 +76,26 @@ class EstimateFailed(Exception):
 
 
 def _signature(value, depth: int = 0):
-    """A hashable description of a kwarg: what its memory cost can depend on."""
+    """A hashable description of a kwarg: what its memory cost can depend on.
+
+    Tensors passed whole contribute their dtype, device and rank but not their shape: the
+    stages' per-item cost does not grow with them (a frame's ROI changes size every tracked
+    frame, and re-estimating each time would cost more than the stage). Float values are
+    tuning constants, not sizes, and are left out too; ints, strings, bools and None stay.
+    An object may describe itself with ``cost_signature()``; the first real chunk still
+    corrects a model that measured more than predicted.
+    """
     if isinstance(value, torch.Tensor):
-        return ("T", tuple(value.shape), str(value.dtype), str(value.device), bool(value.requires_grad))
+        return ("T", str(value.dtype), str(value.device), value.dim(), bool(value.requires_grad))
     if isinstance(value, torch.nn.Module):
         return ("M", type(value).__qualname__, id(value), bool(value.training))
-    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+    if isinstance(value, float):
+        return ("F",)
+    if value is None or isinstance(value, (bool, int, complex, str, bytes, torch.dtype, torch.device)):
         return ("V", repr(value))
+    describe = getattr(value, "cost_signature", None)
+    if callable(describe) and not isinstance(value, type):
+        return ("S", type(value).__qualname__, _signature(describe(), depth + 1))
     if depth > 3:
         return ("O", type(value).__qualname__, id(value))
     if isinstance(value, (tuple, list)):
@@ -97,6 +110,8 @@ def _signature(value, depth: int = 0):
 
 
 def stage_signature(name, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode) -> tuple:
+    """The plan cache key of one map call: the stage name, the per-item shapes of the mapped
+    tensors, the kwargs' signatures (see _signature), the hints and the autograd mode."""
     per_item = tuple((tuple(t.shape[1:]), str(t.dtype), str(t.device), bool(t.requires_grad)) for t in mapped)
     kw = tuple(sorted((key, _signature(value)) for key, value in kwargs.items()))
     return (name, per_item, kw, per_item_bytes, fixed_bytes, grad_mode)
@@ -110,22 +125,69 @@ def _output_bytes(out) -> int:
     return sum(leaf.numel() * leaf.element_size() for leaf in _tensor_leaves(out))
 
 
+#: Items a real probe runs on, spread over the batch (their average cost stands for all).
+PROBE_ITEMS = 4
+
+
+def probe_indices(n_items: int, count: int = PROBE_ITEMS) -> torch.Tensor:
+    """``count`` item indices spread evenly over ``n_items`` (all of them when fewer)."""
+    if n_items <= count:
+        return torch.arange(n_items)
+    return torch.linspace(0, n_items - 1, count).round().long().unique()
+
+
 class Planner:
-    """Cost-model cache and chunk-size choice for one Engine."""
+    """Cost-model cache and chunk-size choice for one Engine.
+
+    ``cache`` holds a model per stage signature; ``by_name`` the largest model seen per
+    stage name, which is what a what-if of a whole call asks for (chunkpose.pipeline.sizing).
+    ``reserve_bytes`` is memory held outside torch (renderer buffers), taken off the budget.
+    """
 
     def __init__(self, budget: Budget):
         self.budget = budget
         self.cache: dict[tuple, CostModel] = {}
+        self.by_name: dict[str, CostModel] = {}
         self.estimations = 0  # fake or probe estimations run (cache misses without hints)
         self.cache_hits = 0
+        self.reserve_bytes = 0
+
+    @property
+    def usable_bytes(self) -> int | None:
+        """What chunks may fill: the budget's usable part minus the reserve (None: unbounded)."""
+        usable = self.budget.usable_bytes
+        return None if usable is None else usable - int(self.reserve_bytes)
+
+    def remember(self, name: str, model: CostModel) -> None:
+        """Keep ``model`` as the stage's model by name when it costs more than the one kept."""
+        kept = self.by_name.get(name)
+        if kept is None or model.transient_bytes(1) + (model.out_per_item_bytes or 0) >= \
+                kept.transient_bytes(1) + (kept.out_per_item_bytes or 0):
+            self.by_name[name] = model
+
+    def calibrated(self, key, name: str, n_items: int, transient: int, out_bytes: int, kept: int) -> CostModel:
+        """A model from a measured run of ``n_items`` items (a calibration run), cached under
+        ``key`` (the larger per item wins when the key is known already)."""
+        n = max(1, int(n_items))
+        saved = math.ceil(max(0, kept - out_bytes) / n)
+        per_item = max(math.ceil(transient / n), math.ceil(out_bytes / n) + saved)
+        model = CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="calibrated")
+        old = self.cache.get(key)
+        if old is not None and old.per_item_bytes >= model.per_item_bytes:
+            model = old
+        self.cache[key] = model
+        self.remember(name, model)
+        return model
 
     # ------------------------------------------------------------------ models
-    def model_for(self, key, op, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode, probe):
+    def model_for(self, key, op, mapped, kwargs, per_item_bytes, fixed_bytes, grad_mode, probe, name=None,
+                  probe_limit: int | None = None):
         """The cached model for ``key`` or a new one. Returns (model, was_cached).
 
         grad_mode: "none" (no autograd), "checkpoint" (chunks checkpointed) or "saved"
         (autograd without checkpointing: activations stay until backward).
-        probe(n) -> (transient_bytes, output_bytes, kept_bytes) runs the real op on n items.
+        probe(indices) -> (transient_bytes, output_bytes, kept_bytes) runs the real op on
+        the items ``indices`` (at most ``probe_limit`` of them).
         """
         model = self.cache.get(key)
         if model is not None:
@@ -143,11 +205,13 @@ class Planner:
             try:
                 model = self._fake_estimate(op, mapped, kwargs, grad_mode)
             except EstimateFailed as failure:
-                model = self._probe_estimate(probe)
-                model.note = f"fake tracing failed ({failure}); measured a real one-item probe"
+                model = self._probe_estimate(probe, mapped[0].shape[0], probe_limit)
+                model.note = f"fake tracing failed ({failure}); measured a real probe of spread items"
             if fixed_bytes is not None:  # a fixed hint alone overrides the estimated intercept
                 model.fixed_bytes = int(fixed_bytes)
         self.cache[key] = model
+        if name is not None:
+            self.remember(name, model)
         return model, False
 
     def _fake_estimate(self, op, mapped, kwargs, grad_mode) -> CostModel:
@@ -195,17 +259,23 @@ class Planner:
         per_item = max(math.ceil(per_item), out_per_item + saved)
         return CostModel(int(math.ceil(fixed)), int(per_item), out_per_item, saved, source="fake")
 
-    def _probe_estimate(self, probe) -> CostModel:
-        transient, out_bytes, kept = probe(1)
-        saved = max(0, kept - out_bytes)
-        # One point: no intercept is knowable, so everything is per item (conservative for c >= 1).
-        per_item = max(int(transient), int(out_bytes) + saved)
-        return CostModel(0, per_item, int(out_bytes), saved, source="probe")
+    def _probe_estimate(self, probe, n_items: int, limit: int | None = None) -> CostModel:
+        indices = probe_indices(n_items, PROBE_ITEMS if limit is None else max(1, min(PROBE_ITEMS, limit)))
+        n = len(indices)
+        transient, out_bytes, kept = probe(indices)
+        saved = math.ceil(max(0, kept - out_bytes) / n)
+        # One measurement: no intercept is knowable, so everything is per item (the stages'
+        # fixed costs are small; their per-item costs vary from item to item, hence items
+        # spread over the batch rather than the first one).
+        per_item = max(math.ceil(transient / n), math.ceil(out_bytes / n) + saved)
+        return CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="probe")
 
     # ------------------------------------------------------------------ chunks
-    def chunk_size(self, model: CostModel, live: int, pending: int, remaining: int, ceiling: int | None = None) -> int:
-        """Largest c <= remaining with live + pending + fixed + c*per_item <= usable; 0 if none."""
-        usable = self.budget.usable_bytes
+    def chunk_size(self, model: CostModel, live: int, pending: int, remaining: int, ceiling: int | None = None,
+                   usable: int | None = None) -> int:
+        """Largest c <= remaining with live + pending + fixed + c*per_item <= usable (default:
+        the budget's usable bytes minus the reserve); 0 if none."""
+        usable = self.usable_bytes if usable is None else usable
         if usable is None:
             chunk = remaining
         else:
@@ -221,16 +291,18 @@ class Planner:
     def predicted_peak(self, model: CostModel, live: int, pending: int, chunk: int) -> int:
         return int(live + pending + model.transient_bytes(chunk))
 
-    def correct(self, model: CostModel, chunk: int, transient: int, out_bytes: int, kept: int) -> bool:
+    def correct(self, model: CostModel, chunk: int, transient: int, out_bytes: int, kept: int, name=None) -> bool:
         """Fold what a real chunk measured into the model; True if it measured more than predicted."""
         model.out_per_item_bytes = max(model.out_per_item_bytes or 0, math.ceil(out_bytes / chunk))
         saved = math.ceil(max(0, kept - out_bytes) / chunk)
         model.saved_per_item_bytes = max(model.saved_per_item_bytes, saved)
-        if transient > model.transient_bytes(chunk):
+        grew = transient > model.transient_bytes(chunk)
+        if grew:
             model.per_item_bytes = int(math.ceil((transient - model.fixed_bytes) / chunk))
             model.corrections += 1
-            return True
-        return False
+        if name is not None:
+            self.remember(name, model)
+        return grew
 
     def note_failure(self, model: CostModel, chunk: int) -> None:
         model.fail_chunk = chunk if model.fail_chunk is None else min(model.fail_chunk, chunk)

@@ -46,6 +46,7 @@ class RunReport:
     device: str = "cpu"
     peak_bytes: int = 0  # overall measured peak (CUDA reserved; CPU live tensor bytes)
     peak_allocated_bytes: int = 0  # overall CUDA allocated peak (CPU: = peak_bytes)
+    external_bytes: int = 0  # the most held outside torch at once (renderer buffers), estimated from sizes
     downscale_factor: float = 1.0
     downscale_reason: str | None = None
     stages: dict[str, StageReport] = field(default_factory=dict)
@@ -55,6 +56,14 @@ class RunReport:
         if name not in self.stages:
             self.stages[name] = StageReport(name)
         return self.stages[name]
+
+    def see_external(self, nbytes: int) -> None:
+        self.external_bytes = max(self.external_bytes, int(nbytes))
+
+    @property
+    def total_peak_bytes(self) -> int:
+        """The measured torch peak plus what was held outside torch: what the budget bounds."""
+        return self.peak_bytes + self.external_bytes
 
     def see_peak(self, reserved: int, allocated: int) -> None:
         self.peak_bytes = max(self.peak_bytes, int(reserved))
@@ -69,7 +78,7 @@ class RunReport:
 
     @property
     def within_budget(self) -> bool | None:
-        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+        return None if self.budget_bytes is None else self.total_peak_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +86,8 @@ class RunReport:
             "device": self.device,
             "peak_bytes": self.peak_bytes,
             "peak_allocated_bytes": self.peak_allocated_bytes,
+            "external_bytes": self.external_bytes,
+            "total_peak_bytes": self.total_peak_bytes,
             "within_budget": self.within_budget,
             "downscale_factor": float(self.downscale_factor),
             "downscale_reason": self.downscale_reason,
@@ -99,6 +110,8 @@ class RunReport:
         overall = f"device {self.device}  budget {budget}  peak {self.peak_bytes / MIB:.1f} MiB"
         if self.peak_allocated_bytes != self.peak_bytes:
             overall += f" (allocated {self.peak_allocated_bytes / MIB:.1f} MiB)"
+        if self.external_bytes:
+            overall += f" + {self.external_bytes / MIB:.1f} MiB outside torch"
         if self.downscale_factor != 1.0:
             overall += f"  downscale x{self.downscale_factor:.3f} ({self.downscale_reason})"
         lines.append(overall)

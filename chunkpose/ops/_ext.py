@@ -54,6 +54,15 @@ def _register_fakes() -> None:
     def _xyz_crops(depth, transforms, inverses, fx, fy, cx, cy, size, semantics, x0, y0):
         return depth.new_empty((transforms.shape[0], 3, size, size))
 
+    @torch.library.register_fake(lib + "xyz_crops_cleaned")
+    def _xyz_crops_cleaned(raw, transforms, inverses, fx, fy, cx, cy, size, semantics, x0, y0, w, h, wx0, wy0, H, W,
+                           erode_radius, diff_thres, ratio_thres, bilateral_radius, sigma_d, sigma_r, zfar):
+        return raw.new_empty((transforms.shape[0], 3, size, size))
+
+    @torch.library.register_fake(lib + "warp_bilinear")
+    def _warp_bilinear(image, inverses, size, x0, y0):
+        return image.new_empty((inverses.shape[0], image.shape[0], size, size), dtype=torch.float32)
+
     @torch.library.register_fake(lib + "erode_depth")
     def _erode(depth, row_start, row_end, radius, diff_thres, ratio_thres, zfar):
         return depth.new_empty((row_end - row_start, depth.shape[1]))

@@ -8,6 +8,8 @@ the full depth passed whole as a keyword argument).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,56 @@ from . import _ext
 
 # Depths below this are "no measurement" everywhere in chunkpose (and upstream).
 MIN_DEPTH = 0.001
+
+
+@dataclass(frozen=True)
+class CleanUp:
+    """FoundationPose's depth clean-up: erode (radius 2, 1 mm, 80%), then the hole-filling
+    bilateral filter (radius 2, sigma_d 2, sigma_r 1e5), both with zfar.
+
+    Both are local windows, so a pixel's cleaned depth depends on raw depth up to ``halo``
+    pixels away: cleaning a window plus that halo, or cleaning just the pixels that crops
+    sample (``xyz_crops(..., clean=OnDemandClean(...))``), gives exactly the full-frame result.
+    """
+
+    erode_radius: int = 2
+    depth_diff_thres: float = 0.001
+    ratio_thres: float = 0.8
+    bilateral_radius: int = 2
+    sigma_d: float = 2.0
+    sigma_r: float = 1e5
+    zfar: float = 100.0
+
+    @property
+    def halo(self) -> int:
+        return self.erode_radius + self.bilateral_radius
+
+    def erode(self, depth, engine=None) -> torch.Tensor:
+        """The first filter on a whole map ``depth (H,W)`` (row bands through ``engine``)."""
+        return erode_depth(depth, self.erode_radius, self.depth_diff_thres, self.ratio_thres, self.zfar, engine)
+
+    def bilateral(self, depth, engine=None) -> torch.Tensor:
+        """The second filter on a whole (eroded) map ``depth (H,W)``."""
+        return bilateral_filter_depth(depth, self.bilateral_radius, self.sigma_d, self.sigma_r, self.zfar, engine)
+
+    def dense(self, depth, engine=None) -> torch.Tensor:
+        """Cleaned depth (H,W) of a whole map ``depth (H,W)`` (row bands through ``engine``)."""
+        return self.bilateral(self.erode(depth, engine), engine)
+
+
+@dataclass(frozen=True)
+class OnDemandClean:
+    """Raw depth cleaned at the sampled pixels only (tracking: one hypothesis reads a few
+    thousand pixels of a frame of millions).
+
+    roi (x0, y0, x1, y1): the full-frame pixels crops may read (outside: no depth); the raw
+    window handed to xyz_crops (at its ``origin``) must hold the ROI and ``cleanup.halo``
+    pixels around it, clipped to the frame of ``full_size=(H, W)``.
+    """
+
+    roi: tuple
+    full_size: tuple
+    cleanup: CleanUp = CleanUp()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -142,18 +194,21 @@ def bilateral_rows(rows: torch.Tensor, *, depth: torch.Tensor, radius: int = 2, 
     return _bilateral_rows_torch(depth, r0, r1, radius, sigma_d, sigma_r, zfar)
 
 
-def _band_hints(depth: torch.Tensor, radius: int) -> dict:
-    """Cost hints for engine.map over rows: the torch path keeps about a dozen (n,W) float32
-    temporaries per band; the halo is 2*radius rows."""
-    W = depth.shape[1]
-    return {"per_item_bytes": 14 * 4 * W, "fixed_bytes": 4 * 2 * radius * W * 4}
+def band_hints(width: int, radius: int, device="cpu") -> dict:
+    """Cost hints for engine.map over rows of a map ``width`` pixels wide: the csrc kernels
+    allocate just their output rows; the torch path keeps about a dozen (n,W) float32
+    temporaries per band plus a zero-padded halo of 2*radius rows."""
+    if _ext.use_ext(device):
+        return {"per_item_bytes": 4 * int(width), "fixed_bytes": 0}
+    return {"per_item_bytes": 14 * 4 * int(width), "fixed_bytes": 4 * 2 * int(radius) * int(width) * 4}
 
 
 def _run_rows(fn, depth, engine, name, **params):
     rows = torch.arange(depth.shape[0], device=depth.device)
     if engine is None:
         return fn(rows, depth=depth, **params)
-    return engine.map(fn, rows, name=name, depth=depth, **_band_hints(depth, params["radius"]), **params)
+    return engine.map(fn, rows, name=name, depth=depth, **band_hints(depth.shape[1], params["radius"], depth.device),
+                      **params)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import _ext
 from .crops import inverse_transforms, sampling_maps
-from .depth import MIN_DEPTH, as_depth_tensor, intrinsics
+from .depth import MIN_DEPTH, OnDemandClean, as_depth_tensor, intrinsics
 
 SEMANTICS = {"refiner": 0, "scorer": 1}
 
@@ -97,8 +97,43 @@ def sample_positions(transforms: torch.Tensor, size: int) -> tuple[torch.Tensor,
 
 
 # ----------------------------------------------------------------------------- image crops
+def _bilinear_torch(image: torch.Tensor, inverses: torch.Tensor, size: int, origin: tuple[int, int]) -> torch.Tensor:
+    """Bilinear crops (B,C,s,s) float32 of ``image (C,h,w)`` (any dtype) by gathering the four
+    neighbours: positions, weights and sums in float64 in the order of the csrc kernel
+    (bilinear_sample), so both give the same floats and only the crops are ever float."""
+    C, h, w = image.shape
+    B = inverses.shape[0]
+    qx, qy = _crop_grid(size, image.device)
+    lx, ly = _apply(inverses, qx, qy)
+    lx.sub_(origin[0])
+    ly.sub_(origin[1])
+    finite = torch.isfinite(lx) & torch.isfinite(ly)
+    lx, ly = torch.where(finite, lx, -2.0), torch.where(finite, ly, -2.0)  # outside: every corner misses
+    fx, fy = torch.floor(lx), torch.floor(ly)
+    ax, ay = lx.sub_(fx), ly.sub_(fy)
+    ix, iy = fx.long(), fy.long()
+    del fx, fy
+    flat_image = image.reshape(C, h * w)
+    out = torch.empty((B, C, size, size), dtype=torch.float32, device=image.device)
+    corners = ((0, 0, 1.0 - ax, 1.0 - ay), (1, 0, ax, 1.0 - ay), (0, 1, 1.0 - ax, ay), (1, 1, ax, ay))
+    acc = [torch.zeros((B, size, size), dtype=torch.float64, device=image.device) for _ in range(C)]
+    for dx, dy, wx, wy in corners:
+        cx, cy = ix + dx, iy + dy
+        inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+        index = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).reshape(-1)
+        weight = wx * wy
+        for c in range(C):
+            value = flat_image[c].index_select(0, index).reshape(B, size, size).double()
+            acc[c] = acc[c] + torch.where(inside, weight * value, torch.zeros((), dtype=torch.float64,
+                                                                                device=image.device))
+    for c in range(C):
+        out[:, c] = acc[c]
+    return out
+
+
 def _warp_op(inverses: torch.Tensor, *, image: torch.Tensor, size: int, mode: str, origin: tuple[int, int]):
-    """Crops (B,C,s,s) of ``image (C,h,w)`` (the window at ``origin``) for ``inverses (B,3,3)``."""
+    """Crops (B,C,s,s) of ``image (C,h,w)`` (the window at ``origin``) for ``inverses (B,3,3)``:
+    nearest in image's dtype, bilinear in float32."""
     C, h, w = image.shape
     B = inverses.shape[0]
     qx, qy = _crop_grid(size, image.device)
@@ -108,6 +143,18 @@ def _warp_op(inverses: torch.Tensor, *, image: torch.Tensor, size: int, mode: st
         vals = image.reshape(C, h * w)[:, flat.clamp_(min=0).reshape(-1)].reshape(C, B, size, size)
         vals = torch.where(valid[None], vals, torch.zeros((), dtype=vals.dtype, device=vals.device))
         return vals.permute(1, 0, 2, 3).contiguous()
+    if image.requires_grad:
+        return _bilinear_grid_sample(image, inverses, size, origin)
+    if _ext.use_ext(image.device) and image.dtype in (torch.uint8, torch.float32):
+        return _ext.ops().warp_bilinear(image, inverses, size, origin[0], origin[1])
+    return _bilinear_torch(image, inverses, size, origin)
+
+
+def _bilinear_grid_sample(image, inverses, size, origin):
+    """Differentiable bilinear crops through grid_sample (when autograd needs the image)."""
+    C, h, w = image.shape
+    B = inverses.shape[0]
+    qx, qy = _crop_grid(size, image.device)
     px, py = _apply(inverses, qx, qy)
     # Normalised coordinates of grid_sample(align_corners=False): -1 and 1 are the outer pixel edges.
     px.sub_(origin[0]).mul_(2.0).add_(1.0).div_(w).sub_(1.0)
@@ -120,12 +167,24 @@ def _warp_op(inverses: torch.Tensor, *, image: torch.Tensor, size: int, mode: st
     return out.reshape(C, B, size, size).permute(1, 0, 2, 3).contiguous()
 
 
+def _warp_item_bytes(image: torch.Tensor, size: int, mode: str) -> int:
+    """Peak bytes per crop of _warp_op: the output, the float64 positions and, on the torch
+    path, the float64 weights, sums and gathers of the bilinear gather."""
+    C = image.shape[0]
+    pixels = size * size
+    if mode == "nearest":
+        return pixels * (8 * 4 + image.element_size() * C * 2)
+    if _ext.use_ext(image.device):
+        return pixels * 4 * C
+    return pixels * (8 * 10 + 8 * C + 4 * C)
+
+
 def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear", origin=(0, 0),
                engine=None, sampling: str = "exact", source_size=None) -> torch.Tensor:
     """Crops of one image under many transforms, without B copies of it.
 
     Args:
-        image: (C,H,W) float, the full frame or its window starting at ``origin``.
+        image: (C,H,W) (float, uint8 or bool), the full frame or its window starting at ``origin``.
         transforms: (B,3,3) full-image pixel -> crop pixel.
         size: crop side in pixels.
         mode: "bilinear" or "nearest" (round half to even, as grid_sample).
@@ -136,7 +195,8 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
             ``source_size=(H, W)`` of the full frame.
 
     Returns:
-        (B,C,size,size) float, zero outside the image.
+        (B,C,size,size): bilinear float32 (the image's dtype when autograd needs the image),
+        nearest in the image's dtype; zero outside the image.
 
     With "exact" this equals ``kornia.geometry.transform.warp_perspective(image.expand(B,C,H,W),
     transforms, (size,size), mode=mode, align_corners=False)`` of kornia >= 0.7.3 (bilinear to
@@ -147,8 +207,6 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
         raise ValueError(f"image must be a (C,H,W) tensor, got {getattr(image, 'shape', type(image))}")
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
-    if not image.is_floating_point():
-        image = image.float()
     transforms = _check_transforms(transforms)
     size = _check_size(size)
     origin = _check_origin(origin)
@@ -157,8 +215,8 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
     kwargs = dict(image=image, size=size, mode=mode, origin=origin)
     if engine is None:
         return _warp_op(inverses, **kwargs)
-    per_item = size * size * (8 * 4 + 4 * image.shape[0] * 3)
-    return engine.map(_warp_op, inverses, name=f"crops.warp_{mode}", per_item_bytes=per_item, **kwargs)
+    return engine.map(_warp_op, inverses, name=f"crops.warp_{mode}", per_item_bytes=_warp_item_bytes(image, size, mode),
+                      **kwargs)
 
 
 # ----------------------------------------------------------------------------- xyz crops
@@ -199,16 +257,35 @@ def _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin):
     return _backproject_into(out, u, v, z, intr)
 
 
-def _xyz_crops_op(transforms, inverses, *, depth, intr, size, code, origin):
+def _xyz_crops_op(transforms, inverses, *, depth, intr, size, code, origin, clean=None):
     """The observed xyz crops (B,3,s,s) for ``transforms/inverses (B,3,3) float64``."""
+    if clean is not None:
+        return _xyz_crops_cleaned(transforms, inverses, depth, intr, size, code, origin, clean)
     if _ext.use_ext(depth.device):
         fx, fy, cx, cy = intr
         return _ext.ops().xyz_crops(depth, transforms, inverses, fx, fy, cx, cy, size, code, origin[0], origin[1])
     return _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin)
 
 
+def _xyz_crops_cleaned(transforms, inverses, raw, intr, size, code, origin, clean: OnDemandClean):
+    """xyz crops of raw depth cleaned at the sampled pixels (csrc), or, on the torch path, of
+    the raw window cleaned densely and cut to the ROI (the same values)."""
+    x0, y0, x1, y1 = (int(v) for v in clean.roi)
+    H, W = (int(v) for v in clean.full_size)
+    cu = clean.cleanup
+    if _ext.use_ext(raw.device):
+        fx, fy, cx, cy = intr
+        return _ext.ops().xyz_crops_cleaned(raw, transforms, inverses, fx, fy, cx, cy, size, code, x0, y0, x1 - x0,
+                                            y1 - y0, origin[0], origin[1], H, W, cu.erode_radius, cu.depth_diff_thres,
+                                            cu.ratio_thres, cu.bilateral_radius, cu.sigma_d, cu.sigma_r, cu.zfar)
+    cleaned = cu.dense(raw)
+    roi = cleaned[y0 - origin[1]: y1 - origin[1], x0 - origin[0]: x1 - origin[0]].contiguous()
+    return _xyz_crops_torch(roi, transforms, inverses, intr, size, code, (x0, y0))
+
+
 def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origin=(0, 0),
-              engine=None, sampling: str = "exact", source_size=None) -> torch.Tensor:
+              engine=None, sampling: str = "exact", source_size=None, clean: OnDemandClean | None = None
+              ) -> torch.Tensor:
     """The observed point map inside each crop, camera-frame metres.
 
     Args:
@@ -226,6 +303,9 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
         sampling: "exact" or "kornia_0.7.2" (each warp of the chain with kornia 0.7.2's
             offset for its own source, see chunkpose.ops.crops.sampling_maps); the latter
             needs ``source_size=(H, W)`` of the full frame.
+        clean: None when ``depth`` is cleaned already; an OnDemandClean when ``depth`` is the
+            RAW depth of a window (at ``origin``) holding its ROI and the filters' halo: each
+            sampled depth is then cleaned on the spot, exactly as cleaning the frame first.
 
     Returns:
         (B,3,size,size) float32, zero where the depth is < 0.001 or the position falls
@@ -244,7 +324,7 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
     forward, inverses = sampling_maps(transforms, size, source_size, sampling)
     T64 = forward.to(depth.device).contiguous()
     Ti64 = inverses.to(depth.device).contiguous()
-    kwargs = dict(depth=depth, intr=intr, size=size, code=SEMANTICS[semantics], origin=origin)
+    kwargs = dict(depth=depth, intr=intr, size=size, code=SEMANTICS[semantics], origin=origin, clean=clean)
     if engine is None:
         return _xyz_crops_op(T64, Ti64, **kwargs)
     ext = _ext.use_ext(depth.device)

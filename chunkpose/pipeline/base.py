@@ -12,32 +12,56 @@ from typing import Optional, Tuple
 
 import torch
 
+from chunkpose.ops.crops import inverse_transforms
+from chunkpose.ops.depth import OnDemandClean
+from chunkpose.ops.warp import sample_positions, warp_crops, xyz_crops
+
 
 @dataclass
 class ObservedFrame:
-    """One cleaned RGB-D observation, with only the region crops can read on the device.
+    """One RGB-D observation, with only the region crops can read on the device.
 
-    rgb (3,h,w) float32 0..255, depth (h,w) float32 metres (0 invalid, already eroded and
-    bilateral-filtered), xyz (3,h,w) float32 camera-frame points of `depth` (0 where invalid),
-    mask (h,w) bool or None (None when tracking: no mask is given), all covering the ROI
-    whose top-left full-frame pixel is `origin` = (x0, y0). K (3,3) float32 is the
-    full-frame intrinsics: crop transforms are full-frame and the ops take `origin` to
-    index into the ROI. `full_size` = (H, W) of the whole frame. `diameter` is the object's
-    diameter in metres (the scale of crops, thresholds and xyz normalisation).
+    rgb (3,h,w) uint8 and mask (h,w) bool or None (None when tracking: no mask is given)
+    cover the ROI whose top-left full-frame pixel is `origin` = (x0, y0). depth holds
+    metres (0 invalid), either cleaned (eroded and bilateral-filtered) over the same ROI,
+    or, with `on_demand` set, RAW over the window at `depth_origin` that holds the ROI and
+    the filters' halo: each crop then cleans just the pixels it samples (the same values).
+    K (3,3) float32 is the full-frame intrinsics: crop transforms are full-frame and the
+    ops take the origins to index into the windows. `full_size` = (H, W) of the whole
+    frame. `diameter` is the object's diameter in metres (the scale of crops, thresholds
+    and xyz normalisation).
     """
 
     rgb: torch.Tensor
     depth: torch.Tensor
-    xyz: torch.Tensor
     mask: Optional[torch.Tensor]
     K: torch.Tensor
     origin: Tuple[int, int]
     full_size: Tuple[int, int]
     diameter: float
+    depth_origin: Optional[Tuple[int, int]] = None
+    on_demand: Optional[OnDemandClean] = None
 
     @property
     def device(self) -> torch.device:
         return self.depth.device
+
+    @property
+    def roi(self) -> Tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) full-frame pixels of the ROI, end-exclusive."""
+        h, w = self.rgb.shape[-2:]
+        return self.origin[0], self.origin[1], self.origin[0] + w, self.origin[1] + h
+
+    def cost_signature(self) -> tuple:
+        """What the per-hypothesis cost of work on this frame depends on (the engine's plan
+        cache key): the tensors' kinds and whether depth is cleaned on demand, not the ROI's
+        size or place, which change every tracked frame."""
+        return (str(self.rgb.dtype), str(self.depth.dtype), self.mask is not None, self.on_demand is not None,
+                str(self.device))
+
+    def tensors(self) -> tuple:
+        """The device tensors the frame holds (what a call keeps resident)."""
+        return tuple(t for t in (self.rgb, self.depth, self.mask, self.K) if t is not None)
 
     # Helpers so that every refiner/scorer prepares observed crops the same way.
     # transforms (B,3,3) map full-frame pixels to crop pixels (chunkpose.ops.crops).
@@ -47,8 +71,6 @@ class ObservedFrame:
 
         sampling: "exact" or "kornia_0.7.2" (upstream's sub-pixel offset, see
         chunkpose.ops.crops.sampling_maps)."""
-        from chunkpose.ops.warp import warp_crops
-
         return warp_crops(self.rgb, transforms, size, mode="bilinear", origin=self.origin, sampling=sampling,
                           source_size=self.full_size)
 
@@ -59,26 +81,20 @@ class ObservedFrame:
         semantics "refiner": nearest full-frame pixel; "scorer": FoundationPose's double
         nearest round trip (see chunkpose.ops.warp.xyz_crops). sampling as rgb_crops.
         """
-        from chunkpose.ops.warp import xyz_crops
-
-        return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=self.origin,
-                         sampling=sampling, source_size=self.full_size)
+        origin = self.origin if self.on_demand is None else self.depth_origin
+        return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=origin,
+                         sampling=sampling, source_size=self.full_size, clean=self.on_demand)
 
     def mask_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
         """Observed object mask in each crop, nearest: (B,size,size) bool (all True if no mask)."""
-        from chunkpose.ops.warp import warp_crops
-
         if self.mask is None:
             return torch.ones(transforms.shape[0], size, size, dtype=torch.bool, device=transforms.device)
-        m = self.mask.to(torch.float32)[None]
-        return warp_crops(m, transforms, size, mode="nearest", origin=self.origin)[:, 0] > 0.5
+        return warp_crops(self.mask[None], transforms, size, mode="nearest", origin=self.origin)[:, 0]
 
     def inside_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
         """Which crop pixels see the image at all (nearest position inside the full frame):
         (B,size,size) bool. Outside it nothing is observed, so neither absence of mask nor
         of depth there says anything about a hypothesis (objects cut off by the border)."""
-        from chunkpose.ops.crops import inverse_transforms
-
         H, W = self.full_size
         Ti = inverse_transforms(transforms).cpu()
         q = torch.arange(size, dtype=torch.float64)
@@ -88,8 +104,6 @@ class ObservedFrame:
             py = torch.round((Ti[:, 1, 1, None] * q + Ti[:, 1, 2, None]) / Ti[:, 2, 2, None])
             inside = ((py >= 0) & (py <= H - 1))[:, :, None] & ((px >= 0) & (px <= W - 1))[:, None, :]
         else:
-            from chunkpose.ops.warp import sample_positions
-
             px, py = sample_positions(transforms.cpu(), size)
             inside = (torch.round(px) >= 0) & (torch.round(px) <= W - 1)
             inside &= (torch.round(py) >= 0) & (torch.round(py) <= H - 1)
@@ -97,26 +111,12 @@ class ObservedFrame:
 
 
 class _Stage:
+    """What refiners and scorers share: their crop windows and the name of the engine stage
+    that runs their per-hypothesis work (chunkpose.pipeline.sizing reads its cost model)."""
+
     crop_ratio: float
     crop_size: int
-
-    def item_bytes(self) -> int:
-        """Conservative device bytes ONE hypothesis needs inside this stage's map op
-        (render outputs, observed crops, solver or network activations). The estimator
-        uses it before running to decide whether a registration fits the budget at chunk
-        size 1 (else it downscales). Override when the working set is larger (networks)."""
-        # ~9 MiB measured per hypothesis for RefineNet/ScoreNet at 160x160 on CPU (fp32)
-        return 600 * self.crop_size * self.crop_size
-
-    def resident_bytes(self) -> int:
-        """Device bytes held for the whole call: by default the parameters and buffers of
-        every torch.nn.Module attribute (the networks of a learned pair)."""
-        total = 0
-        for value in vars(self).values():
-            if isinstance(value, torch.nn.Module):
-                for t in list(value.parameters()) + list(value.buffers()):
-                    total += t.numel() * t.element_size()
-        return total
+    stage_name: str = ""
 
 
 class Refiner(_Stage):

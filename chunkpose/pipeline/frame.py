@@ -1,9 +1,10 @@
 """User input checks and the preparation of an ObservedFrame (depth clean-up, ROI upload).
 
-The full frame stays a host numpy array. Only the region that crops can read (the ROI)
-goes on the device, cleaned with the same 5x5 erode + bilateral filters as the full frame
-would be: both are local, so cleaning the ROI plus a 4-pixel halo (2 per filter) gives
-exactly the full-frame result inside the ROI.
+The full frame stays a host numpy array. Only the region that crops can read (the ROI,
+chunkpose.pipeline.roi) goes on the device, cleaned with the same 5x5 erode + bilateral
+filters as the full frame would be: both are local, so cleaning the ROI plus a 4-pixel halo
+(2 per filter) gives exactly the full-frame result inside the ROI, and so does cleaning
+just the pixels crops sample (tracking).
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from chunkpose.ops.depth import MIN_DEPTH, OnDemandClean
 from chunkpose.pipeline.base import ObservedFrame
+from chunkpose.pipeline.roi import CLEANUP, CallRegion
 
 #: Depth medians above this (metres) are taken as millimetres passed by mistake.
 MAX_PLAUSIBLE_DEPTH_M = 20.0
-#: erode (radius 2) then bilateral (radius 2): a ROI pixel depends on raw depth 4 px away.
-CLEANUP_HALO = 4
 
 
 def _as_numpy(x, name: str) -> np.ndarray:
@@ -86,10 +87,14 @@ def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
     if not finite.any():
         raise ValueError("depth: every value is NaN or inf; pass a depth map in metres with 0 for missing")
     depth[~finite] = 0.0
-    valid = depth >= 0.001
+    valid = depth >= MIN_DEPTH
     if not valid.any():
         raise ValueError("depth: no valid pixel (all zero or negative); pass a depth map in metres")
-    median = float(np.median(depth[valid]))
+    # A units check, not a statistic: every 4th pixel each way tells metres from
+    # millimetres as well as all of them, at a 16th of the cost on a full-resolution frame.
+    sample = depth[::4, ::4]
+    sample = sample[sample >= MIN_DEPTH]
+    median = float(np.median(sample if sample.size else depth[valid]))
     if median > MAX_PLAUSIBLE_DEPTH_M:
         raise ValueError(
             f"depth: median valid depth is {median:.1f}, which looks like millimetres; "
@@ -138,91 +143,47 @@ def resize_inputs(rgb, depth, K, mask, factor: float):
     return rgb, depth, K, mask
 
 
-def clip_roi(roi, size) -> Tuple[int, int, int, int]:
-    """roi (x0,y0,x1,y1) end-exclusive, clipped to an image of size (H,W); never empty."""
-    H, W = size
-    x0, y0, x1, y1 = (int(v) for v in roi)
-    x0, y0 = min(max(x0, 0), W - 1), min(max(y0, 0), H - 1)
-    x1, y1 = min(max(x1, x0 + 1), W), min(max(y1, y0 + 1), H)
-    return x0, y0, x1, y1
-
-
-def union_roi(a, b):
-    return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
-
-
-def mask_bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
-    """(x0,y0,x1,y1) end-exclusive bounding box of a non-empty mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def roi_bytes_per_pixel() -> int:
-    """Device bytes per ROI pixel at the call's peak: the resident frame (rgb f32 x3,
-    depth f32, xyz f32 x3, mask bool) plus headroom for what is briefly alive beside it
-    (the uint8 rgb and mask uploads). Clean-up (raw, eroded, filtered depth: 12 B/px)
-    happens before rgb and xyz exist, so it is below this."""
-    return 12 + 4 + 12 + 1 + 3 + 4
-
-
-def _xyz_channels_first(depth: torch.Tensor, K: np.ndarray) -> torch.Tensor:
-    """Point map (3,h,w) of depth (h,w), written channel by channel (no (h,w,3) copy):
-    the same formula and roundings as chunkpose.ops.depth.depth_to_xyz, zero where z < 1 mm."""
-    h, w = depth.shape
-    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
-    out = torch.empty((3, h, w), dtype=torch.float32, device=depth.device)
-    u = torch.arange(w, dtype=torch.float32, device=depth.device)
-    v = torch.arange(h, dtype=torch.float32, device=depth.device)
-    torch.mul(u - cx, depth, out=out[0])
-    out[0].div_(fx)
-    torch.mul((v - cy)[:, None], depth, out=out[1])
-    out[1].div_(fy)
-    out[2].copy_(depth)
-    out.masked_fill_((depth < 0.001)[None], 0.0)
+def upload(array: np.ndarray, device) -> torch.Tensor:
+    """A device copy of a host array, made by torch ops (empty + copy_), so that the
+    engine's meter counts it on every device (a from_numpy tensor on the CPU would be the
+    host array itself, outside any count)."""
+    array = np.ascontiguousarray(array)
+    out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+    out.copy_(torch.from_numpy(array))
     return out
 
 
-def prepare_frame(rgb, depth, K, mask, roi, diameter: float, engine, device) -> ObservedFrame:
-    """Upload the ROI (x0,y0,x1,y1) of a validated frame and clean its depth.
+def prepare_frame(rgb, depth, K, mask, region: CallRegion, diameter: float, engine, device) -> ObservedFrame:
+    """Upload a validated frame's region and clean its depth (or leave it for on-demand cleaning).
 
-    rgb uint8 (H,W,3), depth float32 (H,W), K float64 (3,3), mask bool (H,W) or None.
-    The depth filters run through `engine` (banded), on the ROI plus a halo so the result
-    equals full-frame cleaning inside the ROI.
+    rgb uint8 (H,W,3), depth float32 (H,W), K float64 (3,3), mask bool (H,W) or None;
+    region: the call's CallRegion (chunkpose.pipeline.roi.call_region). Dense: the raw window
+    (ROI plus halo) is cleaned through ``engine`` (row bands) and cut to the ROI, which
+    equals full-frame cleaning there. On demand: the raw window stays, and crops clean the
+    pixels they sample. rgb and mask go up after the clean-up, so its peak does not hold them.
     """
-    from chunkpose.ops.depth import bilateral_filter_depth, erode_depth
-
     H, W = depth.shape
-    x0, y0, x1, y1 = clip_roi(roi, (H, W))
-    hx0, hy0 = max(0, x0 - CLEANUP_HALO), max(0, y0 - CLEANUP_HALO)
-    hx1, hy1 = min(W, x1 + CLEANUP_HALO), min(H, y1 + CLEANUP_HALO)
-    raw = torch.from_numpy(np.ascontiguousarray(depth[hy0:hy1, hx0:hx1])).to(device)
-    eroded = erode_depth(raw, engine=engine)
-    del raw
-    cleaned = bilateral_filter_depth(eroded, engine=engine)
-    del eroded
-    depth_roi = cleaned[y0 - hy0 : y1 - hy0, x0 - hx0 : x1 - hx0].contiguous()
-    del cleaned
-
-    # Shift the principal point so the ROI's own pixel grid back-projects like the full frame.
-    K_roi = K.copy()
-    K_roi[0, 2] -= x0
-    K_roi[1, 2] -= y0
-    xyz = _xyz_channels_first(depth_roi, K_roi)
-
-    # channels-first on the host, then one float copy on the device
-    rgb_roi = torch.from_numpy(np.ascontiguousarray(rgb[y0:y1, x0:x1].transpose(2, 0, 1))).to(device)
-    rgb_roi = rgb_roi.to(torch.float32)
-    mask_roi = None
-    if mask is not None:
-        mask_roi = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1])).to(device)
-    return ObservedFrame(
-        rgb=rgb_roi,
-        depth=depth_roi,
-        xyz=xyz,
-        mask=mask_roi,
-        K=torch.as_tensor(K, dtype=torch.float32, device=device),
-        origin=(x0, y0),
-        full_size=(H, W),
-        diameter=float(diameter),
-    )
+    x0, y0, x1, y1 = region.roi
+    hx0, hy0, hx1, hy1 = region.raw
+    raw = upload(depth[hy0:hy1, hx0:hx1], device)
+    on_demand = None
+    depth_origin = None
+    if region.on_demand:
+        depth_roi, depth_origin = raw, (hx0, hy0)
+        on_demand = OnDemandClean(roi=region.roi, full_size=(H, W), cleanup=CLEANUP)
+    else:
+        # one map at a time besides the filter's output: the raw map goes before the second filter
+        eroded = CLEANUP.erode(raw, engine=engine)
+        del raw
+        cleaned = CLEANUP.bilateral(eroded, engine=engine)
+        del eroded
+        depth_roi = cleaned[y0 - hy0: y1 - hy0, x0 - hx0: x1 - hx0]
+        if depth_roi.shape != cleaned.shape:
+            depth_roi = depth_roi.contiguous()
+        del cleaned
+    # channels-first on the host, then one uint8 copy on the device
+    rgb_roi = upload(rgb[y0:y1, x0:x1].transpose(2, 0, 1), device)
+    mask_roi = upload(mask[y0:y1, x0:x1], device) if mask is not None else None
+    return ObservedFrame(rgb=rgb_roi, depth=depth_roi, mask=mask_roi, K=torch.as_tensor(K, dtype=torch.float32).to(device),
+                         origin=(x0, y0), full_size=(H, W), diameter=float(diameter), depth_origin=depth_origin,
+                         on_demand=on_demand)

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from chunkpose.ops.crops import crop_windows
+from chunkpose.ops.depth import MIN_DEPTH
 from chunkpose.pipeline.base import ObservedFrame, Refiner, Scorer
 from chunkpose.pipeline.posemath import so3_exp
 
@@ -28,8 +30,6 @@ def _map_over_crops(engine, op, poses, frame: ObservedFrame, renderer, crop_rati
                     name: str, **kwargs):
     """engine.map of a per-hypothesis crop op: op(poses, transforms, frame=, renderer=,
     size=, **kwargs) over the poses (B,4,4) and their crop transforms."""
-    from chunkpose.ops.crops import crop_windows
-
     windows = crop_windows(poses, frame.K, frame.diameter, crop_ratio, size=size)
     return engine.map(op, poses, windows.transforms.to(poses.dtype), name=name, frame=frame,
                       renderer=renderer, size=size, **kwargs)
@@ -75,6 +75,165 @@ def mask_centroid(frame: ObservedFrame):
     return (float(us.double().mean()) + frame.origin[0], float(vs.double().mean()) + frame.origin[1])
 
 
+#: Window offsets searched at once in the association (the rest of the window in later
+#: groups): fewer, larger ops, at a bounded memory of this many candidates per point.
+SEARCH_GROUP = 5
+
+
+def _rendered_points(poses, transforms, frame: ObservedFrame, renderer, size: int):
+    """Render the model into the crops and keep only its pixels: points P, normals Nrm
+    (b,N,3), their mask M (b,N) (padding False) and flat crop pixel indices (b,N), with N
+    the chunk's largest silhouette (typically a quarter of the crop)."""
+    dtype = poses.dtype
+    rendered = renderer.render_crops(poses, frame.K, transforms, size)
+    xyz = rendered["xyz"].to(dtype)
+    P = _flat(xyz)  # (b,s*s,3)
+    Nrm = _flat(surface_normals(xyz, rendered["mask"], rendered["normals"].to(dtype)))
+    M = rendered["mask"].flatten(1)  # (b,s*s)
+    del rendered, xyz
+    keep = int(M.sum(1).max()) if M.numel() else 0
+    pixel = torch.argsort(M.to(torch.uint8), dim=1, descending=True, stable=True)[:, : max(keep, 1)]
+    P = torch.gather(P, 1, pixel[..., None].expand(-1, -1, 3))
+    Nrm = torch.gather(Nrm, 1, pixel[..., None].expand(-1, -1, 3))
+    M = torch.gather(M, 1, pixel)
+    return P, Nrm, M, pixel
+
+
+def _observed_points(transforms, frame: ObservedFrame, size: int, dtype):
+    """Observed crop points Q (b,s*s,3), invalid ones moved 1e6 away (no distance gate
+    accepts them, so the search needs no validity lookup), and their validity (b,s*s)."""
+    Q = _flat(frame.xyz_crops(transforms, size, semantics="refiner").to(dtype))
+    valid = (Q[..., 2] >= MIN_DEPTH) & frame.mask_crops(transforms, size).flatten(1)
+    return torch.where(valid[..., None], Q, torch.full_like(Q, 1e6)), valid
+
+
+def _project(points, KT, size: int):
+    """Crop pixels (ix, iy) (rounded, float) of camera points (b,N,3) under the crop cameras
+    KT (b,3,3), and whether they are in front and inside the crop."""
+    uvw = points @ KT.transpose(1, 2)
+    z = uvw[..., 2]
+    front = z > 1e-6
+    zs = torch.where(front, z, torch.ones_like(z))
+    ix = torch.round(uvw[..., 0] / zs)
+    iy = torch.round(uvw[..., 1] / zs)
+    inside = front & (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size)
+    return ix, iy, inside
+
+
+def _align_to_mask(P, M, pixel, poses, transforms, KT, Q, Qvalid, frame: ObservedFrame, size: int, target,
+                   min_pairs: int):
+    """Registration's first move of every hypothesis (t_acc (b,3)): its rendered silhouette's
+    centroid onto the observed mask's (lateral; projective ICP corrects lateral offsets only
+    slowly), then rendered and observed depths into agreement (median where both exist),
+    before the distance gates apply. Only the part of the silhouette inside the image
+    counts: the mask of an object cut off by the border is cut off too."""
+    dtype = poses.dtype
+    centre0 = poses[:, :3, 3]
+    target_u, target_v = target
+    seen = torch.gather(frame.inside_crops(transforms, size).flatten(1), 1, pixel)
+    weight = (M & seen).to(dtype)
+    count = weight.sum(1).clamp_min(1.0)
+    cu = (weight * (pixel % size).to(dtype)).sum(1) / count  # crop pixels
+    cv = (weight * torch.div(pixel, size, rounding_mode="floor").to(dtype)).sum(1) / count
+    inv = torch.linalg.inv(transforms.to(dtype))
+    full = inv @ torch.stack([cu, cv, torch.ones_like(cu)], -1)[:, :, None]
+    u_r, v_r = full[:, 0, 0] / full[:, 2, 0], full[:, 1, 0] / full[:, 2, 0]
+    z = centre0[:, 2].clamp_min(1e-6)
+    K = frame.K.to(dtype)
+    lateral = torch.stack([(target_u - u_r) * z / K[0, 0], (target_v - v_r) * z / K[1, 1], torch.zeros_like(z)], -1)
+    has = weight.sum(1) >= min_pairs
+    t_acc = torch.where(has[:, None], lateral, torch.zeros_like(lateral))
+    # depth: compare at the pixel each shifted point now projects to
+    p = P + t_acc[:, None]
+    uvw = p @ KT.transpose(1, 2)
+    zs = uvw[..., 2].clamp_min(1e-6)
+    ix = torch.round(uvw[..., 0] / zs)
+    iy = torch.round(uvw[..., 1] / zs)
+    inside = (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & M
+    index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
+    qz = torch.gather(Q[..., 2], 1, index)
+    both = inside & torch.gather(Qvalid, 1, index)
+    gap = torch.where(both, qz - p[..., 2], torch.full_like(qz, float("nan")))
+    dz = torch.nanmedian(gap, dim=1).values
+    dz = torch.where(both.sum(1) >= min_pairs, dz, torch.zeros_like(dz))
+    centre = centre0 + t_acc
+    return t_acc + centre * (dz / centre[:, 2].clamp_min(1e-6))[:, None]
+
+
+def window_offsets(radius: int, device) -> tuple:
+    """The (2k+1)^2 search window's pixel offsets, centre first (so that ties keep the
+    projective pair), as groups of (dx, dy) float tensors of SEARCH_GROUP offsets each."""
+    k = int(radius)
+    pairs = [(0, 0)] + [(dx, dy) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if (dx, dy) != (0, 0)]
+    table = torch.tensor(pairs, dtype=torch.float32, device=device)
+    return tuple((table[i: i + SEARCH_GROUP, 0], table[i: i + SEARCH_GROUP, 1])
+                 for i in range(0, len(pairs), SEARCH_GROUP))
+
+
+def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: float, offsets):
+    """Flat observed index (b,N) paired with each moved model point p (b,N,3): the closest
+    observed point among a (2k+1)^2 window around its projection (ix, iy) (``offsets``:
+    window_offsets), the window's stride following the gate (projective association alone
+    has no grip on sliding along flat faces, the nearest point near an edge does). Offsets
+    are searched SEARCH_GROUP at a time; ties keep the earliest offset, as a sequential scan."""
+    last = size - 1
+    index = (iy.clamp(0, last) * size + ix.clamp(0, last)).long()
+    if len(offsets) == 1 and offsets[0][0].numel() == 1:
+        return index
+    k = max(1, int(round(float(offsets[-1][0].abs().max()))))
+    gate_px = threshold * KT[:, 0, 0] / centre_z.clamp_min(1e-6)
+    stride = torch.clamp(torch.round(gate_px / (2 * k)), min=1.0)[:, None, None]  # (b,1,1)
+    best_d2 = torch.full_like(ix, float("inf"))
+    p_ = p[:, :, None]
+    for dx, dy in offsets:
+        cx = ix[..., None] + dx * stride  # (b,N,g)
+        cy = iy[..., None] + dy * stride
+        cx_in, cy_in = cx.clamp(0, last), cy.clamp(0, last)
+        ok = (cx_in == cx) & (cy_in == cy)
+        cand = (cy_in * size + cx_in).long() + base[..., None]
+        d2 = (p_ - Q_flat[cand]).square_().sum(-1)
+        d2 = d2.masked_fill_(~ok, float("inf"))
+        group_d2, pick = d2.min(dim=-1)
+        better = group_d2 < best_d2
+        best_d2 = torch.where(better, group_d2, best_d2)
+        index = torch.where(better, torch.gather(cand, -1, pick[..., None])[..., 0] - base, index)
+    return index
+
+
+def _gauss_newton_step(p, n, q, inside, centre, scale: float, threshold: float, damping: float, min_pairs: int,
+                       max_rotation: float, max_translation: float):
+    """One damped point-to-plane Gauss-Newton step: rotation w (b,3) about the object centre
+    and translation v (b,3), from the pairs (p, q) within ``threshold`` (Tukey weights),
+    clipped to a trust region. No step where fewer than min_pairs pairs exist."""
+    dtype, device = p.dtype, p.device
+    diff = p - q
+    dist = (diff * diff).sum(-1).sqrt()
+    pair = inside & (dist < threshold)  # invalid observed points are 1e6 away
+    weight = torch.where(pair, (1 - (dist / threshold) ** 2) ** 2, torch.zeros_like(dist))
+    residual = (n * diff).sum(-1)  # (b,N) point-to-plane distance
+    lever = (p - centre[:, None]) / scale
+    J = torch.cat([_cross(lever, n, dim=-1), n], dim=-1)  # (b,N,6)
+    Jw = J * weight[..., None]
+    A = torch.einsum("bni,bnj->bij", Jw, J)
+    g = torch.einsum("bni,bn->bi", Jw, residual)
+    # Levenberg-style damping relative to the system's own scale keeps thin or planar views
+    # (rank-deficient A) from producing wild steps.
+    level = A.diagonal(dim1=1, dim2=2).sum(-1) / 6 + 1e-12
+    A = A + (damping * level)[:, None, None] * torch.eye(6, dtype=dtype, device=device)
+    x = torch.linalg.solve(A, -g[..., None])[..., 0]
+    enough = pair.sum(1) >= min_pairs
+    x = torch.where(enough[:, None], x, torch.zeros_like(x))
+    w = x[:, :3] / scale
+    v = x[:, 3:]
+    # Trust region: one step never turns by more than max_rotation or moves more than
+    # max_translation (bad associations early on can ask for huge steps).
+    angle = w.norm(dim=-1, keepdim=True)
+    w = w * torch.clamp(max_rotation / angle.clamp_min(1e-12), max=1.0)
+    shift = v.norm(dim=-1, keepdim=True)
+    v = v * torch.clamp(max_translation / shift.clamp_min(1e-12), max=1.0)
+    return w, v
+
+
 def icp_step(
     poses: torch.Tensor,
     transforms: torch.Tensor,
@@ -92,147 +251,46 @@ def icp_step(
 ) -> torch.Tensor:
     """One render + several Gauss-Newton ICP steps for each hypothesis.
 
-    poses (b,4,4) re-centred object in camera, transforms (b,3,3) full frame -> crop.
-    align_to: None, or the observed mask centroid (u, v) full-frame pixels: first move
-    each hypothesis so silhouettes and depths roughly agree (registration, first round).
+    Args:
+        poses: (b,4,4) re-centred object in camera. transforms: (b,3,3) full frame -> crop.
+        align_to: None, or the observed mask centroid (u, v) in full-frame pixels: first move
+            each hypothesis so silhouettes and depths roughly agree (registration, first round).
+        thresholds: the distance gate of each inner step (metres).
+        damping, min_pairs, max_rotation, max_translation, search_radius: see
+            _gauss_newton_step and _associate.
+
+    Returns:
+        The updated poses (b,4,4).
+
     The model is rendered once (points p in the camera frame, normals n from the rendered
-    points); each inner step moves them by the current increment and pairs each p with
-    the closest observed point q among a (2k+1)^2 pixel window (k = search_radius, stride
-    following the gate) around p's projection into the observed crop; pairs with
-    |p - q| < threshold (one threshold per inner step) get Tukey weights, and the damped
-    6x6 normal equations of sum w (n.(p - q))^2 give a rotation about the object centre
-    and a translation. Returns the updated poses (b,4,4).
+    points); each inner step moves them by the current increment, pairs each with an
+    observed point (_associate) and solves the damped 6x6 normal equations of
+    sum w (n.(p - q))^2 (_gauss_newton_step).
     """
     b = poses.shape[0]
     dtype, device = poses.dtype, poses.device
-    rendered = renderer.render_crops(poses, frame.K, transforms, size)
-    P = _flat(rendered["xyz"].to(dtype))  # (b,N,3)
-    Nrm = _flat(surface_normals(rendered["xyz"].to(dtype), rendered["mask"], rendered["normals"].to(dtype)))
-    M = rendered["mask"].flatten(1)  # (b,N)
-    del rendered
-    # Keep only the rendered object pixels (typically a quarter of the crop), padded to
-    # the chunk's largest count; padding has M False and weight 0 everywhere below.
-    keep = int(M.sum(1).max()) if M.numel() else 0
-    pixel = torch.argsort(M.to(torch.uint8), dim=1, descending=True, stable=True)[:, : max(keep, 1)]
-    P = torch.gather(P, 1, pixel[..., None].expand(-1, -1, 3))
-    Nrm = torch.gather(Nrm, 1, pixel[..., None].expand(-1, -1, 3))
-    M = torch.gather(M, 1, pixel)
-    Q = _flat(frame.xyz_crops(transforms, size, semantics="refiner").to(dtype))
-    Qvalid = (Q[..., 2] >= 0.001) & frame.mask_crops(transforms, size).flatten(1)
-    # Invalid observed points moved far away: no distance gate ever accepts them, so the
-    # search needs no separate validity lookup. Flat (b*s*s,3) for fast index_select.
-    Q = torch.where(Qvalid[..., None], Q, torch.full_like(Q, 1e6))
-    Q_flat = Q.reshape(-1, 3)
+    P, Nrm, M, pixel = _rendered_points(poses, transforms, frame, renderer, size)
+    Q, Qvalid = _observed_points(transforms, frame, size, dtype)
+    Q_flat = Q.reshape(-1, 3)  # flat (b*s*s,3) for fast index_select
     base = (torch.arange(b, device=device) * (size * size))[:, None]
-
-    # Crop camera: camera point -> crop pixel (homogeneous), for projective association.
-    KT = transforms.to(dtype) @ frame.K.to(dtype)  # (b,3,3)
+    KT = transforms.to(dtype) @ frame.K.to(dtype)  # crop camera: camera point -> crop pixel
     scale = frame.diameter / 2.0  # rotation columns in metres -> O(1) like translation
+    centre0 = poses[:, :3, 3]
+    offsets = window_offsets(search_radius, device)
     R_acc = torch.eye(3, dtype=dtype, device=device).expand(b, 3, 3).clone()
     t_acc = torch.zeros(b, 3, dtype=dtype, device=device)
-    centre0 = poses[:, :3, 3]
-
     if align_to is not None:
-        # Registration starts every hypothesis at the mask's bbox centre and median depth,
-        # i.e. on the visible surface and wherever this rotation's silhouette happens to
-        # put its centre. Move each hypothesis so that (1) its rendered silhouette's
-        # centroid lands on the observed mask's centroid (lateral; projective ICP corrects
-        # lateral offsets only slowly) and (2) rendered and observed depths agree (median
-        # over pixels where both exist), before the distance gates apply.
-        target_u, target_v = align_to
-        # only the part of the silhouette inside the image: the mask of an object cut off
-        # by the border is cut off too
-        seen = torch.gather(frame.inside_crops(transforms, size).flatten(1), 1, pixel)
-        weight = (M & seen).to(dtype)
-        count = weight.sum(1).clamp_min(1.0)
-        cu = (weight * (pixel % size).to(dtype)).sum(1) / count  # crop pixels
-        cv = (weight * torch.div(pixel, size, rounding_mode="floor").to(dtype)).sum(1) / count
-        inv = torch.linalg.inv(transforms.to(dtype))
-        full = inv @ torch.stack([cu, cv, torch.ones_like(cu)], -1)[:, :, None]
-        u_r, v_r = full[:, 0, 0] / full[:, 2, 0], full[:, 1, 0] / full[:, 2, 0]
-        z = centre0[:, 2].clamp_min(1e-6)
-        K = frame.K.to(dtype)
-        lateral = torch.stack([(target_u - u_r) * z / K[0, 0], (target_v - v_r) * z / K[1, 1], torch.zeros_like(z)], -1)
-        has = weight.sum(1) >= min_pairs
-        t_acc = torch.where(has[:, None], lateral, torch.zeros_like(lateral))
-        # depth: compare at the pixel each shifted point now projects to
-        p = P + t_acc[:, None]
-        uvw = p @ KT.transpose(1, 2)
-        zs = uvw[..., 2].clamp_min(1e-6)
-        ix = torch.round(uvw[..., 0] / zs)
-        iy = torch.round(uvw[..., 1] / zs)
-        inside = (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & M
-        index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
-        qz = torch.gather(Q[..., 2], 1, index)
-        both = inside & torch.gather(Qvalid, 1, index)
-        gap = torch.where(both, qz - p[..., 2], torch.full_like(qz, float("nan")))
-        dz = torch.nanmedian(gap, dim=1).values
-        dz = torch.where(both.sum(1) >= min_pairs, dz, torch.zeros_like(dz))
-        centre = centre0 + t_acc
-        t_acc = t_acc + centre * (dz / centre[:, 2].clamp_min(1e-6))[:, None]
-
-    k = int(search_radius)
-    # centre first so that ties keep the projective pair
-    window = [(0, 0)] + [(dx, dy) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if (dx, dy) != (0, 0)]
+        t_acc = _align_to_mask(P, M, pixel, poses, transforms, KT, Q, Qvalid, frame, size, align_to, min_pairs)
     for threshold in thresholds:
         p = P @ R_acc.transpose(1, 2) + t_acc[:, None]
         n = Nrm @ R_acc.transpose(1, 2)
-        uvw = p @ KT.transpose(1, 2)
-        z = uvw[..., 2]
-        front = z > 1e-6
-        zs = torch.where(front, z, torch.ones_like(z))
-        ix = torch.round(uvw[..., 0] / zs)
-        iy = torch.round(uvw[..., 1] / zs)
-        inside = front & (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size) & M
-        if search_radius > 0:
-            # Closest observed point among a (2k+1)^2 window around the projection, the
-            # window's stride following the gate: projective association alone has no
-            # grip on sliding along flat faces, the nearest point near an edge does.
-            gate_px = threshold * KT[:, 0, 0] / centre0[:, 2].clamp_min(1e-6)
-            stride = torch.clamp(torch.round(gate_px / (2 * search_radius)), min=1.0)  # (b,)
-            # one window offset at a time, keeping the running best: memory O(pixels)
-            best_d2 = torch.full_like(ix, float("inf"))
-            index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
-            for dx, dy in window:
-                cx = ix + dx * stride[:, None]
-                cy = iy + dy * stride[:, None]
-                ok = (cx >= 0) & (cx < size) & (cy >= 0) & (cy < size)
-                cand = (cy.clamp(0, size - 1) * size + cx.clamp(0, size - 1)).long()
-                qc = Q_flat.index_select(0, (cand + base).reshape(-1)).view(b, -1, 3)
-                e = p - qc
-                d2 = e[..., 0] * e[..., 0] + e[..., 1] * e[..., 1] + e[..., 2] * e[..., 2]
-                better = ok & (d2 < best_d2)
-                best_d2 = torch.where(better, d2, best_d2)
-                index = torch.where(better, cand, index)
-        else:
-            index = (iy.clamp(0, size - 1) * size + ix.clamp(0, size - 1)).long()
+        ix, iy, inside = _project(p, KT, size)
+        inside = inside & M
+        index = _associate(p, ix, iy, Q_flat, base, KT, centre0[:, 2], size, threshold, offsets)
         q = Q_flat.index_select(0, (index + base).reshape(-1)).view(b, -1, 3)
-        diff = p - q
-        dist = (diff * diff).sum(-1).sqrt()
-        pair = inside & (dist < threshold)  # invalid observed points are 1e6 away
-        weight = torch.where(pair, (1 - (dist / threshold) ** 2) ** 2, torch.zeros_like(dist))
-        residual = (n * diff).sum(-1)  # (b,N) point-to-plane distance
         centre = (R_acc @ centre0[:, :, None])[:, :, 0] + t_acc  # object centre now
-        lever = (p - centre[:, None]) / scale
-        J = torch.cat([_cross(lever, n, dim=-1), n], dim=-1)  # (b,N,6)
-        Jw = J * weight[..., None]
-        A = torch.einsum("bni,bnj->bij", Jw, J)
-        g = torch.einsum("bni,bn->bi", Jw, residual)
-        # Levenberg-style damping relative to the system's own scale keeps thin or
-        # planar views (rank-deficient A) from producing wild steps.
-        level = A.diagonal(dim1=1, dim2=2).sum(-1) / 6 + 1e-12
-        A = A + (damping * level)[:, None, None] * torch.eye(6, dtype=dtype, device=device)
-        x = torch.linalg.solve(A, -g[..., None])[..., 0]
-        enough = pair.sum(1) >= min_pairs
-        x = torch.where(enough[:, None], x, torch.zeros_like(x))
-        w = x[:, :3] / scale
-        v = x[:, 3:]
-        # Trust region: one step never turns by more than max_rotation or moves more than
-        # max_translation (bad associations early on can ask for huge steps).
-        angle = w.norm(dim=-1, keepdim=True)
-        w = w * torch.clamp(max_rotation / angle.clamp_min(1e-12), max=1.0)
-        shift = v.norm(dim=-1, keepdim=True)
-        v = v * torch.clamp(max_translation / shift.clamp_min(1e-12), max=1.0)
+        w, v = _gauss_newton_step(p, n, q, inside, centre, scale, threshold, damping, min_pairs, max_rotation,
+                                  max_translation)
         dR = so3_exp(w)
         # x -> dR (x - centre) + centre + v, composed onto the accumulated increment
         R_acc = dR @ R_acc
@@ -255,6 +313,8 @@ class GeometricRefiner(Refiner):
     aligns each hypothesis' depth first; tracking (no mask) starts narrower because the
     last pose is close and the gate is what keeps the background out.
     """
+
+    stage_name = "refine.geometric"
 
     def __init__(
         self,
@@ -288,11 +348,6 @@ class GeometricRefiner(Refiner):
         self.polish_iterations = polish_iterations
         self.polish_start_threshold = polish_start_threshold
 
-    def item_bytes(self) -> int:
-        # measured ~115 B per crop pixel per hypothesis (render outputs, observed crops,
-        # compacted ICP arrays); twice that for objects filling more of the crop
-        return 250 * self.crop_size * self.crop_size
-
     def thresholds(self, iterations: int, start: float) -> list:
         """Distance gates (fractions of the diameter) shrinking geometrically from `start`
         to end_threshold, one per inner step of every iteration."""
@@ -322,7 +377,7 @@ class GeometricRefiner(Refiner):
                 renderer,
                 self.crop_ratio,
                 self.crop_size,
-                name="refine.geometric",
+                name=self.stage_name,
                 thresholds=tuple(gates[k * self.inner_steps : (k + 1) * self.inner_steps]),
                 align_to=target if k == 0 else None,
                 damping=self.damping,
@@ -363,7 +418,7 @@ def score_step(
     del rendered
     Do = frame.xyz_crops(transforms, size, semantics="refiner")[:, 2].flatten(1).to(torch.float32)
     O = frame.mask_crops(transforms, size).flatten(1)
-    V = Do >= 0.001
+    V = Do >= MIN_DEPTH
     e = Dr - Do
     f = lambda m: m.sum(1).to(torch.float32)  # noqa: E731
     union = f(R | O).clamp_min(1.0)
@@ -382,6 +437,8 @@ def score_step(
 class GeometricScorer(Scorer):
     """Weight-free scorer: depth agreement, silhouette IoU and a visibility penalty."""
 
+    stage_name = "score.geometric"
+
     def __init__(self, crop_ratio: float = 1.1, crop_size: int = 96, tolerance: float = 0.02,
                  weights=(0.4, 0.3, 0.3, 1.0)):
         self.crop_ratio = crop_ratio
@@ -389,10 +446,7 @@ class GeometricScorer(Scorer):
         self.tolerance = tolerance
         self.weights = tuple(weights)
 
-    def item_bytes(self) -> int:
-        return 250 * self.crop_size * self.crop_size
-
     def score(self, poses, frame: ObservedFrame, renderer, engine):
         return _map_over_crops(engine, score_step, poses, frame, renderer, self.crop_ratio, self.crop_size,
-                               name="score.geometric", tolerance=self.tolerance * frame.diameter,
+                               name=self.stage_name, tolerance=self.tolerance * frame.diameter,
                                weights=self.weights)

@@ -123,6 +123,8 @@ class LearnedRefiner(Refiner):
     flow to the poses and the weights, blocks checkpointed inside each chunk).
     """
 
+    stage_name = "refine.learned"
+
     def __init__(self, model: RefineNet, config: Union[NetworkConfig, Dict[str, Any], None] = None,
                  fp16: bool = True, differentiable: bool = False):
         self.model = model
@@ -160,13 +162,15 @@ class LearnedRefiner(Refiner):
                 if engine is None:
                     poses = self.step(poses, frame=frame, renderer=renderer, model=self.model)
                 else:
-                    poses = engine.map(self.step, poses, name="refine.learned", frame=frame,
+                    poses = engine.map(self.step, poses, name=self.stage_name, frame=frame,
                                        renderer=renderer, model=self.model)
         return poses
 
 
 class LearnedScorer(Scorer):
     """ScoreNetMultiPair scoring: per-hypothesis features as an engine stage, att_cross once."""
+
+    stage_name = "score.learned.features"
 
     def __init__(self, model: ScoreNetMultiPair, config: Union[NetworkConfig, Dict[str, Any], None] = None,
                  fp16: bool = True, differentiable: bool = False):
@@ -200,7 +204,7 @@ class LearnedScorer(Scorer):
             if engine is None:
                 feats = self.features(poses, frame=frame, renderer=renderer, model=self.model)
             else:
-                feats = engine.map(self.features, poses, name="score.learned.features", frame=frame,
+                feats = engine.map(self.features, poses, name=self.stage_name, frame=frame,
                                    renderer=renderer, model=self.model)
             # att_cross compares all hypotheses: one call on the gathered features.
             with autocast_for(poses.device, self.fp16):

@@ -25,10 +25,12 @@ import torch
 from .base import HEADLIGHT, BatchRenderer, clip_projection, near_far, output_bytes_per_pixel
 
 GL_CLIP_DISTANCE0 = 0x3000
-# Side of the square tile atlas one pass draws into: 12 x 12 crops of 160 px per pass,
-# attachments of 1920 x 1920 px take 118 MB. Small enough that window coordinates keep
-# their float precision; larger images (full frames) get an atlas of one tile.
-ATLAS_SIDE = 2048
+# Side of the square tile atlas one pass draws into: 6 x 6 crops of 160 px (10 x 10 of 96)
+# per pass, 39 MiB of attachments (RGBA32F colour, six float planes, depth), memory the
+# budget has to hold beside the tensors. A pass costs little beyond its instances (one
+# clear), so a larger atlas buys almost no speed (measured on Mesa: 252 crops of 96 px
+# in the same time at sides 1024 and 2048); larger images (full frames) get an atlas of one tile.
+ATLAS_SIDE = 1024
 
 _VERTEX_SHADER = """
 #version 330
@@ -330,23 +332,22 @@ class GLRenderer(BatchRenderer):
     def _read_pass(self, out: dict, items: np.ndarray, slots: np.ndarray, tile_w: int, tile_h: int,
                    cols: int) -> None:
         """Read the tiles `slots` of the last pass into the outputs' rows `items`, tile by
-        tile: the float planes straight into the output tensors' memory, the colour through
-        one tile-sized buffer. Only the drawn tiles are read, whatever the atlas size."""
+        tile, straight into the output tensors' memory through numpy views (no torch op per
+        tile), the colour through one tile-sized buffer. Only drawn tiles are read."""
         fbo = self._targets[self._current].fbo
         color = np.empty((tile_h, tile_w, 4), dtype=np.float32)
-        color_t = torch.from_numpy(color)
-        planes = ((1, "xyz", 0), (2, "xyz", 1), (3, "depth", None), (4, "normals", 0), (5, "normals", 1),
-                  (6, "normals", 2))
+        rgb, depth, xyz = out["rgb"].numpy(), out["depth"].numpy(), out["xyz"].numpy()
+        normals, mask = out["normals"].numpy(), out["mask"].numpy()
         for item, slot in zip(items.tolist(), slots.tolist()):
             row, col = divmod(slot, cols)
             viewport = (col * tile_w, row * tile_h, tile_w, tile_h)
             fbo.read_into(color, viewport, components=4, attachment=0, dtype="f4")
-            out["rgb"][item].copy_(color_t[..., :3].permute(2, 0, 1))
-            out["mask"][item].copy_(color_t[..., 3] > 0)
-            for attachment, key, channel in planes:
-                target = out[key][item] if channel is None else out[key][item, channel]
-                fbo.read_into(target.numpy(), viewport, components=1, attachment=attachment, dtype="f4")
-            out["xyz"][item, 2].copy_(out["depth"][item])
+            np.copyto(rgb[item], color[..., :3].transpose(2, 0, 1))
+            np.greater(color[..., 3], 0, out=mask[item])
+            for attachment, target in ((1, xyz[item, 0]), (2, xyz[item, 1]), (3, depth[item]), (4, normals[item, 0]),
+                                       (5, normals[item, 1]), (6, normals[item, 2])):
+                fbo.read_into(target, viewport, components=1, attachment=attachment, dtype="f4")
+            np.copyto(xyz[item, 2], depth[item])
 
     def _render(self, poses, K, transforms, tile_w, tile_h) -> dict:
         """Core: poses (B,4,4), transforms (B,3,3) numpy float64 -> dict of tensors.
@@ -372,6 +373,29 @@ class GLRenderer(BatchRenderer):
             self._draw_tiles(poses[items], proj[items], slots, tile_w, tile_h, grid)
             self._read_pass(out, items, slots, tile_w, tile_h, grid[1])
         return self._to_device(out)
+
+    def atlas_size(self, size: int) -> tuple[int, int]:
+        """(rows, cols) of the tile grid one pass draws crops of ``size`` into."""
+        side = min(ATLAS_SIDE, self._max_side())
+        return max(1, side // size), max(1, side // size)
+
+    def external_bytes(self, sizes=()) -> int:
+        """Bytes this renderer holds in the GL driver (not torch): the mesh's buffers and
+        texture, and the crop atlas framebuffers for crops of each of ``sizes`` (at most two
+        are kept at once). On a GPU this is device memory outside torch's allocator."""
+        mesh = self.mesh
+        total = len(mesh.vertices) * 11 * 4 + len(mesh.faces) * 3 * 4
+        if mesh.has_texture:
+            total += int(np.prod(mesh.texture.shape[:2])) * 3
+        total += self._instance_capacity * 36 * 4
+        for size in list(sizes)[-2:]:
+            rows, cols = self.atlas_size(int(size))
+            total += rows * int(size) * cols * int(size) * _Targets.BYTES_PER_PIXEL
+        return int(total)
+
+    def device_tensors(self) -> tuple:
+        """Torch tensors the renderer keeps (none: everything lives in the GL driver)."""
+        return ()
 
     def _max_side(self) -> int:
         return min(int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]), int(self.ctx.info["GL_MAX_VIEWPORT_DIMS"][1]))

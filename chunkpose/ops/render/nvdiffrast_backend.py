@@ -52,6 +52,7 @@ class NvdiffrastRenderer(BatchRenderer):
             self._texture = (torch.as_tensor(image, device=self.device).float() / 255.0)[None].contiguous()
         self._center = np.asarray(mesh.center, dtype=np.float64)
         self._radius = float(mesh.radius)
+        self._largest_pixels = 0
 
     def _render(self, poses, proj, width: int, height: int) -> dict:
         """poses (B,4,4), proj (B,4,4) torch float32 on device -> dict at (height, width)."""
@@ -59,6 +60,7 @@ class NvdiffrastRenderer(BatchRenderer):
         # camera-frame homogeneous positions and clip positions, (B,V,4) each
         cam = torch.einsum("bij,vj->bvi", poses, self._vertices_h)
         clip = torch.einsum("bij,bvj->bvi", proj, cam).contiguous()
+        self._largest_pixels = max(self._largest_pixels, clip.shape[0] * height * width)
         rast, _ = dr.rasterize(self._glctx, clip, self._faces, resolution=[height, width])
         mask = rast[..., 3] > 0  # (B,H,W)
         xyz, _ = dr.interpolate(cam[..., :3].contiguous(), rast, self._faces)
@@ -99,6 +101,18 @@ class NvdiffrastRenderer(BatchRenderer):
         if (padded_w, padded_h) != (width, height):
             out = {key: value[..., :height, :width] for key, value in out.items()}
         return {key: value.contiguous() for key, value in out.items()}
+
+    def device_tensors(self) -> tuple:
+        """The mesh tensors this renderer keeps on the device for every call."""
+        kept = (self._vertices_h, self._normals, self._colors, self._faces, self._uv, self._texture)
+        return tuple(t for t in kept if t is not None)
+
+    def external_bytes(self, sizes=()) -> int:
+        """nvdiffrast's own device buffers (outside torch's allocator): its CUDA rasteriser
+        keeps buffers sized by the largest batch x resolution drawn so far, about 16 bytes
+        per pixel drawn (depth and triangle id, colour and its copy); this is the estimate
+        for the largest batch seen."""
+        return int(self._largest_pixels * 16)
 
     def bytes_per_item(self, size: int) -> int:
         """Peak device bytes per crop: rasteriser output, interpolated attributes before and

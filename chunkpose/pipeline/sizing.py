@@ -1,0 +1,132 @@
+"""What a register or track call will hold on the device, before it runs.
+
+The downscale decision, ``PoseEstimator.required_budget_gb`` and the what-if of a frame all
+come from here, and here from the same pieces the real call is made of:
+
+- the call's region (chunkpose.pipeline.roi) and the bytes its prepared frame holds,
+- the dense clean-up's peak (raw window and filter output, one band of the filter's own
+  cost hint, chunkpose.ops.depth),
+- each pipeline stage's cost model as the engine's planner holds it (by stage name), after
+  a calibration run of the stages on a few hypotheses of a small copy of the frame,
+- what stays resident for the whole call (networks, renderer tensors) and what is held
+  outside torch (renderer framebuffers), as the estimator declares them to the engine.
+
+The stages' per-item costs are crop-sized, so a calibration on a small frame holds at any
+resolution; only the region's bytes grow with the scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from chunkpose.engine.planner import CostModel, Planner
+from chunkpose.ops.depth import band_hints
+from chunkpose.pipeline.roi import CLEANUP, Box, CallRegion, call_region, scale_box
+
+
+#: Headroom kept when fitting a call to a budget: the what-if itemises the frame, the
+#: hypotheses' poses and transforms and every stage's model, not the few kB of K, index
+#: and per-call small tensors a real call adds; a scale chosen at the boundary must still
+#: plan.
+SLACK_BYTES = 256 * 1024
+
+
+def scaled_geometry(size, K, factor: float) -> Tuple[Tuple[int, int], np.ndarray]:
+    """((h, w), K) of an image of ``size=(H, W)`` resized by ``factor``, the way
+    chunkpose.pipeline.frame.resize_inputs resizes it."""
+    H, W = size
+    h, w = max(2, int(round(H * factor))), max(2, int(round(W * factor)))
+    Ks = np.asarray(K, dtype=np.float64).copy()
+    Ks[0] *= w / W
+    Ks[1] *= h / H
+    return (h, w), Ks
+
+
+def hypothesis_state_bytes(count: int) -> int:
+    """Bytes a stage's inputs hold per call besides the frame: the poses (4x4) and their
+    crop transforms (3x3), float32."""
+    return int(count) * (16 + 9) * torch.float32.itemsize
+
+
+@dataclass(frozen=True)
+class CallGeometry:
+    """What a call's footprint depends on: its mode, the image size, K, where the object is
+    expected (camera point) and, for a registration, the mask's box."""
+
+    mode: str
+    size: Tuple[int, int]
+    K: np.ndarray
+    center: np.ndarray
+    mask_bbox: Optional[Box]
+    hypotheses: int
+
+
+class CallSizing:
+    """Predicts a call's peak device bytes at any scale of its input.
+
+    static_bytes: bytes resident for the whole call (networks, renderer tensors, rotation
+    set) plus those held outside torch (renderer framebuffers); stages: the pipeline stage
+    names the call runs (their models are read from ``planner.by_name``).
+    """
+
+    def __init__(self, planner: Planner, diameter: float, crop_ratio: float, static_bytes: int,
+                 stages: Sequence[str]):
+        self.planner = planner
+        self.diameter = float(diameter)
+        self.crop_ratio = float(crop_ratio)
+        self.static_bytes = int(static_bytes)
+        self.stages = tuple(stages)
+
+    def region(self, geometry: CallGeometry, factor: float = 1.0) -> CallRegion:
+        size, K = scaled_geometry(geometry.size, geometry.K, factor)
+        mask_bbox = None
+        if geometry.mask_bbox is not None:
+            mask_bbox = scale_box(geometry.mask_bbox, size[1] / geometry.size[1], size[0] / geometry.size[0])
+        return call_region(geometry.mode, size, K, self.diameter, self.crop_ratio, geometry.center,
+                           mask_bbox=mask_bbox)
+
+    def models(self) -> Dict[str, CostModel]:
+        """The stage models the prediction uses (missing ones: not calibrated yet)."""
+        return {name: self.planner.by_name[name] for name in self.stages if name in self.planner.by_name}
+
+    def peak_bytes(self, geometry: CallGeometry, factor: float = 1.0, usable: Optional[int] = None,
+                   smallest: bool = False) -> int:
+        """Predicted peak of the call at ``factor``: the static bytes plus the larger of the
+        clean-up's peak and the frame, hypotheses and the largest stage. Chunks as the
+        planner would size them under ``usable`` bytes (None: whole batches), or of one item
+        with ``smallest`` (the minimum the call needs)."""
+        region = self.region(geometry, factor)
+        n = geometry.hypotheses
+        base = self.static_bytes + region.frame_bytes() + hypothesis_state_bytes(n)
+        stage_peak = 0
+        for model in self.models().values():
+            pending = model.pending_bytes(n, 0, False)
+            if smallest:
+                chunk = 1
+            elif usable is None:
+                chunk = n
+            else:
+                chunk = max(1, self.planner.chunk_size(model, base, pending, n, usable=usable))
+            stage_peak = max(stage_peak, base + pending + model.transient_bytes(chunk))
+        cleanup = 0
+        if not region.on_demand:
+            width = region.raw[2] - region.raw[0]
+            rows = region.raw[3] - region.raw[1]
+            hints = band_hints(width, CLEANUP.bilateral_radius)
+            live = self.static_bytes + 2 * torch.float32.itemsize * region.raw_pixels
+            if smallest:
+                band_rows = 1
+            elif usable is None:
+                band_rows = rows
+            else:
+                band_rows = max(1, min(rows, (usable - live - hints["fixed_bytes"]) // max(1, hints["per_item_bytes"])))
+            cleanup = live + hints["fixed_bytes"] + band_rows * hints["per_item_bytes"]
+        return int(max(stage_peak, cleanup, base))
+
+    def minimum_bytes(self, geometry: CallGeometry, factor: float = 1.0) -> int:
+        """The smallest device footprint of the call at ``factor`` (chunks of one item),
+        with SLACK_BYTES of headroom."""
+        return self.peak_bytes(geometry, factor, smallest=True) + SLACK_BYTES
