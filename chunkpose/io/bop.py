@@ -102,7 +102,9 @@ def decode_rle(rle: dict) -> np.ndarray:
         from pycocotools import mask as coco_mask
 
         counts = counts.encode("ascii") if isinstance(counts, str) else counts
-        return coco_mask.decode({"size": [height, width], "counts": counts}).astype(bool)
+        with warnings.catch_warnings():  # pycocotools' own numpy-2 DeprecationWarning, not ours
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return coco_mask.decode({"size": [height, width], "counts": counts}).astype(bool)
     counts = np.asarray(counts, dtype=np.int64)
     if (counts < 0).any() or counts.sum() != height * width:
         raise ValueError(f"rle: the run lengths add up to {int(counts.sum())}, not height x width = {height * width}")
