@@ -280,3 +280,8 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
     with pytest.warns(UserWarning, match="visib_fract >= 0.1"):
         derived = evaluate(gt_root, csv_path)
     assert derived["targets"] == 4 and derived["AR"] == pytest.approx(2 / 4)  # image 3 is now a target
+    # without scene_gt_info.json the visibility is computed as calc_gt_info does
+    bop.write_targets(gt_root / "test_targets_bop19.json", targets)
+    (gt_root / "test" / "000001" / "scene_gt_info.json").unlink()
+    with pytest.warns(UserWarning, match="calc_gt_info"):
+        assert evaluate(gt_root, csv_path)["AR"] == pytest.approx(1 / 3)

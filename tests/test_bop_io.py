@@ -33,6 +33,7 @@ def test_uncompressed_rle_by_hand():
         bop.decode_rle({"size": [3, 4], "counts": [2, 3]})
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' own, under numpy 2
 def test_compressed_rle_round_trip_and_agrees_with_pycocotools():
     from pycocotools import mask as coco
 
@@ -223,6 +224,9 @@ def test_write_bop_fields_match_calc_gt_info(tmp_path):
         assert sorted(p.name for p in (root / folder).iterdir()) == ["models_info.json", "obj_000001.ply",
                                                                      "obj_000002.ply"]
     assert (root / "models" / "obj_000001.ply").read_bytes() == (root / "models_eval" / "obj_000001.ply").read_bytes()
+    (det,) = bop.detections_from_mask_visib(root, scene_id=3)
+    np.testing.assert_array_equal(det.mask, expected)  # the hidden object's empty mask gives none
+    assert (det.scene_id, det.im_id, det.score) == (3, 0, 1.0)
     withheld = write_bop_dataset(tmp_path / "test_set", [image], meshes, scene_id=3, ground_truth=False)
     scene = withheld / "test" / "000003"
     assert sorted(p.name for p in scene.iterdir()) == ["depth", "rgb", "scene_camera.json"]

@@ -125,11 +125,13 @@ def _gt_info_for_scene(scene_dir: Path, scene_gt: dict, scene_camera: dict, mode
     """scene_gt_info.json, or (when missing) its visib_fract computed as calc_gt_info does."""
     path = scene_dir / "scene_gt_info.json"
     if path.is_file():
-        return _load_json(path, "")
+        info = _load_json(path, "")
+        if all("visib_fract" in i for key in scene_gt for i in info.get(key, [None] * len(scene_gt[key])) if i):
+            return info
     from chunkpose.io.bop_gt import gt_info, render_model_depth_mm
 
-    warnings.warn(f"{path} is missing; computing the visibility of each instance as bop_toolkit's calc_gt_info does",
-                  stacklevel=3)
+    warnings.warn(f"{path} is missing or has no visib_fract; computing the visibility of each instance as "
+                  "bop_toolkit's calc_gt_info does", stacklevel=3)
     out = {}
     for key, gts in scene_gt.items():
         cam = scene_camera[key]

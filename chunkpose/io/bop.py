@@ -245,6 +245,28 @@ def write_detections(path, detections) -> Path:
     return path
 
 
+def detections_from_mask_visib(dataset_dir, split: str = "test", scene_id: int = 1, score: float = 1.0,
+                               time: float | None = None) -> list[Detection]:
+    """Detections made from a BOP scene's ground-truth visible masks (mask_visib/), one
+    per annotated instance with a non-empty mask, all scored ``score``: a detections file
+    for a split with annotations, to run as if a perfect detector had been used."""
+    import cv2
+
+    scene_dir = Path(dataset_dir) / split / f"{int(scene_id):06d}"
+    scene_gt = _load_json_file(scene_dir / "scene_gt.json", "ground truth", "the scene needs scene_gt.json and mask_visib/")
+    out = []
+    for key in sorted(scene_gt, key=int):
+        for gt_index, gt in enumerate(scene_gt[key]):
+            path = scene_dir / "mask_visib" / f"{int(key):06d}_{gt_index:06d}.png"
+            mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if path.is_file() else None
+            if mask is None:
+                continue
+            mask = (mask.max(axis=2) if mask.ndim == 3 else mask) > 0
+            if mask.any():
+                out.append(detection_from_mask(scene_id, int(key), int(gt["obj_id"]), score, mask, time))
+    return out
+
+
 def image_detection_time(detections) -> float | None:
     """Seconds the detector spent on one image, to add to the image's pose time.
 
@@ -505,7 +527,7 @@ def bop_scene_ids(dataset_dir, split: str = "test") -> list[int]:
 __all__ = [
     "BOP_DATASETS", "BopFileError", "Detection", "RESULTS_HEADER", "TARGETS_FILENAME", "Target",
     "bop_dataset_name", "bop_scene_ids", "check_bop_results", "decode_rle", "default_targets_path",
-    "detection_from_mask", "encode_rle", "image_detection_time", "mask_bbox", "parse_detections",
+    "detection_from_mask", "detections_from_mask_visib", "encode_rle", "image_detection_time", "mask_bbox", "parse_detections",
     "parse_results_filename", "read_bop_results", "read_detections", "read_targets", "results_filename",
     "select_detections", "targets_by_image", "write_detections", "write_targets",
 ]
