@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "pyyaml",
     "scipy",
+    # COCO run-length encoding of the BOP default detections' masks (compressed strings)
+    "pycocotools",
 ]
 EXTRAS = {
     "test": ["pytest", "hypothesis", "kornia"],

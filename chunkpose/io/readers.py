@@ -329,9 +329,12 @@ class YCBInEOATReader(_ResizingReader):
 
 @dataclass
 class BopInstance:
-    """One annotated object instance of a BOP image.
+    """One object instance of a BOP image to register.
 
-    gt_index is the position in scene_gt.json (mask_visib/{im:06d}_{gt_index:06d}.png).
+    From the annotations (BOPReader.frame): gt_index is the position in scene_gt.json
+    (mask_visib/{im:06d}_{gt_index:06d}.png), score None. From detections
+    (BOPReader.detection_instances): gt_index is the detection's rank among the image's
+    selected detections, gt_pose None, score the detector's.
     """
 
     im_id: int
@@ -339,6 +342,7 @@ class BopInstance:
     obj_id: int
     gt_pose: np.ndarray | None
     mask: np.ndarray
+    score: float | None = None
 
     @property
     def name(self) -> str:
@@ -389,10 +393,15 @@ def bop_symmetry_transforms(model_info: dict, scale: float = 0.001, continuous_s
 
 class BOPReader(_ResizingReader):
     """DATASET/{camera.json, models/obj_XXXXXX.ply, models/models_info.json} and
-    DATASET/<split>/<scene_id:06d>/{scene_camera.json, scene_gt.json, rgb/, depth/, mask_visib/}.
+    DATASET/<split>/<scene_id:06d>/{scene_camera.json, rgb/ (or gray/), depth/} with, where
+    the ground truth is given, scene_gt.json and mask_visib/.
 
     Depth in metres = raw * depth_scale (scene_camera.json, else camera.json) / 1000.
     Model files and models_info are in millimetres; ``model_info`` returns metres.
+
+    Without scene_gt.json (a BOP test set, whose ground truth is withheld) the images are
+    those of scene_camera.json; ``image`` reads one without instances and
+    ``detection_instances`` makes the instances from detections.
     """
 
     layout = "bop"
@@ -413,10 +422,11 @@ class BOPReader(_ResizingReader):
             self.camera = _load_json(self.root / "camera.json", "")
         self.scene_camera = _load_json(self.scene_dir / "scene_camera.json", "a BOP scene needs scene_camera.json with cam_K per image")
         gt_path = self.scene_dir / "scene_gt.json"
-        self.scene_gt = _load_json(gt_path, "a BOP scene needs scene_gt.json") if gt_path.is_file() else None
-        if self.scene_gt is None:
-            raise SceneError(f"missing {gt_path}", "chunkpose registers the annotated instances: it needs scene_gt.json and mask_visib/")
-        self.image_ids = sorted(int(k) for k in self.scene_gt)
+        self.scene_gt = _load_json(gt_path, "") if gt_path.is_file() else None
+        # with ground truth, the annotated images; without (a test set), every camera entry
+        self.image_ids = sorted(int(k) for k in (self.scene_gt if self.scene_gt is not None else self.scene_camera))
+        if not self.image_ids:
+            raise SceneError(f"no images listed in {self.scene_dir}", "scene_camera.json (and scene_gt.json) must list the images")
         info_path = self.root / "models" / "models_info.json"
         self.models_info = {int(k): v for k, v in _load_json(info_path, "").items()} if info_path.is_file() else {}
 
@@ -424,7 +434,16 @@ class BOPReader(_ResizingReader):
         return len(self.image_ids)
 
     def has_ground_truth(self) -> bool:
-        return True
+        """Whether the scene has scene_gt.json (annotated instances and poses)."""
+        return self.scene_gt is not None
+
+    def index_of(self, im_id: int) -> int:
+        """Position of image ``im_id`` in ``image_ids`` (SceneError when absent)."""
+        try:
+            return self.image_ids.index(int(im_id))
+        except ValueError:
+            raise SceneError(f"image {im_id} is not in scene {self.scene_id} of {self.root}",
+                             "check the detections / targets file against the dataset") from None
 
     def model_path(self, obj_id: int) -> Path:
         path = self.root / "models" / f"obj_{obj_id:06d}.ply"
@@ -463,20 +482,64 @@ class BOPReader(_ResizingReader):
     def _image_file(self, folder: str, im_id: int, extensions=IMAGE_EXTENSIONS) -> Path:
         path = _find_file(self.scene_dir / folder, f"{im_id:06d}", extensions)
         if path is None:
-            raise SceneError(f"missing {self.scene_dir / folder / f'{im_id:06d}'}.png", f"every image in scene_gt.json needs {folder}/{im_id:06d}.png")
+            raise SceneError(f"missing {self.scene_dir / folder / f'{im_id:06d}'}.png", f"every image of the scene needs {folder}/{im_id:06d}.png")
         return path
+
+    def _read_raw(self, im_id: int):
+        K, depth_scale = self.intrinsics(im_id)
+        rgb = read_rgb_file(self._image_file("rgb", im_id) if (self.scene_dir / "rgb").is_dir() else self._image_file("gray", im_id))
+        depth = read_depth_file(self._image_file("depth", im_id, DEPTH_EXTENSIONS), depth_scale / 1000.0)
+        return rgb, depth, K, depth_scale
+
+    def _extra(self, im_id: int, depth_scale: float) -> dict:
+        return {"im_id": im_id, "scene_id": self.scene_id, "depth_scale": depth_scale}
+
+    def image(self, index: int) -> Frame:
+        """Image ``index`` as a Frame without instances (mask None), resized like ``frame``;
+        extra holds im_id, scene_id and depth_scale. Needs no ground truth."""
+        im_id = self.image_ids[index]
+        rgb, depth, K, depth_scale = self._read_raw(im_id)
+        return self._finish(f"{im_id:06d}", rgb, depth, K, None, extra=self._extra(im_id, depth_scale))
+
+    def detection_instances(self, frame: Frame, detections) -> list[BopInstance]:
+        """Instances to register from detections of ``frame``'s image (e.g. the list
+        chunkpose.io.bop.select_detections gives for it), in the given order.
+
+        Each detection's mask (decoded from its RLE at the native image size) is resized
+        like the frame; detections without a mask, or whose mask is empty after resizing,
+        are left out. gt_index is the detection's position in ``detections``.
+        """
+        im_id = int(frame.extra.get("im_id", -1))
+        factor = float(frame.extra.get("resize_factor", 1.0))
+        out = []
+        for rank, det in enumerate(detections):
+            if int(det.im_id) != im_id:
+                raise SceneError(f"a detection of image {det.im_id} was given for image {im_id}",
+                                 "pass the detections of the frame's own image")
+            mask = det.mask
+            if mask is None:
+                continue
+            if scaled_size(*mask.shape, factor) != tuple(frame.size):
+                raise SceneError(
+                    f"detection mask of image {im_id} is {mask.shape[1]}x{mask.shape[0]}, which does not match the "
+                    f"image ({frame.size[1]}x{frame.size[0]} after resizing by {factor:g})",
+                    "the detections must come from this dataset's images")
+            mask = _resize_nearest(mask, frame.size)
+            if mask.any():
+                out.append(BopInstance(im_id, rank, int(det.obj_id), None, mask, score=float(det.score)))
+        return out
 
     def frame(self, index: int) -> tuple[Frame, list[BopInstance]]:
         """Image ``index`` and its annotated instances that have a non-empty mask_visib.
 
         The Frame's mask is the union of the instance masks; instance masks are resized like
-        the images.
+        the images. Without scene_gt.json the instance list is empty (see ``image``).
         """
+        if self.scene_gt is None:
+            return self.image(index), []
         im_id = self.image_ids[index]
         name = f"{im_id:06d}"
-        K, depth_scale = self.intrinsics(im_id)
-        rgb = read_rgb_file(self._image_file("rgb", im_id) if (self.scene_dir / "rgb").is_dir() else self._image_file("gray", im_id))
-        depth = read_depth_file(self._image_file("depth", im_id, DEPTH_EXTENSIONS), depth_scale / 1000.0)
+        rgb, depth, K, depth_scale = self._read_raw(im_id)
         raw_instances = []
         for gt_index, gt in enumerate(self.scene_gt[str(im_id)]):
             mask_file = _find_file(self.scene_dir / "mask_visib", f"{im_id:06d}_{gt_index:06d}", IMAGE_EXTENSIONS)
@@ -493,7 +556,7 @@ class BOPReader(_ResizingReader):
         union = np.zeros(rgb.shape[:2], bool)
         for _, _, _, mask in raw_instances:
             union |= mask
-        frame = self._finish(name, rgb, depth, K, union, extra={"im_id": im_id, "depth_scale": depth_scale})
+        frame = self._finish(name, rgb, depth, K, union, extra=self._extra(im_id, depth_scale))
         instances = []
         for gt_index, obj_id, pose, mask in raw_instances:
             mask = _resize_nearest(mask, frame.size)

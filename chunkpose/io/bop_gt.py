@@ -1,0 +1,150 @@
+"""Ground-truth visibility as BOP defines it (bop_toolkit's calc_gt_info / calc_gt_masks),
+shared by the BOP writer (scene_gt_info.json) and the BOP evaluation (VSD).
+
+Facts from bop_toolkit, in our own code:
+
+- Depth maps are compared as *distance* images (distance from the camera centre, not z):
+  dist = z * sqrt(1 + ((u - cx)/fx)^2 + ((v - cy)/fy)^2) at pixel (u, v).
+- BOP19 visibility of a model rendered at a pose: a pixel of its silhouette is visible
+  where the rendered distance is at most ``delta`` behind the test distance, or where the
+  test depth is missing (0). delta = 15 mm (5 mm for ITODD).
+- calc_gt_info renders the model on a canvas three times the image size (centred on the
+  image) so that truncated objects count whole: px_count_all is the silhouette's size on
+  that canvas, px_count_valid the in-image silhouette pixels with a test depth,
+  px_count_visib the visible pixels, visib_fract = px_count_visib / px_count_all (0 when
+  the silhouette is empty), bbox_obj the canvas silhouette's box and bbox_visib the
+  visible pixels' box, both [x, y, w, h] with w = x_max - x_min (calc_2d_bbox), not clipped,
+  and [-1, -1, -1, -1] when no pixel is visible.
+
+Depths here are millimetres (float) unless a name says metres.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+VISIB_DELTA_MM = 15.0
+# BOP's calc_gt_info canvas: the image plus one image size on every side.
+CANVAS_FACTOR = 3
+
+
+def distance_image(depth, K) -> np.ndarray:
+    """(H, W) distance from the camera centre of each pixel's 3D point (0 stays 0).
+
+    Args:
+        depth: (H, W) camera z (any unit; the result is in the same unit).
+        K: (3, 3) intrinsics of the image (pixel centres at integer coordinates).
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    K = np.asarray(K, dtype=np.float64)
+    height, width = depth.shape
+    xs = (np.arange(width) - K[0, 2]) / K[0, 0]
+    ys = (np.arange(height) - K[1, 2]) / K[1, 1]
+    scale = np.sqrt(1.0 + xs[None, :] ** 2 + ys[:, None] ** 2)
+    return depth * scale
+
+
+def visible_mask(dist_test, dist_model, delta: float = VISIB_DELTA_MM) -> np.ndarray:
+    """BOP19 visibility: silhouette pixels (dist_model > 0) whose model distance is at most
+    ``delta`` behind the test distance, or whose test depth is missing. (H, W) bool.
+
+    Differences are taken in float32 like bop_toolkit, so a pixel exactly at ``delta``
+    decides the same way."""
+    diff = np.asarray(dist_model, np.float32) - np.asarray(dist_test, np.float32)
+    return ((diff <= delta) | (np.asarray(dist_test) == 0)) & (np.asarray(dist_model) > 0)
+
+
+def bop_bbox(mask, offset=(0, 0)) -> list[int]:
+    """[x, y, w, h] of a mask's pixels with w = x_max - x_min (bop_toolkit's calc_2d_bbox),
+    shifted by ``offset`` (x0, y0) = image coordinates of the mask's pixel (0, 0);
+    [-1, -1, -1, -1] when empty."""
+    ys, xs = np.nonzero(np.asarray(mask))
+    if len(xs) == 0:
+        return [-1, -1, -1, -1]
+    xs = xs + int(offset[0])
+    ys = ys + int(offset[1])
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min()), int(ys.max() - ys.min())]
+
+
+def canvas_box(vertices_m, pose, K, width: int, height: int, factor: int = CANVAS_FACTOR):
+    """(x0, y0, w, h): the canvas (image coordinates of its top-left pixel, its size) that
+    holds the whole silhouette of ``vertices_m`` (V,3) at ``pose`` (4,4), clipped to BOP's
+    ``factor`` x image canvas. It is the image grown to the vertices' projected box, so an
+    object inside the image costs no more than the image; a vertex behind the camera gives
+    the whole BOP canvas."""
+    pose = np.asarray(pose, np.float64)
+    K = np.asarray(K, np.float64)
+    margin_x, margin_y = (factor - 1) // 2 * width, (factor - 1) // 2 * height
+    lo_x, lo_y, hi_x, hi_y = -margin_x, -margin_y, width + margin_x, height + margin_y
+    cam = np.asarray(vertices_m, np.float64) @ pose[:3, :3].T + pose[:3, 3]
+    if len(cam) and (cam[:, 2] > 1e-6).all():
+        u = K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2]
+        v = K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]
+        # a pixel is drawn when its centre (an integer) is inside a triangle: 1 px slack
+        x0 = max(lo_x, min(0, int(np.floor(u.min())) - 1))
+        y0 = max(lo_y, min(0, int(np.floor(v.min())) - 1))
+        x1 = min(hi_x, max(width, int(np.ceil(u.max())) + 2))
+        y1 = min(hi_y, max(height, int(np.ceil(v.max())) + 2))
+    else:
+        x0, y0, x1, y1 = lo_x, lo_y, hi_x, hi_y
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def render_model_depth_mm(renderer, vertices_m, pose, K, width: int, height: int):
+    """The model's depth (mm) on the canvas of canvas_box and the canvas offset (x0, y0).
+
+    renderer: a chunkpose renderer of the model (render_full(pose, K, w, h) -> dict with
+    "depth" (1,h,w) metres); pose (4,4) metres; K (3,3) of the width x height image.
+    """
+    x0, y0, cw, ch = canvas_box(vertices_m, pose, K, width, height)
+    K_canvas = np.array(K, np.float64, copy=True)
+    K_canvas[0, 2] -= x0
+    K_canvas[1, 2] -= y0
+    depth = renderer.render_full(pose, K_canvas, cw, ch)["depth"][0]
+    depth = depth.detach().cpu().numpy() if hasattr(depth, "detach") else np.asarray(depth)
+    return depth.astype(np.float64) * 1000.0, (x0, y0)
+
+
+def gt_info(depth_test_mm, K, model_depth_mm, offset=(0, 0), delta: float = VISIB_DELTA_MM):
+    """scene_gt_info.json fields of one ground-truth instance, as calc_gt_info computes them.
+
+    Args:
+        depth_test_mm: (H, W) the test image's depth in mm (0 = missing), as bop_toolkit
+            reads it (raw * depth_scale).
+        K: (3, 3) intrinsics of the image.
+        model_depth_mm: (h, w) the model rendered at the ground-truth pose on a canvas that
+            contains the image (0 = background).
+        offset: (x0, y0) image coordinates of the canvas's pixel (0, 0) (x0, y0 <= 0).
+        delta: visibility tolerance in mm.
+    Returns:
+        (info, visib, silhouette): info the dict of px_count_all, px_count_valid,
+        px_count_visib, visib_fract, bbox_obj, bbox_visib; visib (H, W) bool the visible
+        mask (what calc_gt_masks writes to mask_visib/); silhouette (H, W) bool the in-image
+        silhouette (mask/).
+    """
+    depth_test_mm = np.asarray(depth_test_mm, dtype=np.float64)
+    height, width = depth_test_mm.shape
+    x0, y0 = int(offset[0]), int(offset[1])
+    model_depth_mm = np.asarray(model_depth_mm, dtype=np.float64)
+    if x0 > 0 or y0 > 0 or model_depth_mm.shape[0] < height - y0 or model_depth_mm.shape[1] < width - x0:
+        raise ValueError(f"model_depth_mm: a {model_depth_mm.shape} canvas at offset {offset} does not contain "
+                         f"the {height}x{width} image")
+    in_image = model_depth_mm[-y0:-y0 + height, -x0:-x0 + width]
+    dist_model = distance_image(in_image, K)
+    dist_test = distance_image(depth_test_mm, K)
+    visib = visible_mask(dist_test, dist_model, delta)
+    silhouette = dist_model > 0
+    px_count_all = int((model_depth_mm > 0).sum())
+    px_count_visib = int(visib.sum())
+    info = {
+        "px_count_all": px_count_all,
+        "px_count_valid": int((dist_test[silhouette] > 0).sum()),
+        "px_count_visib": px_count_visib,
+        "visib_fract": float(px_count_visib / px_count_all) if px_count_all > 0 else 0.0,
+        "bbox_obj": bop_bbox(model_depth_mm > 0, (x0, y0)) if px_count_visib > 0 else [-1, -1, -1, -1],
+        "bbox_visib": bop_bbox(visib) if px_count_visib > 0 else [-1, -1, -1, -1],
+    }
+    return info, visib, silhouette
+
+
+__all__ = ["CANVAS_FACTOR", "VISIB_DELTA_MM", "bop_bbox", "canvas_box", "distance_image", "gt_info",
+           "render_model_depth_mm", "visible_mask"]
