@@ -112,13 +112,15 @@ def run_case(frames: Frames, budget_gb, device, args, label: str) -> dict:
         status="ok",
         register_s=statistics.median(reg_times),
         track_s=statistics.median(track_times) if track_times else None,
-        peak_bytes=max(r.peak_bytes for r in reports),
+        peak_bytes=max(r.total_peak_bytes for r in reports),
+        torch_peak_bytes=max(r.peak_bytes for r in reports),
+        external_bytes=max(r.external_bytes for r in reports),
         peak_allocated_bytes=max(r.peak_allocated_bytes for r in reports),
         nvml_process_bytes=_nvml_process_bytes() if device.startswith("cuda") else None,
         downscale_factor=register_report["downscale_factor"],
         downscale_reason=register_report["downscale_reason"],
-        register_peak_bytes=reports[0].peak_bytes,
-        track_peak_bytes=max((r.peak_bytes for r in reports[1:]), default=None),
+        register_peak_bytes=reports[0].total_peak_bytes,
+        track_peak_bytes=max((r.total_peak_bytes for r in reports[1:]), default=None),
         chunks=_stage_plan(register_report),
         track_chunks=_stage_plan(reports[-1].to_dict()) if len(reports) > 1 else {},
         pose_register=res.pose.tolist(),
@@ -256,25 +258,25 @@ def _plan_text(chunks: dict) -> str:
 
 
 def table(records: list[dict], cuda: bool) -> str:
-    columns = ["case", "budget GiB", "status", "peak MiB", "track peak MiB", "register s", "x unbounded",
-               "track s/frame", "downscale", "ADD reg (mm)", "ADD-S reg (mm)", "ADD max (mm)",
+    columns = ["case", "budget GiB", "status", "peak MiB", "outside torch MiB", "track peak MiB", "register s",
+               "x unbounded", "track s/frame", "downscale", "ADD reg (mm)", "ADD-S reg (mm)", "ADD max (mm)",
                "chunk sizes (number of chunks), register"]
     if cuda:
-        columns[4:4] = ["alloc MiB", "NVML MiB"]
+        columns[5:5] = ["alloc MiB", "NVML MiB"]
     base = next((r["register_s"] for r in records if r["case"] == "budget unbounded" and r.get("status") == "ok"), None)
     rows = []
     for r in records:
         seconds = r.get("register_s", r.get("crop_prep_s"))
         row = [
             r["case"], "unbounded" if r.get("budget_gb") is None else r["budget_gb"], r.get("status"),
-            _mib(r.get("peak_bytes")), _mib(r.get("track_peak_bytes")), seconds,
+            _mib(r.get("peak_bytes")), _mib(r.get("external_bytes")), _mib(r.get("track_peak_bytes")), seconds,
             None if base is None or seconds is None else round(seconds / base, 2), r.get("track_s"),
             r.get("downscale_factor"),
             _mm(r.get("add_register_m")), _mm(r.get("adds_register_m")), _mm(r.get("add_max_m")),
             _plan_text(r.get("chunks") or {}),
         ]
         if cuda:
-            row[4:4] = [_mib(r.get("peak_allocated_bytes")), _mib(r.get("nvml_process_bytes"))]
+            row[5:5] = [_mib(r.get("peak_allocated_bytes")), _mib(r.get("nvml_process_bytes"))]
         rows.append(row)
     return markdown_table(columns, rows)
 
@@ -329,10 +331,17 @@ def measure(args) -> dict:
         frames.description += f", mesh {name}"
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.budgets.split(",")]
     records = []
-    progress = tqdm(total=len(budgets) + 4, desc="vram_vs_speed", unit="case")
+    progress = tqdm(total=len(budgets) + 5, desc="vram_vs_speed", unit="case")
     for budget in budgets:
         progress.set_postfix_str(f"budget {budget}")
         records.append(run_case(frames, budget, args.device, args, f"budget {budget if budget is not None else 'unbounded'}"))
+        progress.update()
+    # A quarter of what the unbounded run peaked at: how much a tight budget costs in time.
+    unbounded = next((r for r in records if r["budget_gb"] is None and r.get("status") == "ok"), None)
+    if unbounded is not None:
+        quarter = round(unbounded["peak_bytes"] / 4 / GIB, 4)
+        progress.set_postfix_str(f"budget {quarter} (1/4 of unbounded)")
+        records.append(run_case(frames, quarter, args.device, args, f"budget {quarter:.4g} (1/4 of the unbounded peak)"))
         progress.update()
     # One budget below what full resolution needs even at chunk size 1, to show the fallback.
     below, minimum = below_full_resolution_minimum(frames, args.device, args)
@@ -364,7 +373,8 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
     md = [f"# VRAM versus speed: {title}", "", *header_lines(env), f"- scene: {payload['scene']}", "",
           table(records, env["device"].startswith("cuda")), "",
           "Peak: CUDA allocator reserved bytes (alloc = allocated, NVML = the process as the driver sees it, "
-          "context included, read after the case); CPU live tensor bytes (chunkpose.engine.Meter). Peak and "
+          "context included, read after the case); CPU live tensor bytes (chunkpose.engine.Meter); both plus "
+          "what the renderer holds outside torch (its framebuffers, estimated from their sizes; own column). Peak and "
           "chunks cover registration and tracking; times are wall-clock of this run (registration: median of "
           f"{settings['repeats']}; tracking: median over {max(0, settings['frames'] - 1)} frames); compare ratios "
           "within one table only. ADD / ADD-S against the synthetic ground truth (ADD max: over all frames); "

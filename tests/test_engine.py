@@ -181,6 +181,46 @@ def test_out_of_memory_above_a_size_backs_off_and_completes():
     assert stage.retries == retries
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("Cuda error: 2[cudaMalloc(&m_gpuPtr, bytes);]"),  # nvdiffrast's own allocation
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"),
+])
+def test_unbounded_runs_back_off_on_out_of_memory_too(error):
+    """No budget set does not mean memory cannot run out: halve and retry, and say so."""
+    calls = []
+
+    def fails_above_100(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 100:
+            raise error
+        return x * 2.0
+
+    x = torch.randn(1000, 8)
+    engine = Engine(None)
+    out = engine.map(fails_above_100, x, name="unbounded.oom")
+    stage = engine.report.stages["unbounded.oom"]
+    assert torch.equal(out, x * 2.0)
+    assert calls[:4] == [1000, 500, 250, 125] and max(stage.chunk_sizes) <= 100
+    assert stage.retries == 4 and len(stage.oom_errors) == 4 and sum(stage.chunk_sizes) == 1000
+
+
+def test_unbounded_out_of_memory_at_one_item_and_other_errors_propagate():
+    def always(x):
+        raise torch.OutOfMemoryError("simulated")
+
+    with pytest.raises(torch.OutOfMemoryError, match="one item ran out of memory"):
+        Engine(None).map(always, torch.randn(4, 2), name="never")
+
+    def other(x):
+        raise RuntimeError("Cuda error: 700[illegal address]")  # a real bug, not memory
+
+    engine = Engine(None)
+    with pytest.raises(RuntimeError, match="illegal address"):
+        engine.map(other, torch.randn(4, 2), name="bug")
+    assert engine.report.stages["bug"].retries == 0
+
+
 def test_cpu_hard_cap_turns_an_underestimate_into_retries_under_the_budget():
     def quadratic(x):
         # memory grows with the square of the chunk: the linear model underestimates big chunks

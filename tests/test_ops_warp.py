@@ -230,3 +230,86 @@ def test_cuda_xyz_crops_and_warp_equal_cpu(semantics):
     img = torch.rand(3, 120, 160)
     assert torch.equal(ops.warp_crops(img.cuda(), T.cuda(), 32, "nearest").cpu(), ops.warp_crops(img, T, 32, "nearest"))
     torch.testing.assert_close(ops.warp_crops(img.cuda(), T.cuda(), 32).cpu(), ops.warp_crops(img, T, 32), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_bilinear_ext_equals_torch_gather_exactly(dtype):
+    """The csrc bilinear kernel and the torch gather do the same float64 arithmetic in the
+    same order: identical crops, from uint8 (the frames' colour) or float images."""
+    g = torch.Generator().manual_seed(30)
+    img = (torch.rand(3, 60, 80, generator=g) * 255).to(dtype)
+    T = torch.cat([random_transforms(9, 60, 80, 24, seed=31), random_transforms(3, 60, 80, 24, seed=32, projective=True)])
+    ext = ops.warp_crops(img, T, 24, "bilinear", origin=(2, 1))
+    with ops.torch_path():
+        torch_out = ops.warp_crops(img, T, 24, "bilinear", origin=(2, 1))
+    assert ext.dtype == torch.float32 and torch.equal(ext, torch_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bilinear_from_uint8_equals_the_float_image(backend):
+    g = torch.Generator().manual_seed(33)
+    img = (torch.rand(3, 40, 50, generator=g) * 255).to(torch.uint8)
+    T = random_transforms(6, 40, 50, 16, seed=34)
+    as_uint8 = run(backend, ops.warp_crops, img, T, 16, "bilinear")
+    as_float = run(backend, ops.warp_crops, img.float(), T, 16, "bilinear")
+    assert torch.equal(as_uint8, as_float)
+    torch.testing.assert_close(as_float, kornia_warp(img.float(), T, 16, "bilinear"), atol=2e-3, rtol=0)
+    nearest = run(backend, ops.warp_crops, img, T, 16, "nearest")
+    assert nearest.dtype == torch.uint8  # nearest keeps the image's dtype (bool masks too)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("semantics", ["refiner", "scorer"])
+def test_on_demand_cleaning_equals_cleaning_the_frame_first(backend, semantics):
+    """xyz crops of raw depth cleaned at the sampled pixels only equal those of the depth
+    cleaned everywhere first, bitwise on the extension (the same per-pixel code), to float
+    rounding on the torch path; including a ROI at the frame's border."""
+    from chunkpose.ops.depth import CleanUp, OnDemandClean
+
+    d = synthetic_depth(70, 90, seed=35)
+    cleanup = CleanUp()
+    cleaned = run(backend, cleanup.dense, d)
+    T = random_transforms(8, 70, 90, 20, seed=36)
+    seen = 0
+    for roi in [(20, 15, 70, 55), (0, 0, 40, 30), (50, 40, 90, 70)]:
+        x0, y0, x1, y1 = roi
+        wx0, wy0, wx1, wy1 = max(0, x0 - 4), max(0, y0 - 4), min(90, x1 + 4), min(70, y1 + 4)
+        raw = d[wy0:wy1, wx0:wx1].clone()
+        dense = run(backend, ops.xyz_crops, cleaned[y0:y1, x0:x1].contiguous(), K_SMALL, T, 20, semantics,
+                    origin=(x0, y0))
+        lazy = run(backend, ops.xyz_crops, raw, K_SMALL, T, 20, semantics, origin=(wx0, wy0),
+                   clean=OnDemandClean(roi=roi, full_size=(70, 90)))
+        if backend == "ext":
+            assert torch.equal(lazy, dense), roi
+        else:
+            torch.testing.assert_close(lazy, dense, atol=1e-6, rtol=0)
+        seen += int((dense[:, 2] > 0).sum())
+    assert seen > 500
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="extension not built")
+def test_on_demand_cleaning_checks_its_window():
+    from chunkpose.ops.depth import OnDemandClean
+
+    d = synthetic_depth(40, 40, seed=37)
+    T = random_transforms(2, 40, 40, 8, seed=38)
+    with pytest.raises(RuntimeError, match="halo"):  # the raw window lacks the 4-pixel halo
+        ops.xyz_crops(d[10:30, 10:30].clone(), K_SMALL, T, 8, origin=(10, 10),
+                      clean=OnDemandClean(roi=(10, 10, 30, 30), full_size=(40, 40)))
+
+
+@pytest.mark.cuda
+def test_cuda_bilinear_and_on_demand_cleaning_equal_cpu():
+    from chunkpose.ops.depth import OnDemandClean
+
+    g = torch.Generator().manual_seed(39)
+    img = (torch.rand(3, 60, 80, generator=g) * 255).to(torch.uint8)
+    T = random_transforms(10, 60, 80, 24, seed=40, projective=True)
+    assert torch.equal(ops.warp_crops(img.cuda(), T.cuda(), 24).cpu(), ops.warp_crops(img, T, 24))
+    d = synthetic_depth(60, 80, seed=41)
+    clean = OnDemandClean(roi=(10, 8, 70, 52), full_size=(60, 80))
+    raw = d[4:56, 6:74].clone()
+    cpu = ops.xyz_crops(raw, K_SMALL, T, 24, "scorer", origin=(6, 4), clean=clean)
+    gpu = ops.xyz_crops(raw.cuda(), K_SMALL, T.cuda(), 24, "scorer", origin=(6, 4), clean=clean)
+    assert torch.equal(gpu.cpu(), cpu)

@@ -269,14 +269,16 @@ class Engine:
 
     # ------------------------------------------------------------------ running
     def map(self, op, *mapped, name: str, per_item_bytes: int | None = None, fixed_bytes: int | None = None,
-            checkpoint: bool | None = None, **kwargs):
+            out_per_item_bytes: int | None = None, checkpoint: bool | None = None, **kwargs):
         """Run ``op`` over chunks of the positional tensors' first axis.
 
         Args:
             op: a function of slices of ``mapped`` and of ``kwargs`` (passed whole).
             mapped: tensors sliced along axis 0, all of the same leading length N.
             name: the stage name (the report's key, and part of the cost model's signature).
-            per_item_bytes, fixed_bytes: cost hints in bytes (skip estimation).
+            per_item_bytes, fixed_bytes: cost hints in bytes (skip estimation); with
+                out_per_item_bytes too (the outputs' bytes per item) the hint is taken as it
+                is, without one item run first to check it.
             checkpoint: None = the engine's setting; False = keep whole autograd graphs
                 (e.g. an op that runs its own backward); True = checkpoint when autograd needs it.
 
@@ -299,8 +301,8 @@ class Engine:
             with self.meter.span(name) as span:
                 # Inputs count against the budget for the whole outermost span (a session).
                 self.meter.track(mapped, kwargs, scope="span")
-                return self._run(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes,
-                                 fixed_bytes)
+                return self._run(op, mapped, kwargs, name, stage, grad_mode, checkpointed,
+                                 (per_item_bytes, fixed_bytes, out_per_item_bytes))
         finally:
             stage.calls += 1
             if span is not None:
@@ -355,7 +357,8 @@ class Engine:
             self.planner.calibrated(key, name, n, transient, out_bytes, kept)
         return out
 
-    def _run(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes):
+    def _run(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, hints):
+        per_item_bytes, fixed_bytes, out_per_item_bytes = hints
         n = mapped[0].shape[0]
         model = None
         if self.budget.unbounded or n == 0:
@@ -363,13 +366,15 @@ class Engine:
             chunk = n if self.max_chunk is None else min(n, self.max_chunk)
         else:
             model = self._model(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes)
+            if out_per_item_bytes is not None and model.source == "hint":
+                model.out_per_item_bytes = int(out_per_item_bytes)
             live = self.meter.live_bytes()
             pending = model.pending_bytes(n, 0, False)
             chunk = self.planner.chunk_size(model, live, pending, n, self.max_chunk)
             if chunk < 1:  # before anything big exists
                 raise self._too_small(name, model, n, live)
             if model.out_per_item_bytes is None:
-                chunk = 1  # hints say nothing about outputs: learn their size on one item first
+                chunk = 1  # hints that say nothing about outputs: check them on one item first
             stage.predicted_peak_bytes = max(stage.predicted_peak_bytes,
                                              self.planner.predicted_peak(model, live, pending, chunk))
         if n == 0:

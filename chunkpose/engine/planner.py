@@ -36,9 +36,21 @@ from .budget import Budget
 from .meter import Meter
 
 
+#: A measured model (calibration, probe) predicts a chunk larger than any it has seen with
+#: this much on top of its per-item bytes: items differ (one hypothesis' silhouette is
+#: larger than another's, and a chunk pads to its largest), so more items can cost more
+#: per item than the few that were measured. Chunks the model has seen run without it.
+UNSEEN_CHUNK_ALLOWANCE = 0.10
+
+
 @dataclass
 class CostModel:
-    """Bytes of one stage as a function of the chunk size (see module docstring)."""
+    """Bytes of one stage as a function of the chunk size (see module docstring).
+
+    seen_chunk: the largest chunk a real run of this model measured (None: the model is
+    exact for any chunk, as fake traces and hints are); larger chunks are predicted with
+    UNSEEN_CHUNK_ALLOWANCE on top.
+    """
 
     fixed_bytes: int
     per_item_bytes: int
@@ -49,9 +61,13 @@ class CostModel:
     safe_chunk: int | None = None  # largest chunk that ran after that failure
     corrections: int = 0
     note: str | None = None  # why the source is what it is (e.g. the fake-tracing failure)
+    seen_chunk: int | None = None
 
     def transient_bytes(self, chunk: int) -> int:
-        return self.fixed_bytes + chunk * self.per_item_bytes
+        per_item = chunk * self.per_item_bytes
+        if self.seen_chunk is not None and chunk > self.seen_chunk:
+            per_item += math.ceil(per_item * UNSEEN_CHUNK_ALLOWANCE)
+        return self.fixed_bytes + per_item
 
     def pending_bytes(self, n_items: int, done: int, outputs_allocated: bool) -> int:
         outputs = 0 if outputs_allocated else n_items * (self.out_per_item_bytes or 0)
@@ -171,9 +187,10 @@ class Planner:
         n = max(1, int(n_items))
         saved = math.ceil(max(0, kept - out_bytes) / n)
         per_item = max(math.ceil(transient / n), math.ceil(out_bytes / n) + saved)
-        model = CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="calibrated")
+        model = CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="calibrated", seen_chunk=n)
         old = self.cache.get(key)
         if old is not None and old.per_item_bytes >= model.per_item_bytes:
+            old.seen_chunk = max(old.seen_chunk or 0, n)
             model = old
         self.cache[key] = model
         self.remember(name, model)
@@ -268,7 +285,7 @@ class Planner:
         # fixed costs are small; their per-item costs vary from item to item, hence items
         # spread over the batch rather than the first one).
         per_item = max(math.ceil(transient / n), math.ceil(out_bytes / n) + saved)
-        return CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="probe")
+        return CostModel(0, int(per_item), math.ceil(out_bytes / n), saved, source="probe", seen_chunk=n)
 
     # ------------------------------------------------------------------ chunks
     def chunk_size(self, model: CostModel, live: int, pending: int, remaining: int, ceiling: int | None = None,
@@ -296,10 +313,12 @@ class Planner:
         model.out_per_item_bytes = max(model.out_per_item_bytes or 0, math.ceil(out_bytes / chunk))
         saved = math.ceil(max(0, kept - out_bytes) / chunk)
         model.saved_per_item_bytes = max(model.saved_per_item_bytes, saved)
-        grew = transient > model.transient_bytes(chunk)
+        grew = transient > model.fixed_bytes + chunk * model.per_item_bytes
         if grew:
             model.per_item_bytes = int(math.ceil((transient - model.fixed_bytes) / chunk))
             model.corrections += 1
+        if model.seen_chunk is not None:
+            model.seen_chunk = max(model.seen_chunk, chunk)
         if name is not None:
             self.remember(name, model)
         return grew

@@ -198,9 +198,10 @@ def band_hints(width: int, radius: int, device="cpu") -> dict:
     """Cost hints for engine.map over rows of a map ``width`` pixels wide: the csrc kernels
     allocate just their output rows; the torch path keeps about a dozen (n,W) float32
     temporaries per band plus a zero-padded halo of 2*radius rows."""
+    out = {"out_per_item_bytes": 4 * int(width)}  # one float32 output row
     if _ext.use_ext(device):
-        return {"per_item_bytes": 4 * int(width), "fixed_bytes": 0}
-    return {"per_item_bytes": 14 * 4 * int(width), "fixed_bytes": 4 * 2 * int(radius) * int(width) * 4}
+        return {"per_item_bytes": 4 * int(width), "fixed_bytes": 0, **out}
+    return {"per_item_bytes": 14 * 4 * int(width), "fixed_bytes": 4 * 2 * int(radius) * int(width) * 4, **out}
 
 
 def _run_rows(fn, depth, engine, name, **params):
