@@ -100,8 +100,9 @@ class RankShard:
             folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.scratch_root, ignore_errors=True)
         self.scratch_root.mkdir()
-        for tmp in self.records_dir.glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
+        for folder in (self.root, self.records_dir):  # a write killed before its rename
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
         recorded = {p.stem for p in self.records_dir.glob("*.json")}
         for folder in self.files_dir.iterdir():
             if folder.name not in recorded:  # files moved in, record never written: redo the unit
@@ -187,6 +188,8 @@ def check_run_key(parts: Path, run_key) -> None:
     """
     path = parts / RUN_NAME
     wanted = to_jsonable(run_key)
+    for tmp in parts.glob(".*.tmp"):  # rank 0 is the only writer here; a write it was killed in
+        tmp.unlink(missing_ok=True)
     if path.is_file():
         held = read_json(path).get("run_key")
         if held != wanted:
