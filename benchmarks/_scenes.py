@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from chunkpose.io.readers import YCBInEOATReader, scale_intrinsics, scaled_size
+from chunkpose.io.readers import YCBInEOATReader
+from chunkpose.ops.geometry import scale_intrinsics, scaled_size
 
 MODEL_POINTS = 4000
 

@@ -17,7 +17,7 @@ the stages, calibrated once on a small copy of the first frame.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -25,12 +25,14 @@ import torch
 
 from chunkpose.engine import GIB, Budget, Engine
 from chunkpose.engine.fallback import choose_downscale
+from chunkpose.errors import InputError
 from chunkpose.io.mesh import Mesh, load_mesh
 from chunkpose.ops.depth import MIN_DEPTH
 from chunkpose.ops.render import make_renderer
 from chunkpose.pipeline import frame as observation
 from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
-from chunkpose.pipeline.roi import call_region, mask_box
+from chunkpose.ops.crops import crop_windows
+from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
 from chunkpose.pipeline.sizing import CallGeometry, CallSizing
 
 #: Registration needs at least this many mask pixels with valid depth: fewer cannot pin
@@ -41,16 +43,22 @@ MIN_MASK_DEPTH_PIXELS = 30
 CALIBRATION_SIDE = 192
 #: Hypotheses the calibration runs the stages on, spread over the rotation set.
 CALIBRATION_HYPOTHESES = 8
+#: A registration keeps this many best-scored hypotheses in its result (for inspection).
+KEPT_CANDIDATES = 8
 
 
 @dataclass
 class PoseResult:
     """pose (4,4) float64 object-in-camera in the original mesh frame (metres); score float
-    (NaN when tracking, which does not score); report: the engine's RunReport of the call."""
+    (NaN when tracking, which does not score); report: the engine's RunReport of the call;
+    candidates (k,4,4) and candidate_scores (k,): a registration's best-scored hypotheses,
+    best first (what --debug draws with PoseEstimator.inspect_crops), empty when tracking."""
 
     pose: np.ndarray
     score: float
     report: object
+    candidates: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
+    candidate_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _default_device() -> str:
@@ -88,7 +96,7 @@ class PoseEstimator:
         for name, value in (("refine_iterations", refine_iterations), ("track_iterations", track_iterations),
                             ("hypotheses", hypotheses)):
             if int(value) != value or value < (1 if name == "hypotheses" else 0):
-                raise ValueError(f"{name}: expected a non-negative integer (hypotheses >= 1), got {value!r}")
+                raise InputError(f"{name}: expected a non-negative integer (hypotheses >= 1), got {value!r}")
         self.mesh = mesh if isinstance(mesh, Mesh) else load_mesh(mesh)
         # The pipeline works on the mesh re-centred on its bbox centre (as upstream): crops
         # and rotations are about the object's middle, not an arbitrary model origin.
@@ -146,7 +154,7 @@ class PoseEstimator:
         rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=True)
         measured = int(np.count_nonzero(depth[mask] >= MIN_DEPTH))
         if measured < MIN_MASK_DEPTH_PIXELS:
-            raise ValueError(
+            raise InputError(
                 f"mask: only {measured} of its {int(mask.sum())} pixels have valid depth, registration needs at "
                 f"least {MIN_MASK_DEPTH_PIXELS}; the object is too small or too far at this resolution, or the "
                 "depth misses it (check that depth and mask are aligned)")
@@ -169,12 +177,14 @@ class PoseEstimator:
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
                     scores = self.scorer.score(poses, frame, self.renderer, self.engine)
                     poses, scores = self._polish(poses, scores, frame)
-                best = int(torch.argmax(scores))
-                pose = poses[best].detach().to("cpu", torch.float64).numpy()
-                score = float(scores[best])
+                order = torch.argsort(scores.detach().cpu(), descending=True, stable=True)[:KEPT_CANDIDATES]
+                kept = poses.detach()[order.to(poses.device)].to("cpu", torch.float64).numpy()
+                kept_scores = scores.detach().cpu()[order].double().numpy()
+                pose, score = kept[0], float(kept_scores[0])
             del frame, poses, scores
         self._last_pose = pose
-        return PoseResult(pose=pose @ self._offset, score=score, report=report)
+        return PoseResult(pose=pose @ self._offset, score=score, report=report, candidates=kept @ self._offset,
+                          candidate_scores=kept_scores)
 
     def track(self, rgb, depth, K) -> PoseResult:
         """Pose in the next frame, refined from the last one (track_iterations, no scoring).
@@ -225,6 +235,39 @@ class PoseEstimator:
         sizing = self._sizing(geometry.mode)
         factor = self._scale_for(geometry, sizing)
         return sizing.peak_bytes(geometry, factor, usable=self.engine.budget.usable_bytes)
+
+    def inspect_crops(self, rgb, depth, K, poses, mask=None) -> dict:
+        """What the refiner compares for each of ``poses``: its crop of the render beside
+        the same crop of the observation (for debugging a bad pose).
+
+        Args:
+            rgb, depth, K, mask: a frame, as register takes it (mask optional).
+            poses: (k,4,4) object-in-camera poses in the original mesh frame, e.g. a
+                registration's result.candidates.
+
+        Returns:
+            dict of (k,3,s,s) float32 in 0..1: "rendered" and "observed" colour, and
+            "rendered_depth" and "observed_depth" scaled to the pose's depth +- a diameter.
+        """
+        rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=False)
+        centred = torch.as_tensor(np.asarray(poses, np.float64) @ np.linalg.inv(self._offset), dtype=torch.float32)
+        boxes = [box_around_point(p[:3, 3].numpy(), K, self._centered.diameter, self.refiner.crop_ratio) for p in centred]
+        region = CallRegion.of_box((min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                                    max(b[3] for b in boxes)), depth.shape, mask is not None)
+        frame = observation.prepare_frame(rgb, depth, K, mask, region, self._centered.diameter, None, "cpu")
+        size = int(self.refiner.crop_size)
+        transforms = crop_windows(centred, frame.K, frame.diameter, self.refiner.crop_ratio, size).transforms
+        with torch.no_grad():
+            rendered = self.renderer.render_crops(centred.to(self.device), frame.K, transforms.to(self.device), size)
+        observed_z = frame.xyz_crops(transforms, size)[:, 2]
+        z0 = centred[:, 2, 3][:, None, None]
+
+        def depth_picture(z):
+            scaled = ((z - z0) / self._centered.diameter * 0.5 + 0.5).clamp(0, 1)
+            return torch.where(z > 0, scaled, torch.zeros_like(scaled))[:, None].expand(-1, 3, -1, -1)
+
+        return {"rendered": rendered["rgb"].cpu(), "observed": frame.rgb_crops(transforms, size) / 255.0,
+                "rendered_depth": depth_picture(rendered["depth"].cpu()), "observed_depth": depth_picture(observed_z)}
 
     # ------------------------------------------------------------------ budget
 

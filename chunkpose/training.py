@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from chunkpose.models.refine_net import RefineNet
+from chunkpose.ops.geometry import so3_exp, so3_log
 
 
 @dataclass
@@ -66,13 +67,11 @@ def random_pairs(size: int = 160, rot_normalizer: float = 0.349, c_in: int = 6) 
 def perturb_poses(poses: torch.Tensor, rot_deg: float, trans_m: float, generator: torch.Generator) -> torch.Tensor:
     """Random hypotheses around poses (N,4,4): rotation by up to rot_deg about a random axis
     (camera frame), translation offset of up to trans_m per axis."""
-    from chunkpose.models.refine_net import so3_exp_map
-
     n = poses.shape[0]
     axis = torch.randn(n, 3, generator=generator)
     axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
     angle = torch.rand(n, 1, generator=generator) * math.radians(rot_deg)
-    dR = so3_exp_map((axis * angle).to(poses.dtype), eps=1e-12)
+    dR = so3_exp((axis * angle).to(poses.dtype))
     out = poses.clone()
     out[:, :3, :3] = dR.to(poses.device) @ poses[:, :3, :3]
     out[:, :3, 3] = poses[:, :3, 3] + ((torch.rand(n, 3, generator=generator) * 2 - 1) * trans_m).to(poses.device)
@@ -83,8 +82,6 @@ def update_targets(hypotheses: torch.Tensor, truth: torch.Tensor, diameter: floa
     """The network outputs that move hypotheses (N,4,4) exactly onto truth (N,4,4):
     trans (N,3) = (t_truth - t_hyp) / (diameter/2); rot (N,3) = w with
     so3_exp(w)^T @ R_hyp = R_truth, i.e. w = log(R_hyp @ R_truth^T)."""
-    from chunkpose.pipeline.posemath import so3_log
-
     trans = (truth[:, :3, 3] - hypotheses[:, :3, 3]) / (diameter / 2.0)
     rot = so3_log(hypotheses[:, :3, :3] @ truth[:, :3, :3].transpose(1, 2))
     return trans, rot
@@ -120,7 +117,6 @@ class RenderedPairs:
         self.diameter = float(self.mesh.diameter)
 
     def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
-        from chunkpose.models.refine_net import so3_exp_map
         from chunkpose.ops.crops import crop_windows
         from chunkpose.pipeline.learned import REFINER_MIN_Z, network_input
 
@@ -128,7 +124,7 @@ class RenderedPairs:
         w = torch.randn(n, 3, generator=generator)
         w = w / w.norm(dim=1, keepdim=True) * (torch.rand(n, 1, generator=generator) * math.pi)
         truth = torch.eye(4).repeat(n, 1, 1)
-        truth[:, :3, :3] = so3_exp_map(w, eps=1e-12)
+        truth[:, :3, :3] = so3_exp(w)
         truth[:, :3, 3] = torch.tensor([0.0, 0.0, self.distance])
         truth[:, :2, 3] += (torch.rand(n, 2, generator=generator) - 0.5) * 0.1
         hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * self.diameter, generator)

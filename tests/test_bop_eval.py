@@ -194,7 +194,7 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
     from chunkpose.io import bop
     from chunkpose.io.readers import BOPReader
     from chunkpose.io.writers import BopGt, BopImage, write_bop_dataset
-    from chunkpose.outputs import bop_csv_row, write_bop_csv
+    from chunkpose.io.results import bop_csv_row, write_bop_csv
 
     obj_ids = [1, 1, 2, 2]
     images = [BopImage(s.rgb[0], s.depth[0], s.K, [BopGt(o, s.poses[0], s.masks[0], s.full_masks[0])])

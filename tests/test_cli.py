@@ -12,7 +12,7 @@ import pytest
 import trimesh
 
 from chunkpose import cli
-from chunkpose.outputs import read_bop_csv
+from chunkpose.io.results import read_bop_csv
 from test_readers import write_bop, write_ycbineoat
 
 
@@ -184,7 +184,7 @@ def test_bad_input_through_a_real_process(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "chunkpose", "run", "--scene", str(tmp_path / "nope"),
                            "--mesh", str(tmp_path / "m.obj"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=Path(cli.__file__).parents[1])
+                          capture_output=True, text=True, timeout=120, cwd=Path(cli.__file__).parents[2])
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("chunkpose: error: scene folder") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -264,16 +264,27 @@ def test_budget_too_small_says_which_budget_to_pass(scene, tmp_path, capsys):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_estimator_value_errors_are_reported_as_input_errors(scene, tmp_path, capsys):
+def test_input_errors_are_one_line_and_bugs_keep_their_traceback(scene, tmp_path, capsys):
+    from chunkpose.errors import InputError
+
     class Picky(FakeEstimator):
         def track(self, *a):
-            raise ValueError("depth: contains NaN (replace NaN with 0 = missing)")
+            raise InputError("depth: contains NaN (replace NaN with 0 = missing)")
 
     root, mesh = scene
     rc = cli.main(["run", "--scene", str(root), "--mesh", str(mesh), "--out", str(tmp_path / "out")],
                   estimator_factory=Picky)
     assert rc == 2 and capsys.readouterr().err.strip() == "chunkpose: error: depth: contains NaN (replace NaN with 0 = missing)"
     assert not (tmp_path / "out").exists()
+
+    class Buggy(FakeEstimator):
+        def track(self, *a):
+            raise ValueError("operands could not be broadcast together")  # a bug, not the user's input
+
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(["run", "--scene", str(root), "--mesh", str(mesh), "--out", str(tmp_path / "out2")],
+                 estimator_factory=Buggy)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_debug_3_and_downscale(scene, tmp_path):
@@ -308,22 +319,6 @@ def test_bop_mesh_override_and_obj_filter(tmp_path):
     assert len(read_bop_csv(next(out.glob("*.csv")))) == 1
     assert cli.main(["run", "--bop", str(dataset), "--scene-id", "2", "--out", str(tmp_path / "o2")],
                     estimator_factory=FakeEstimator) == 2  # models missing and no --mesh
-
-
-def test_per_call_chunk_plan_from_a_cumulative_report():
-    """An engine that keeps one report for its life: each frame gets only its own stages."""
-    before = {"peak_bytes": 900, "sessions": {"register": {"peak_bytes": 900}},
-              "stages": {"refine": {"name": "refine", "calls": 5, "chunk_sizes": [64] * 5, "n_chunks": 5, "items": 320,
-                                    "wall_s": 10.0, "peak_bytes": 900}}}
-    after = {"peak_bytes": 900, "sessions": {"register": {"peak_bytes": 900}, "track": {"peak_bytes": 50}},
-             "stages": {"refine": {"name": "refine", "calls": 7, "chunk_sizes": [64] * 5 + [1, 1], "n_chunks": 7,
-                                   "items": 322, "wall_s": 10.5, "peak_bytes": 900}}}
-    call = cli._this_call(after, before, "track")
-    assert call["peak_bytes"] == 50
-    plan = cli.chunk_plan(call)
-    assert plan["refine"]["chunk_sizes"] == "1x2" and plan["refine"]["items"] == 2
-    assert plan["refine"]["wall_s"] == pytest.approx(0.5)
-    assert cli.chunk_plan(cli._this_call(before, None, "register"))["refine"]["chunk_sizes"] == "64x5"
 
 
 def test_foundationpose_demo_flags_are_accepted(scene, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chunkpose import cli
-from chunkpose.outputs import read_bop_csv
+from chunkpose.io.results import read_bop_csv
 
 synth = pytest.importorskip("chunkpose.synth")
 
@@ -106,7 +106,7 @@ def test_demo_full_resolution_under_three_minutes(tmp_path):
     out = tmp_path / "demo"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "chunkpose", "demo", "--out", str(out), "--json", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, cwd=Path(cli.__file__).parents[1])
+                          capture_output=True, text=True, timeout=600, cwd=Path(cli.__file__).parents[2])
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -11,7 +11,7 @@ from chunkpose.engine import BudgetTooSmall
 from chunkpose.estimator import PoseEstimator
 from chunkpose.metrics import add_error
 from chunkpose.pipeline.hypotheses import rotation_hypotheses
-from chunkpose.pipeline.posemath import so3_exp
+from chunkpose.ops.geometry import so3_exp
 
 W, H = 320, 240
 HYPOTHESES = 12

@@ -100,11 +100,11 @@ def make_frame(H=96, W=128):
 
 
 def make_poses(n, seed=1):
-    from chunkpose.models import so3_exp_map
+    from chunkpose.ops.geometry import so3_exp
 
     g = torch.Generator().manual_seed(seed)
     poses = torch.eye(4).repeat(n, 1, 1)
-    poses[:, :3, :3] = so3_exp_map(torch.randn(n, 3, generator=g))
+    poses[:, :3, :3] = so3_exp(torch.randn(n, 3, generator=g), eps=1e-4)
     poses[:, :3, 3] = torch.tensor([0.0, 0.0, 0.5]) + (torch.rand(n, 3, generator=g) - 0.5) * 0.04
     return poses
 

@@ -1,5 +1,5 @@
-"""Pipeline building blocks: pose math, hypotheses, input checks, frame preparation,
-the geometric refiner/scorer ops (CPU, small crops)."""
+"""Pipeline building blocks: hypotheses, input checks, frame preparation, the geometric
+refiner/scorer ops (CPU, small crops)."""
 import math
 
 import numpy as np
@@ -7,54 +7,10 @@ import pytest
 import torch
 
 from chunkpose.ops.crops import crop_windows
+from chunkpose.ops.geometry import rotation_angle, so3_exp
 from chunkpose.pipeline import frame as framing
-from chunkpose.pipeline.roi import CallRegion
 from chunkpose.pipeline.hypotheses import icosphere_vertices, initial_poses, rotation_hypotheses, translation_guess
-from chunkpose.pipeline.posemath import (
-    invert_pose,
-    look_at_rotations,
-    make_pose,
-    rotation_angle,
-    so3_exp,
-    so3_log,
-)
-
-# ----------------------------------------------------------------------------- pose math
-
-
-def test_so3_exp_log_round_trip_and_orthonormal():
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(200, 3, generator=g, dtype=torch.float64)
-    w = w / w.norm(dim=1, keepdim=True) * torch.rand(200, 1, generator=g, dtype=torch.float64) * 3.1
-    w[0] = 0.0
-    w[1] = torch.tensor([1e-9, 0, 0])
-    R = so3_exp(w)
-    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(200, 3, 3), atol=1e-12)
-    assert torch.allclose(torch.det(R), torch.ones(200, dtype=torch.float64))
-    assert torch.allclose(so3_log(R), w, atol=1e-9)
-    assert torch.allclose(rotation_angle(R), w.norm(dim=1), atol=1e-7)
-
-
-def test_so3_log_near_pi_gives_the_same_rotation():
-    axes = torch.nn.functional.normalize(torch.randn(20, 3, dtype=torch.float64), dim=1)
-    R = so3_exp(axes * (math.pi - 1e-6))
-    assert torch.allclose(so3_exp(so3_log(R)), R, atol=1e-6)
-
-
-def test_look_at_points_camera_z_at_the_object():
-    eyes = torch.tensor([[0.0, 0, 2], [1, 0, 0], [0, -3, 0.1], [0, 0, -1], [1, 2, 3]], dtype=torch.float64)
-    R = look_at_rotations(eyes)  # object in camera
-    assert torch.allclose(torch.det(R), torch.ones(len(eyes), dtype=torch.float64))
-    # the object origin seen from the eye is straight ahead: R (0 - eye) is along +z
-    ahead = (R @ (-eyes)[:, :, None])[:, :, 0]
-    assert torch.allclose(ahead[:, :2], torch.zeros(len(eyes), 2, dtype=torch.float64), atol=1e-12)
-    assert (ahead[:, 2] > 0).all()
-
-
-def test_invert_pose():
-    T = make_pose(so3_exp(torch.randn(5, 3, dtype=torch.float64)), torch.randn(5, 3, dtype=torch.float64))
-    assert torch.allclose(T @ invert_pose(T), torch.eye(4, dtype=torch.float64).expand(5, 4, 4), atol=1e-12)
-
+from chunkpose.pipeline.roi import CallRegion
 
 # ----------------------------------------------------------------------------- hypotheses
 

@@ -38,6 +38,8 @@ from datetime import timedelta
 
 import torch
 
+from chunkpose.errors import InputError
+
 DEFAULT_TIMEOUT_S = 30 * 60.0  # how long a rank waits for the others (rendezvous, barriers)
 # A rank that works posts a heartbeat every HEARTBEAT_PERIOD_S; one silent for DEFAULT_STALL_S is
 # given up as dead. The stall limit is long because a unit may hold the GIL in C code for a while.
@@ -47,7 +49,7 @@ _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.25
 
 
-class LaunchError(ValueError):
+class LaunchError(InputError):
     """The launch environment cannot be used; ``str`` is "<what> (<how to fix>)"."""
 
 

@@ -2,7 +2,7 @@
 
 The merge function is the caller's (the CLI writes the same results CSV, ob_in_cam tree and
 report.json as a single-process run); this module orders the records, adds the per-rank
-summary, and publishes the folder only once it is complete (chunkpose.outputs.OutputDir:
+summary, and publishes the folder only once it is complete (chunkpose.io.results.OutputDir:
 a temporary sibling renamed into place). A digest of the records that went into the last
 publication is kept in the parts folder, so rerunning a finished command changes nothing.
 """
@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from chunkpose.distributed.shards import MERGED_NAME, ShardError, best_record, read_json, write_json_atomic
-from chunkpose.outputs import OutputDir, to_jsonable
+from chunkpose.io.results import OutputDir, to_jsonable
 
 
 def ordered_records(units: list[str], found: dict[str, list[dict]], parts: Path) -> list[dict]:

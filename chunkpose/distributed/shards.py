@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from chunkpose.outputs import to_jsonable
+from chunkpose.io.results import to_jsonable
 
 RECORD_VERSION = 1
 PARTS_SUFFIX = ".parts"

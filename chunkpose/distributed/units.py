@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 from chunkpose.distributed.context import DEFAULT_STALL_S, RankContext
 from chunkpose.distributed.merge import build_summary, ordered_records, publish
 from chunkpose.distributed.shards import RankShard, check_run_key, is_finished, parts_dir_for, read_records
-from chunkpose.outputs import OutputDir, to_jsonable
+from chunkpose.io.results import OutputDir, to_jsonable
 
 ProcessFn = Callable[[str, Path, "object"], dict]
 MergeFn = Callable[[list, Path, dict], None]
@@ -155,7 +155,7 @@ def run_units(units: Iterable[str], process: ProcessFn, merge: MergeFn, out_dir,
             (absolute Path of the unit's files, or None), "rank", "host", "device", "session",
             "seconds", "peak_bytes", ...}. Shard files are read-only to merge (copy or link:
             see merge.copy_unit_files). summary is the per-rank summary (see build_summary).
-        out_dir: the final output folder (chunkpose.outputs.OutputDir rules: an existing folder
+        out_dir: the final output folder (chunkpose.io.results.OutputDir rules: an existing folder
             is replaced only if it holds a chunkpose report.json).
         context: the RankContext to use (default: from the environment; then it is also closed here).
         run_key: JSON-able settings that make a run what it is (model, budget, options); shards

@@ -5,7 +5,7 @@
   scene_raw.ply in any viewer it shows at once whether pose and scale are right.
 - crop grids: the best hypotheses' crops as one picture (see chunkpose.vis.crop_grid).
 
-Plain numpy writers (binary little-endian PLY, text OBJ) so no viewer library is needed.
+Written with trimesh (PLY point clouds, OBJ meshes), which every viewer reads.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from chunkpose.ops.geometry import MIN_DEPTH
+
 
 def depth_to_points(depth, K, rgb=None, mask=None, stride: int = 1):
     """Back-project depth (H,W) metres with K (3,3) -> points (N,3) float32 and colours (N,3) uint8.
 
-    Pixels with depth < 0.001 are dropped; with ``mask`` (H,W) bool only masked pixels are
+    Pixels with depth < MIN_DEPTH are dropped; with ``mask`` (H,W) bool only masked pixels are
     kept. ``stride`` keeps every stride-th row and column (to keep big frames small).
     """
     depth = np.asarray(depth, dtype=np.float32)
@@ -25,7 +27,7 @@ def depth_to_points(depth, K, rgb=None, mask=None, stride: int = 1):
     H, W = depth.shape
     v, u = np.mgrid[0:H:stride, 0:W:stride]
     z = depth[::stride, ::stride]
-    keep = z >= 0.001
+    keep = z >= MIN_DEPTH
     if mask is not None:
         keep &= np.asarray(mask, bool)[::stride, ::stride]
     u, v, z = u[keep].astype(np.float64), v[keep].astype(np.float64), z[keep].astype(np.float64)
@@ -40,38 +42,13 @@ def depth_to_points(depth, K, rgb=None, mask=None, stride: int = 1):
 
 
 def write_ply(path, points, colours=None) -> Path:
-    """Binary PLY of points (N,3) with optional colours (N,3) uint8."""
-    path = Path(path)
-    points = np.asarray(points, dtype="<f4").reshape(-1, 3)
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
-    if colours is not None:
-        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    data = np.empty(len(points), dtype=fields)
-    data["x"], data["y"], data["z"] = points[:, 0], points[:, 1], points[:, 2]
-    if colours is not None:
-        colours = np.asarray(colours, np.uint8).reshape(-1, 3)
-        data["red"], data["green"], data["blue"] = colours[:, 0], colours[:, 1], colours[:, 2]
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}",
-              "property float x", "property float y", "property float z"]
-    if colours is not None:
-        header += ["property uchar red", "property uchar green", "property uchar blue"]
-    header.append("end_header")
-    with open(path, "wb") as f:
-        f.write(("\n".join(header) + "\n").encode("ascii"))
-        f.write(data.tobytes())
-    return path
+    """PLY of points (N,3) with optional colours (N,3) uint8 (trimesh's writer)."""
+    import trimesh
 
-
-def read_ply_points(path) -> np.ndarray:
-    """Points (N,3) of a PLY written by :func:`write_ply` (for tests and quick checks)."""
-    raw = Path(path).read_bytes()
-    end = raw.index(b"end_header\n") + len(b"end_header\n")
-    header = raw[:end].decode("ascii").splitlines()
-    n = next(int(line.split()[-1]) for line in header if line.startswith("element vertex"))
-    has_colour = any("red" in line for line in header)
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")] + ([("r", "u1"), ("g", "u1"), ("b", "u1")] if has_colour else [])
-    data = np.frombuffer(raw[end:], dtype=fields, count=n)
-    return np.stack([data["x"], data["y"], data["z"]], axis=1)
+    cloud = trimesh.PointCloud(np.asarray(points, dtype=np.float64).reshape(-1, 3),
+                               colors=None if colours is None else np.asarray(colours, np.uint8).reshape(-1, 3))
+    cloud.export(str(path))
+    return Path(path)
 
 
 def write_scene_raw(path, depth, K, rgb=None, mask=None, stride: int = 1) -> Path:
@@ -80,30 +57,19 @@ def write_scene_raw(path, depth, K, rgb=None, mask=None, stride: int = 1) -> Pat
     return write_ply(path, points, colours)
 
 
-def write_posed_obj(path, vertices, faces, pose, vertex_colors=None) -> Path:
-    """model_tf.obj: vertices (V,3) moved by pose (4,4); faces (F,3) 0-based; colours (V,3) 0..1."""
-    path = Path(path)
-    pose = np.asarray(pose, dtype=np.float64)
-    verts = np.asarray(vertices, np.float64) @ pose[:3, :3].T + pose[:3, 3]
-    faces = np.asarray(faces, np.int64).reshape(-1, 3) + 1  # OBJ indices start at 1
-    if vertex_colors is not None:
-        colours = np.clip(np.asarray(vertex_colors, np.float64).reshape(-1, 3), 0, 1)
-        vlines = np.hstack([verts, colours])
-        vfmt = "v %.6f %.6f %.6f %.4f %.4f %.4f"
-    else:
-        vlines = verts
-        vfmt = "v %.6f %.6f %.6f"
-    with open(path, "w") as f:
-        f.write("# chunkpose: mesh in the camera frame (metres) at the estimated pose\n")
-        np.savetxt(f, vlines, fmt=vfmt)
-        np.savetxt(f, faces, fmt="f %d %d %d")
-    return path
-
-
 def write_mesh_at_pose(path, mesh, pose) -> Path:
-    """model_tf.obj for a chunkpose Mesh (or anything with vertices/faces[/vertex_colors])."""
+    """model_tf.obj: a chunkpose Mesh (or anything with vertices, faces and optionally
+    vertex_colors in 0..1) moved by pose (4,4) into the camera frame (trimesh's OBJ writer)."""
+    import trimesh
+
+    pose = np.asarray(pose, dtype=np.float64)
     colours = getattr(mesh, "vertex_colors", None)
-    return write_posed_obj(path, mesh.vertices, mesh.faces, pose, colours)
+    posed = trimesh.Trimesh(np.asarray(mesh.vertices, np.float64), np.asarray(mesh.faces, np.int64), process=False,
+                            vertex_colors=None if colours is None else
+                            (np.clip(np.asarray(colours, np.float64), 0, 1) * 255).round().astype(np.uint8))
+    posed.apply_transform(pose)
+    posed.export(str(path), file_type="obj", include_color=colours is not None, include_normals=False)
+    return Path(path)
 
 
 def write_crop_grid(path, crops, labels=None, columns: int = 8) -> Path:
@@ -114,7 +80,4 @@ def write_crop_grid(path, crops, labels=None, columns: int = 8) -> Path:
     return Path(path)
 
 
-__all__ = [
-    "depth_to_points", "read_ply_points", "write_crop_grid", "write_mesh_at_pose", "write_ply",
-    "write_posed_obj", "write_scene_raw",
-]
+__all__ = ["depth_to_points", "write_crop_grid", "write_mesh_at_pose", "write_ply", "write_scene_raw"]

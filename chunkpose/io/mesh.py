@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import trimesh
 
+from chunkpose.errors import InputError
+
 # A mesh wider than this is almost surely in millimetres (objects are hand-held).
 MAX_DIAMETER_M = 3.0
 #: Albedo of a mesh without texture or colours: trimesh's default vertex colour 102/255,
@@ -108,19 +110,19 @@ def _as_trimesh(source) -> trimesh.Trimesh:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
-            raise ValueError(f"mesh: file {str(path)!r} does not exist")
+            raise InputError(f"mesh: file {str(path)!r} does not exist")
         try:
             loaded = trimesh.load(str(path), process=False)
         except Exception as error:  # trimesh raises many types for unreadable files
-            raise ValueError(
+            raise InputError(
                 f"mesh: could not read {str(path)!r} ({error}); expected OBJ, PLY, STL or GLB"
             ) from error
         if isinstance(loaded, trimesh.Scene):
             return _scene_to_mesh(loaded)
         if not isinstance(loaded, trimesh.Trimesh):
-            raise ValueError(f"mesh: {str(path)!r} holds no triangles (got {type(loaded).__name__})")
+            raise InputError(f"mesh: {str(path)!r} holds no triangles (got {type(loaded).__name__})")
         return loaded
-    raise ValueError(
+    raise InputError(
         f"mesh: expected a file path or a trimesh.Trimesh, got {type(source).__name__}"
     )
 
@@ -141,7 +143,7 @@ def _scene_to_mesh(scene: trimesh.Scene) -> trimesh.Trimesh:
         part.apply_transform(transform)
         meshes.append(part)
     if not meshes:
-        raise ValueError("mesh: the scene holds no triangle meshes")
+        raise InputError("mesh: the scene holds no triangle meshes")
     if len(meshes) == 1:
         return meshes[0]
     for part in meshes:
@@ -214,24 +216,24 @@ def load_mesh(path_or_trimesh, scale: float | None = None) -> Mesh:
             return path_or_trimesh
         path_or_trimesh = path_or_trimesh.trimesh
     if scale is not None and not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a positive number (0.001 for millimetres), got {scale!r}")
+        raise InputError(f"scale: expected a positive number (0.001 for millimetres), got {scale!r}")
     source = _as_trimesh(path_or_trimesh)
     if len(source.faces) == 0 or len(source.vertices) < 3:
-        raise ValueError("mesh: it has no triangles")
+        raise InputError("mesh: it has no triangles")
     if scale is not None:
         source.apply_scale(float(scale))
     vertices = np.asarray(source.vertices, dtype=np.float64)
     if not np.isfinite(vertices).all():
-        raise ValueError("mesh: vertices contain NaN or infinity")
+        raise InputError("mesh: vertices contain NaN or infinity")
     diameter = mesh_diameter(vertices)
     if diameter > MAX_DIAMETER_M:
-        raise ValueError(
+        raise InputError(
             f"mesh: diameter is {diameter:.1f} (expected metres, under {MAX_DIAMETER_M:g} m); "
             "it looks like the mesh is in millimetres: pass scale=0.001 "
             "(command line: --mesh-scale 0.001)"
         )
     if diameter <= 0:
-        raise ValueError("mesh: all vertices coincide (diameter 0)")
+        raise InputError("mesh: all vertices coincide (diameter 0)")
     return mesh_from_trimesh(source, diameter)
 
 

@@ -21,6 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from chunkpose.errors import InputError
+from chunkpose.ops.geometry import MIN_DEPTH, scale_intrinsics, scaled_size
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # Depth may be found stored as floats by mistake (.tif/.exr/.npy); we look for those too so
 # that we can say precisely what is wrong instead of "file not found".
@@ -30,7 +33,7 @@ DEPTH_EXTENSIONS = (".png", ".tif", ".tiff", ".npy")
 _MIN_PLAUSIBLE_MEDIAN_MM = 10
 
 
-class SceneError(ValueError):
+class SceneError(InputError):
     """Bad scene input. ``str(err)`` is ``"<what> (<how to fix>)"``."""
 
     def __init__(self, what: str, fix: str):
@@ -76,18 +79,6 @@ def resize_factor(height: int, width: int, downscale: float | None, shorter_side
     if not math.isfinite(downscale) or downscale <= 0:
         raise SceneError(f"downscale must be a positive number, got {downscale}", "pass e.g. --downscale 0.5")
     return float(downscale)
-
-
-def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
-    """(H', W') after resizing by ``factor``; truncates like the upstream reader."""
-    return max(1, int(height * factor)), max(1, int(width * factor))
-
-
-def scale_intrinsics(K: np.ndarray, factor: float) -> np.ndarray:
-    """K (3,3) for images resized by ``factor``: the first two rows are scaled."""
-    K = np.array(K, dtype=np.float64, copy=True)
-    K[:2] *= factor
-    return K
 
 
 def _resize_nearest(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:

@@ -13,14 +13,14 @@ BOP publishes it), scene_gt.json (R, t in mm), scene_gt_info.json, mask/, mask_v
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from chunkpose.errors import InputError
+from chunkpose.io.folders import staged_folder
 
 UINT16_MAX = 65535
 
@@ -33,24 +33,11 @@ def atomic_folder(path, overwrite: bool = False):
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"path: {path} exists and is not a folder")
+        raise InputError(f"path: {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(f"path: {path} exists and is not empty; pass overwrite=True or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.writing-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+        raise InputError(f"path: {path} exists and is not empty; pass overwrite=True or choose another folder")
+    with staged_folder(path) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _imwrite(path: Path, image: np.ndarray) -> None:
@@ -154,9 +141,10 @@ class BopImage:
 
 
 def _default_renderer(mesh):
+    from chunkpose.io.mesh import Mesh, mesh_from_trimesh
     from chunkpose.ops.render import make_renderer
 
-    return make_renderer(mesh, "cpu")
+    return make_renderer(mesh if isinstance(mesh, Mesh) else mesh_from_trimesh(mesh), "cpu")
 
 
 def _export_model(mesh, folder: Path, obj_id: int, symmetries: dict | None) -> dict:

@@ -9,7 +9,7 @@ from chunkpose.models.checkpoint import (
     save_network,
     save_weights,
 )
-from chunkpose.models.refine_net import RefineNet, apply_update, rotation_step, so3_exp_map, translation_step
+from chunkpose.models.refine_net import RefineNet, apply_update, rotation_step, translation_step
 from chunkpose.models.score_net import ScoreNetMultiPair
 
 __all__ = [
@@ -25,6 +25,5 @@ __all__ = [
     "rotation_step",
     "save_network",
     "save_weights",
-    "so3_exp_map",
     "translation_step",
 ]

@@ -1,8 +1,8 @@
 """Building blocks shared by RefineNet and ScoreNetMultiPair.
 
-Module and parameter names follow the layout of FoundationPose's state dicts (see
-/work/shared/REFERENCE.md, "Networks"), so the official checkpoints load with strict key
-checking: ConvBNReLU keeps its layers in a Sequential called `net` (conv at `.net.0`, norm
+Module and parameter names follow the layout of FoundationPose's state dicts (upstream's
+learning/models/network_modules.py, refine_network.py and score_network.py), so the
+official checkpoints load with strict key checking: ConvBNReLU keeps its layers in a Sequential called `net` (conv at `.net.0`, norm
 at `.net.1`), ResnetBasicBlock has conv1/bn1/conv2/bn2, and the positional table is a
 buffer called `pe`.
 

@@ -27,6 +27,7 @@ import torch
 import yaml
 from torch import nn
 
+from chunkpose.errors import InputError
 from chunkpose.models.refine_net import RefineNet
 from chunkpose.models.score_net import ScoreNetMultiPair
 
@@ -89,7 +90,7 @@ LAYOUT_HELP = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A weights folder or file that cannot be used; the message says what is expected."""
 
 

@@ -12,6 +12,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from chunkpose.ops.geometry import so3_exp
 from chunkpose.models.blocks import (
     PositionalEmbedding,
     checkpointing_active,
@@ -57,30 +58,17 @@ class RefineNet(nn.Module):
         return {"trans": trans, "rot": rot}
 
 
-def so3_exp_map(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Axis-angle w (N,3) -> rotations (N,3,3) with pytorch3d's so3_exp_map definition.
-
-    Rodrigues' formula with the angle taken as sqrt(max(|w|^2, eps)): below 0.01 rad the
-    coefficients are those of 0.01 rad, which is how the upstream refiner's steps were
-    trained and evaluated.
-    """
-    theta = (w * w).sum(-1).clamp_min(eps).sqrt()
-    a = torch.sin(theta) / theta
-    b = (1 - torch.cos(theta)) / (theta * theta)
-    x, y, z = w.unbind(-1)
-    zero = torch.zeros_like(x)
-    W = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
-    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand_as(W)
-    return eye + a[:, None, None] * W + b[:, None, None] * (W @ W)
+#: pytorch3d's so3_exp_map clamp of the squared angle, as the upstream refiner update uses it.
+UPDATE_EXP_EPS = 1e-4
 
 
 def rotation_step(rot: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
     """Network rotation output (N,3) -> the camera-frame rotation step dR (N,3,3).
 
     dR = so3_exp(tanh(rot) * rot_normalizer) transposed (each step at most rot_normalizer
-    radians; 0.349 rad = 20 deg in the official configuration).
+    radians; 0.349 rad = 20 deg in the official configuration), with pytorch3d's angle clamp.
     """
-    return so3_exp_map(torch.tanh(rot) * rot_normalizer).transpose(1, 2)
+    return so3_exp(torch.tanh(rot) * rot_normalizer, eps=UPDATE_EXP_EPS).transpose(1, 2)
 
 
 def translation_step(trans: torch.Tensor, *, diameter: float, normalize_xyz: bool = True,

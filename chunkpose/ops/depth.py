@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _ext
+from .geometry import MIN_DEPTH, backproject_into
 
-# Depths below this are "no measurement" everywhere in chunkpose (and upstream).
-MIN_DEPTH = 0.001
 
 
 @dataclass(frozen=True)
@@ -239,7 +238,7 @@ def bilateral_filter_depth(depth, radius: int = 2, sigma_d: float = 2.0, sigma_r
 def depth_to_xyz(depth, K, out: torch.Tensor | None = None, row_offset: int = 0) -> torch.Tensor:
     """Point map of ``depth (h,W)`` -> ``out (h,W,3)`` camera-frame metres, written in place.
 
-    ``xyz = ((u - cx) z / fx, (v - cy) z / fy, z)``, zero where z < 0.001. ``row_offset`` is the
+    ``xyz = ((u - cx) z / fx, (v - cy) z / fy, z)``, zero where z < MIN_DEPTH. ``row_offset`` is the
     full-frame row of depth's first row, so a band of rows can be written into the matching band
     of a preallocated full-frame map: ``depth_to_xyz(depth[a:b], K, out=xyz[a:b], row_offset=a)``.
     """
@@ -255,12 +254,6 @@ def depth_to_xyz(depth, K, out: torch.Tensor | None = None, row_offset: int = 0)
         _ext.ops().depth_to_xyz_out(depth, fx, fy, cx, cy, int(row_offset), out)
         return out
     u = torch.arange(W, dtype=torch.float32, device=depth.device)
-    v = torch.arange(row_offset, row_offset + h, dtype=torch.float32, device=depth.device)
-    # ((u - cx) * z) / fx, the same roundings as the C++/CUDA kernels.
-    torch.mul(u - cx, depth, out=out[..., 0])
-    out[..., 0].div_(fx)
-    torch.mul((v - cy)[:, None], depth, out=out[..., 1])
-    out[..., 1].div_(fy)
-    out[..., 2].copy_(depth)
-    out.masked_fill_((depth < MIN_DEPTH)[..., None], 0.0)
+    v = torch.arange(row_offset, row_offset + h, dtype=torch.float32, device=depth.device)[:, None]
+    backproject_into((out[..., 0], out[..., 1], out[..., 2]), u, v, depth, fx, fy, cx, cy)
     return out

@@ -1,7 +1,8 @@
 """The naive memory pattern of upstream's scorer, kept as a reference and as a baseline.
 
 Never used by the pipeline. FoundationPose's scorer prepares its observed xyz crops through
-per-hypothesis full-resolution buffers (REFERENCE.md, "Where it runs out of memory"):
+per-hypothesis full-resolution buffers (upstream's score predictor, make_crop_data_batch and its
+dataset's transform_depth_to_xyzmap):
 
 1. the depth is warped into each 160x160 crop (nearest);
 2. each depth crop is warped back to a full-resolution depth image per hypothesis (nearest):

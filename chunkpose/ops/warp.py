@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from . import _ext
 from .crops import inverse_transforms, sampling_maps
-from .depth import MIN_DEPTH, OnDemandClean, as_depth_tensor, intrinsics
+from .depth import OnDemandClean, as_depth_tensor, intrinsics
+from .geometry import backproject_into
 
 SEMANTICS = {"refiner": 0, "scorer": 1}
 
@@ -220,18 +221,6 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
 
 
 # ----------------------------------------------------------------------------- xyz crops
-def _backproject_into(out: torch.Tensor, u: torch.Tensor, v: torch.Tensor, z: torch.Tensor, intr) -> torch.Tensor:
-    """out (B,3,s,s) <- ((u - cx) z / fx, (v - cy) z / fy, z), zero where z < 0.001."""
-    fx, fy, cx, cy = intr
-    torch.mul(u.sub_(cx), z, out=out[:, 0])
-    out[:, 0].div_(fx)
-    torch.mul(v.sub_(cy), z, out=out[:, 1])
-    out[:, 1].div_(fy)
-    out[:, 2].copy_(z)
-    out.masked_fill_((z < MIN_DEPTH)[:, None], 0.0)
-    return out
-
-
 def _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin):
     h, w = depth.shape
     B = transforms.shape[0]
@@ -254,7 +243,8 @@ def _xyz_crops_torch(depth, transforms, inverses, intr, size, code, origin):
                         zero)
         del r_flat, ok
     out = torch.empty((B, 3, size, size), dtype=torch.float32, device=depth.device)
-    return _backproject_into(out, u, v, z, intr)
+    backproject_into((out[:, 0], out[:, 1], out[:, 2]), u, v, z, *intr)
+    return out
 
 
 def _xyz_crops_op(transforms, inverses, *, depth, intr, size, code, origin, clean=None):
@@ -308,7 +298,7 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
             sampled depth is then cleaned on the spot, exactly as cleaning the frame first.
 
     Returns:
-        (B,3,size,size) float32, zero where the depth is < 0.001 or the position falls
+        (B,3,size,size) float32, zero where the depth is < MIN_DEPTH or the position falls
         outside the image.
 
     For axis-aligned crops (box_3d) and exact sampling the round trip returns to p, so both

@@ -13,7 +13,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from chunkpose.ops.depth import MIN_DEPTH, OnDemandClean
+from chunkpose.errors import InputError
+from chunkpose.ops.depth import OnDemandClean
+from chunkpose.ops.geometry import MIN_DEPTH, scale_intrinsics, scaled_size
 from chunkpose.pipeline.base import ObservedFrame
 from chunkpose.pipeline.roi import CLEANUP, CallRegion
 
@@ -25,30 +27,30 @@ def _as_numpy(x, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if x is None:
-        raise ValueError(f"{name}: got None; pass a numpy array")
+        raise InputError(f"{name}: got None; pass a numpy array")
     try:
         return np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
-        raise ValueError(f"{name}: cannot be read as an array ({exc}); pass a numpy array") from exc
+        raise InputError(f"{name}: cannot be read as an array ({exc}); pass a numpy array") from exc
 
 
 def validate_intrinsics(K) -> np.ndarray:
     """K (3,3) camera matrix -> float64 copy; ValueError when it is not a usable pinhole K."""
     K = _as_numpy(K, "K")
     if K.shape != (3, 3):
-        raise ValueError(
+        raise InputError(
             f"K: expected a 3x3 camera matrix [[fx,0,cx],[0,fy,cy],[0,0,1]], got shape {K.shape}"
             + ("; reshape the 9 values with K.reshape(3, 3)" if K.size == 9 else "")
         )
     if not np.issubdtype(K.dtype, np.number):
-        raise ValueError(f"K: expected numbers, got dtype {K.dtype}")
+        raise InputError(f"K: expected numbers, got dtype {K.dtype}")
     K = K.astype(np.float64)
     if not np.all(np.isfinite(K)):
-        raise ValueError("K: contains NaN or inf; pass finite intrinsics")
+        raise InputError("K: contains NaN or inf; pass finite intrinsics")
     if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise ValueError(f"K: focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}")
+        raise InputError(f"K: focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}")
     if not np.allclose(K[2], [0.0, 0.0, 1.0]):
-        raise ValueError(f"K: last row must be [0, 0, 1], got {K[2].tolist()}; pass a pinhole camera matrix")
+        raise InputError(f"K: last row must be [0, 0, 1], got {K[2].tolist()}; pass a pinhole camera matrix")
     return K
 
 
@@ -60,43 +62,43 @@ def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
     """
     rgb = _as_numpy(rgb, "rgb")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"rgb: expected an (H,W,3) colour image, got shape {rgb.shape}")
+        raise InputError(f"rgb: expected an (H,W,3) colour image, got shape {rgb.shape}")
     if rgb.dtype != np.uint8:
         hint = " (scale floats in 0..1 with (rgb*255).astype(np.uint8))" if np.issubdtype(rgb.dtype, np.floating) else ""
-        raise ValueError(f"rgb: expected dtype uint8, got {rgb.dtype}{hint}")
+        raise InputError(f"rgb: expected dtype uint8, got {rgb.dtype}{hint}")
     H, W = rgb.shape[:2]
     if H < 2 or W < 2:
-        raise ValueError(f"rgb: image is too small ({H}x{W})")
+        raise InputError(f"rgb: image is too small ({H}x{W})")
 
     depth = _as_numpy(depth, "depth")
     if depth.ndim == 3 and depth.shape[2] == 1:
         depth = depth[:, :, 0]
     if depth.ndim != 2:
-        raise ValueError(f"depth: expected an (H,W) depth map in metres, got shape {depth.shape}")
+        raise InputError(f"depth: expected an (H,W) depth map in metres, got shape {depth.shape}")
     if depth.shape != (H, W):
-        raise ValueError(f"depth: size {depth.shape} differs from rgb {(H, W)}; pass aligned images of one size")
+        raise InputError(f"depth: size {depth.shape} differs from rgb {(H, W)}; pass aligned images of one size")
     if np.issubdtype(depth.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"depth: got integer dtype {depth.dtype} (raw sensor units?); pass float32 metres, "
             "e.g. depth.astype(np.float32) / 1000.0 for millimetres"
         )
     if not np.issubdtype(depth.dtype, np.floating):
-        raise ValueError(f"depth: expected float32 metres, got dtype {depth.dtype}")
+        raise InputError(f"depth: expected float32 metres, got dtype {depth.dtype}")
     depth = depth.astype(np.float32, copy=True)
     finite = np.isfinite(depth)
     if not finite.any():
-        raise ValueError("depth: every value is NaN or inf; pass a depth map in metres with 0 for missing")
+        raise InputError("depth: every value is NaN or inf; pass a depth map in metres with 0 for missing")
     depth[~finite] = 0.0
     valid = depth >= MIN_DEPTH
     if not valid.any():
-        raise ValueError("depth: no valid pixel (all zero or negative); pass a depth map in metres")
+        raise InputError("depth: no valid pixel (all zero or negative); pass a depth map in metres")
     # A units check, not a statistic: every 4th pixel each way tells metres from
     # millimetres as well as all of them, at a 16th of the cost on a full-resolution frame.
     sample = depth[::4, ::4]
     sample = sample[sample >= MIN_DEPTH]
     median = float(np.median(sample if sample.size else depth[valid]))
     if median > MAX_PLAUSIBLE_DEPTH_M:
-        raise ValueError(
+        raise InputError(
             f"depth: median valid depth is {median:.1f}, which looks like millimetres; "
             "pass metres (divide by 1000)"
         )
@@ -105,42 +107,40 @@ def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
 
     if mask is None:
         if require_mask:
-            raise ValueError("mask: registration needs an (H,W) bool mask of the object")
+            raise InputError("mask: registration needs an (H,W) bool mask of the object")
     else:
         mask = _as_numpy(mask, "mask")
         if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
-            raise ValueError(
+            raise InputError(
                 f"mask: expected a single-channel (H,W) mask, got shape {mask.shape}; pass mask[..., 0] > 0"
             )
         if mask.ndim != 2:
-            raise ValueError(f"mask: expected an (H,W) bool mask, got shape {mask.shape}")
+            raise InputError(f"mask: expected an (H,W) bool mask, got shape {mask.shape}")
         if mask.shape != (H, W):
-            raise ValueError(f"mask: size {mask.shape} differs from rgb {(H, W)}; pass a mask of the same image size")
+            raise InputError(f"mask: size {mask.shape} differs from rgb {(H, W)}; pass a mask of the same image size")
         if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
-            raise ValueError(f"mask: expected bool, got dtype {mask.dtype}")
+            raise InputError(f"mask: expected bool, got dtype {mask.dtype}")
         mask = mask > 0 if mask.dtype != np.bool_ else mask.copy()
         if not mask.any():
-            raise ValueError("mask: it is empty (no object pixel); pass a mask that covers the object")
+            raise InputError("mask: it is empty (no object pixel); pass a mask that covers the object")
         if not (mask & valid).any():
-            raise ValueError("mask: no pixel inside the mask has valid depth; check that mask and depth are aligned")
+            raise InputError("mask: no pixel inside the mask has valid depth; check that mask and depth are aligned")
     return rgb, depth, K, mask
 
 
 def resize_inputs(rgb, depth, K, mask, factor: float):
-    """Downscale by `factor` (< 1) as upstream does: nearest for rgb, depth and mask, K's
-    first two rows scaled. Returns (rgb, depth, K, mask); the camera stays metric."""
+    """Downscale by `factor` (< 1) as upstream's readers do: sizes truncated, nearest for
+    rgb, depth and mask, K's first two rows times the factor (chunkpose.ops.geometry).
+    Returns (rgb, depth, K, mask); the camera stays metric."""
     import cv2
 
-    H, W = depth.shape
-    w, h = max(2, int(round(W * factor))), max(2, int(round(H * factor)))
+    h, w = scaled_size(*depth.shape, factor)
+    h, w = max(2, h), max(2, w)
     rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)
     depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_NEAREST)
     if mask is not None:
         mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
-    K = K.copy()
-    K[0] *= w / W
-    K[1] *= h / H
-    return rgb, depth, K, mask
+    return rgb, depth, scale_intrinsics(K, factor), mask
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from chunkpose.pipeline.posemath import look_at_rotations, make_pose, rotation_about_z
+from chunkpose.ops.geometry import MIN_DEPTH, look_at_rotations, make_pose, rotation_about_z
 
 
 def icosphere_vertices(subdivisions: int = 1) -> np.ndarray:
@@ -162,7 +162,7 @@ def translation_guess(mask: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.
     u = (us.min() + us.max()) / 2.0
     v = (vs.min() + vs.max()) / 2.0
     d = depth[vs, us]
-    d = d[np.isfinite(d) & (d >= 0.001)]
+    d = d[np.isfinite(d) & (d >= MIN_DEPTH)]
     if len(d) == 0:
         raise ValueError("depth: no valid depth (>= 1 mm) inside the mask; check depth/mask alignment")
     z = float(np.median(d))

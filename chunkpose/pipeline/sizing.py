@@ -24,6 +24,7 @@ import torch
 
 from chunkpose.engine.planner import CostModel, Planner
 from chunkpose.ops.depth import band_hints
+from chunkpose.ops.geometry import scale_intrinsics, scaled_size
 from chunkpose.pipeline.roi import CLEANUP, Box, CallRegion, call_region, scale_box
 
 
@@ -37,12 +38,8 @@ SLACK_BYTES = 256 * 1024
 def scaled_geometry(size, K, factor: float) -> Tuple[Tuple[int, int], np.ndarray]:
     """((h, w), K) of an image of ``size=(H, W)`` resized by ``factor``, the way
     chunkpose.pipeline.frame.resize_inputs resizes it."""
-    H, W = size
-    h, w = max(2, int(round(H * factor))), max(2, int(round(W * factor)))
-    Ks = np.asarray(K, dtype=np.float64).copy()
-    Ks[0] *= w / W
-    Ks[1] *= h / H
-    return (h, w), Ks
+    h, w = scaled_size(int(size[0]), int(size[1]), factor)
+    return (max(2, h), max(2, w)), scale_intrinsics(K, factor)
 
 
 def hypothesis_state_bytes(count: int) -> int:

@@ -39,17 +39,28 @@ def available_backends(device="cpu") -> list[str]:
     return found
 
 
+#: What a renderer reads of a mesh (chunkpose.io.mesh.Mesh has all of it).
+MESH_FIELDS = ("vertices", "faces", "normals", "vertex_colors", "uv", "texture", "center", "radius", "has_texture")
+
+
 def make_renderer(mesh, device="cpu", backend: str | None = None, shading: bool = True):
-    """A renderer for ``mesh`` (a Mesh, a trimesh or a path) on ``device``.
+    """A renderer for ``mesh`` on ``device``.
 
-    backend=None picks nvdiffrast on a CUDA device when it imports, else gl. Forcing a
-    backend that cannot run raises RuntimeError saying what is missing. shading: the
-    headlight of FoundationPose's renders (base.HEADLIGHT); False returns the albedo.
+    Args:
+        mesh: a chunkpose Mesh (chunkpose.load_mesh makes one from a file or a trimesh).
+        device: "cpu", "cuda" or "cuda:N".
+        backend: None picks nvdiffrast on a CUDA device when it imports, else "gl".
+        shading: the headlight of FoundationPose's renders (base.HEADLIGHT); False returns
+            the albedo.
+
+    Returns:
+        A Renderer (see base.Renderer). Forcing a backend that cannot run raises
+        RuntimeError saying what is missing.
     """
-    from chunkpose.io.mesh import Mesh, load_mesh
-
-    if not isinstance(mesh, Mesh):
-        mesh = load_mesh(mesh)
+    missing = [name for name in MESH_FIELDS if not hasattr(mesh, name)]
+    if missing:
+        raise ValueError(f"mesh: expected a chunkpose Mesh (chunkpose.load_mesh(path_or_trimesh)), got "
+                         f"{type(mesh).__name__} without {', '.join(missing)}")
     device = torch.device(device)
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")

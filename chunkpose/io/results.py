@@ -1,27 +1,30 @@
-"""Output folders that are either complete or absent.
+"""A run's results: its output folder, report.json, ob_in_cam poses, the BOP results CSV.
 
 A run writes into a hidden temporary folder next to the requested one and moves it into
-place at the end, so a failed run leaves nothing behind and a reader of the output never
-sees half a report. An earlier chunkpose output at the same place (it has report.json) is
-replaced; any other non-empty folder is refused rather than overwritten.
+place at the end (chunkpose.io.folders), so a failed run leaves nothing behind and a
+reader of the output never sees half a report. An earlier chunkpose output at the same
+place (it has report.json) is replaced; any other non-empty folder is refused rather than
+overwritten.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from chunkpose.errors import InputError
+from chunkpose.io.folders import replace_folder
+
 REPORT_NAME = "report.json"
 BOP_CSV_HEADER = ("scene_id", "im_id", "obj_id", "score", "R", "t", "time")
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(InputError):
     """The requested output folder cannot be used; ``str`` is "<what> (<how to fix>)"."""
 
 
@@ -54,17 +57,8 @@ class OutputDir:
         """Move the finished folder into place (replacing an earlier chunkpose output)."""
         if self.path is None or self.committed:
             raise RuntimeError("OutputDir.commit() outside its with-block or twice")
-        old = None
-        if self.final.exists():
-            if any(self.final.iterdir()):
-                old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
-                os.replace(self.final, old)
-            else:
-                self.final.rmdir()
-        os.replace(self.path, self.final)
+        replace_folder(self.path, self.final)
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         return self.final
 
     def discard(self) -> None:
@@ -113,7 +107,7 @@ def write_pose_txt(path, pose) -> Path:
     """A 4x4 pose as 4 lines of 4 numbers (the ob_in_cam/<frame>.txt format)."""
     pose = np.asarray(pose, dtype=np.float64)
     if pose.shape != (4, 4):
-        raise ValueError(f"pose must be (4,4), got {pose.shape}")
+        raise InputError(f"pose must be (4,4), got {pose.shape}")
     np.savetxt(path, pose, fmt="%.8f")
     return Path(path)
 

@@ -1,0 +1,130 @@
+"""The command line's arguments: ``chunkpose run | demo | bench | eval``.
+
+FoundationPose's demo flags are accepted as aliases: --test_scene_dir, --mesh_file,
+--est_refine_iter, --track_refine_iter, --debug_dir (and --debug 0..3 means the same).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+#: The demo's object unless --mesh is given: a builtin without rotational symmetry (the mug
+#: looks the same turned upside down when its label is not used, so its ADD is ambiguous).
+DEMO_MESH = "drill"
+DEMO_BUILTINS = ("blocks", "drill", "duck", "mug")
+
+
+class UserError(Exception):
+    """Something the user can fix on the command line; printed as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our one-line error format."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
+
+
+def _estimator_options(p, default_budget):
+    g = p.add_argument_group("estimator")
+    g.add_argument("--budget-gb", type=positive_float, metavar="G", default=default_budget,
+                   help=f"device memory budget in GiB (default {default_budget:g})")
+    g.add_argument("--device", default="auto", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--weights", type=Path, metavar="DIR", default=None,
+                   help="folder with the official FoundationPose weights (default: weight-free geometric refiner)")
+    g.add_argument("--refine-iters", "--est_refine_iter", type=positive_int, metavar="N", default=5,
+                   help="refinement iterations at registration (5)")
+    g.add_argument("--track-iters", "--track_refine_iter", type=positive_int, metavar="N", default=2,
+                   help="refinement iterations per tracked frame (2)")
+
+
+def _output_options(p, default_out):
+    g = p.add_argument_group("output")
+    g.add_argument("--out", "--debug_dir", type=Path, metavar="DIR", default=Path(default_out),
+                   help=f"output folder (default {default_out})")
+    g.add_argument("--json", action="store_true", help="print one JSON summary object as the last line of stdout")
+    g.add_argument("--debug", type=int, choices=range(0, 4), default=0, metavar="0..3",
+                   help="2: scene_raw.ply, model_tf.obj and a picture of the best hypotheses' rendered and "
+                        "observed crops for the first frame; 3: for every frame")
+
+
+def _run_parser(sub):
+    run = sub.add_parser("run", help="poses for a YCBInEOAT scene (--scene) or a BOP scene (--bop)",
+                         description="Register on the first frame with its mask and track the rest (YCBInEOAT), "
+                                     "or register every annotated instance of a BOP scene.")
+    src = run.add_argument_group("input")
+    src.add_argument("--scene", "--test_scene_dir", type=Path, metavar="DIR",
+                     help="YCBInEOAT folder: rgb/, depth/ (uint16 mm), masks/, cam_K.txt")
+    src.add_argument("--bop", type=Path, metavar="DATASET_DIR", help="BOP dataset folder (models/, <split>/)")
+    src.add_argument("--split", default="test", metavar="NAME", help="BOP split folder (default test)")
+    src.add_argument("--scene-id", type=non_negative_int, metavar="N", help="BOP scene id")
+    src.add_argument("--obj-id", type=positive_int, metavar="ID", action="append", help="BOP: only these object ids (repeatable)")
+    src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE", help="object mesh in metres (BOP: default models/obj_XXXXXX.ply)")
+    src.add_argument("--mesh-scale", type=positive_float, metavar="S", default=None,
+                     help="multiply mesh coordinates by this (0.001 for a mesh in millimetres)")
+    size = src.add_mutually_exclusive_group()
+    size.add_argument("--downscale", type=positive_float, metavar="F", default=None, help="resize the input by this factor first")
+    size.add_argument("--shorter-side", type=positive_int, metavar="N", default=None, help="resize the input so its shorter side is N")
+    src.add_argument("--zfar", type=positive_float, metavar="Z", default=None, help="ignore depth at or beyond this many metres")
+    src.add_argument("--frames", type=positive_int, metavar="N", default=None, help="process at most N frames (images for BOP)")
+    _estimator_options(run, 4.0)
+    _output_options(run, "chunkpose_out")
+    return run
+
+
+def _demo_parser(sub):
+    demo = sub.add_parser("demo", help="synthetic scene with ground truth, full resolution, under the budget",
+                          description="Make a synthetic RGB-D scene, register and track at full resolution under the "
+                                      "budget, print pose errors, peak memory and the chunk plan.")
+    demo.add_argument("--width", type=positive_int, default=3072)
+    demo.add_argument("--height", type=positive_int, default=2048)
+    demo.add_argument("--frames", type=positive_int, default=5, help="frames: 1 registration + tracking (5)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--mesh", "--mesh_file", default=None, metavar="FILE|NAME",
+                      help=f"object: a mesh file in metres or a builtin ({', '.join(DEMO_BUILTINS)}); "
+                           f"default {DEMO_MESH} (asymmetric, so ADD is meaningful)")
+    demo.add_argument("--mesh-scale", type=positive_float, metavar="S", default=None,
+                      help="multiply mesh coordinates by this (0.001 for a mesh in millimetres)")
+    _estimator_options(demo, 1.0)
+    _output_options(demo, "chunkpose_demo")
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="chunkpose", description="6D pose estimation at full camera resolution under a memory budget.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="{run,demo,bench}", parser_class=Parser)
+    _run_parser(sub)
+    _demo_parser(sub)
+    bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/ (source checkout)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    return parser
