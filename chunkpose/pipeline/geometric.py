@@ -70,9 +70,15 @@ def surface_normals(xyz: torch.Tensor, mask: torch.Tensor, fallback: torch.Tenso
 
 
 def mask_centroid(frame: ObservedFrame):
-    """Full-frame pixel (u, v) of the observed mask's centroid (floats)."""
-    vs, us = torch.nonzero(frame.mask, as_tuple=True)
-    return (float(us.double().mean()) + frame.origin[0], float(vs.double().mean()) + frame.origin[1])
+    """Full-frame pixel (u, v) of the observed mask's centroid (floats), from its row and
+    column counts (exact integer sums; no per-pixel index tensors beside the frame)."""
+    mask = frame.mask
+    count = int(mask.sum())
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    u = int((mask.sum(0, dtype=torch.int64) * cols).sum()) / count
+    v = int((mask.sum(1, dtype=torch.int64) * rows).sum()) / count
+    return u + frame.origin[0], v + frame.origin[1]
 
 
 #: Window offsets searched at once in the association (the rest of the window in later
