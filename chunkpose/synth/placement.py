@@ -3,7 +3,7 @@ plane and the distractors.
 
 Placement rules:
 
-- objects of the scene: in every frame their oriented bounding boxes do not intersect (no
+- objects of the scene: in every frame their convex hulls do not intersect (no
   interpenetration), and the convex hulls of their silhouettes overlap by at most
   ``MAX_OBJECT_OVERLAP`` of the smaller hull's area. A silhouette lies inside its hull, so
   one object hides at most that area of another: each keeps nearly all of its silhouette
@@ -72,11 +72,12 @@ class Track:
 @dataclass(frozen=True)
 class Shape:
     """What the placement rules need of a mesh: its convex-hull vertices (P,3) relative to
-    the bounding-box centre (they bound the silhouette's extent from any view) and the
-    bounding box's half sizes (3,)."""
+    the bounding-box centre (they bound the silhouette's extent from any view), the
+    bounding box's half sizes (3,) and the hull's radius about the centre."""
 
     hull: np.ndarray
     half: np.ndarray
+    radius: float
 
     @classmethod
     def of(cls, mesh: Mesh) -> "Shape":
@@ -87,13 +88,18 @@ class Shape:
             hull = vertices[ConvexHull(vertices).vertices]
         except Exception:  # flat meshes have no 3D hull: all their vertices will do
             hull = vertices
-        return cls(hull, (vertices.max(axis=0) - vertices.min(axis=0)) / 2.0)
+        return cls(hull, (vertices.max(axis=0) - vertices.min(axis=0)) / 2.0,
+                   float(np.linalg.norm(hull, axis=1).max()))
+
+    def points(self, rotation, center) -> np.ndarray:
+        """(P,3) hull vertices at this pose (camera frame)."""
+        return self.hull @ np.asarray(rotation).T + center
 
     def outline(self, K, rotation, center) -> np.ndarray:
         """(P,2) float32 convex polygon (pixels) holding the silhouette at this pose."""
         import cv2
 
-        points = self.hull @ np.asarray(rotation).T + center
+        points = self.points(rotation, center)
         pixels = (points @ K.T)[:, :2] / points[:, 2:3]
         return cv2.convexHull(pixels.astype(np.float32)).reshape(-1, 2)
 
@@ -300,6 +306,30 @@ def boxes_intersect(rot_a, center_a, half_a, rot_b, center_b, half_b) -> bool:
     return True
 
 
+def separable(points_a: np.ndarray, points_b: np.ndarray) -> bool:
+    """Whether a plane separates two point sets (P,3), (Q,3), i.e. their convex hulls are
+    disjoint: a feasibility linear program for w, b with w.p >= b + 1 on one side and
+    w.q <= b - 1 on the other."""
+    from scipy.optimize import linprog
+
+    middle = (points_a.mean(axis=0) + points_b.mean(axis=0)) / 2.0
+    scale = max(np.abs(points_a - middle).max(), np.abs(points_b - middle).max(), 1e-9)
+    a, b = (points_a - middle) / scale, (points_b - middle) / scale  # well conditioned
+    rows = np.vstack([np.hstack([-a, np.ones((len(a), 1))]), np.hstack([b, -np.ones((len(b), 1))])])
+    result = linprog(np.zeros(4), A_ub=rows, b_ub=-np.ones(len(rows)), bounds=[(None, None)] * 4, method="highs")
+    return result.status == 0
+
+
+def solids_apart(a: "Shape", rot_a, center_a, b: "Shape", rot_b, center_b) -> bool:
+    """Whether two objects' convex hulls are disjoint at these poses: bounding spheres,
+    then oriented boxes, then (only when those cannot tell) a separating plane."""
+    if np.linalg.norm(center_a - center_b) >= a.radius + b.radius:
+        return True
+    if not boxes_intersect(rot_a, center_a, a.half, rot_b, center_b, b.half):
+        return True
+    return separable(a.points(rot_a, center_a), b.points(rot_b, center_b))
+
+
 def outlines_overlap(outline_a, outline_b, overlap: float = MAX_OBJECT_OVERLAP) -> bool:
     """Whether two silhouette hulls (convex polygons, pixels) overlap by more than
     ``overlap`` of the smaller one's area."""
@@ -318,10 +348,10 @@ def apart(a: Track, a_rotations, a_centers, b: Track, K, frames=None) -> bool:
     for k in frames:
         if k in a.hidden or k in b.hidden:
             continue
-        if boxes_intersect(a_rotations[k], a_centers[k], a.shape.half, b.rotations[k], b.centers[k], b.shape.half):
-            return False
         if outlines_overlap(a.shape.outline(K, a_rotations[k], a_centers[k]),
                             b.shape.outline(K, b.rotations[k], b.centers[k])):
+            return False
+        if not solids_apart(a.shape, a_rotations[k], a_centers[k], b.shape, b.rotations[k], b.centers[k]):
             return False
     return True
 
