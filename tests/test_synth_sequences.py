@@ -4,19 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import trimesh
 from scipy.spatial.transform import Rotation
 
 from chunkpose.io.mesh import load_mesh
-from chunkpose.io.readers import (
-    BOPReader,
-    SceneError,
-    YCBInEOATReader,
-    object_masks,
-    object_names,
-    object_poses,
-    scene_meshes,
-)
+from chunkpose.io.readers import BOPReader, YCBInEOATReader, object_masks, object_names, object_poses, scene_meshes
 from chunkpose.ops.render import make_renderer
 from chunkpose.synth import JUMP, OCCLUDED, REAPPEARED, Jump, Occlusion, make_scene
 
@@ -233,23 +224,6 @@ def test_save_several_objects_as_bop(multi_scene, tmp_path):
             np.testing.assert_array_equal(instance.mask, track.masks[k])
 
 
-def test_textured_mesh_is_saved_with_its_material(tmp_path):
-    from PIL import Image
-
-    from chunkpose.io.writers import export_scene_mesh
-
-    box = trimesh.creation.box((0.1, 0.06, 0.04))
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
-    box.visual = trimesh.visual.TextureVisuals(uv=rng.uniform(size=(len(box.vertices), 2)), image=image)
-    mesh = load_mesh(box)
-    path = export_scene_mesh(mesh, tmp_path, "box")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["box.mtl", "box.obj", "box.png"]
-    loaded = load_mesh(path)
-    assert loaded.has_texture and loaded.diameter == pytest.approx(mesh.diameter, rel=1e-6)
-    assert mesh.trimesh.visual.material.name != "box"  # the caller's mesh is left alone
-
-
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -280,27 +254,3 @@ def test_a_jump_that_cannot_fit_says_what_to_change():
     with pytest.raises(ValueError, match="smaller footprint or translation_diameters"):
         make_scene(frames=3, footprint=0.3, seed=0, distractors=0, events=[Jump(frame=1, translation_diameters=3.0)],
                    width=64, height=48)
-
-
-def test_writer_refuses_bad_object_names_and_overlapping_labels(tmp_path):
-    from chunkpose.io.writers import write_ycbineoat
-
-    rgb, depth = [np.zeros((8, 8, 3), np.uint8)], [np.full((8, 8), 0.5, np.float32)]
-    mask = np.zeros((8, 8), bool)
-    mask[2:5, 2:5] = True
-    with pytest.raises(ValueError, match="cannot be a folder name"):
-        write_ycbineoat(tmp_path / "a", rgb, depth, np.eye(3), masks={"../up": [mask]})
-    with pytest.raises(ValueError, match="overlap in frame 0"):
-        write_ycbineoat(tmp_path / "b", rgb, depth, np.eye(3), masks={"a": [mask], "b": [mask]}, labels=True)
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
-
-
-def test_readers_without_objects_and_with_clashing_meshes(tmp_path):
-    assert scene_meshes(tmp_path) == {} and object_names(tmp_path) == [] and object_masks(tmp_path, "000000") == {}
-    (tmp_path / "mesh").mkdir()
-    trimesh.creation.box((0.1, 0.1, 0.1)).export(tmp_path / "mesh" / "a.obj")
-    (tmp_path / "mesh" / "a.mtl").write_text("")  # materials are not meshes
-    assert list(scene_meshes(tmp_path)) == ["a"]
-    trimesh.creation.box((0.1, 0.1, 0.1)).export(tmp_path / "mesh" / "a.ply")
-    with pytest.raises(SceneError, match="two meshes named 'a'"):
-        scene_meshes(tmp_path)
