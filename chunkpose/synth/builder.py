@@ -169,7 +169,7 @@ def _place_objects(specs, footprints, K, width, height, frames, outside, rng, ob
 
 def _apply_events(checked: list, tracks: list, K, width, height, events_rng) -> tuple[list, dict]:
     """Jumps (each object's in frame order), then objects leaving the view; returns (per frame the
-    [(object index, occluder texture)] hidden behind a disc, what the jumps did)."""
+    [(object index, occluder texture)] hidden behind a board, what the jumps did)."""
     done = []
     for i, track in enumerate(tracks):
         jumps = [e for e, index in checked if index == i and isinstance(e, ev.Jump)]
@@ -177,7 +177,7 @@ def _apply_events(checked: list, tracks: list, K, width, height, events_rng) -> 
             others = tracks[:i] + tracks[i + 1:]
             redraw = functools.partial(redraw_path, track, others, K, width, height, events_rng)
             done += ev.apply_jumps(track, jumps, others, K, width, height, events_rng, redraw)
-    discs = [[] for _ in tracks[0].centers]
+    boards = [[] for _ in tracks[0].centers]
     for event, i in checked:
         if not isinstance(event, ev.Occlusion):
             continue
@@ -186,8 +186,8 @@ def _apply_events(checked: list, tracks: list, K, width, height, events_rng) -> 
             continue
         texture = ev.occluder_texture(events_rng)
         for k in range(event.start, event.stop):
-            discs[k].append((i, texture))
-    return discs, {"jumps": done}
+            boards[k].append((i, texture))
+    return boards, {"jumps": done}
 
 
 def _static_layers(plane, distractors: list, K, width, height, make_renderer):
@@ -199,10 +199,10 @@ def _static_layers(plane, distractors: list, K, width, height, make_renderer):
     return rgb, depth
 
 
-def _render_frames(tracks, poses, discs, static, K, width, height, noise, rng, make_renderer) -> list:
+def _render_frames(tracks, poses, boards, static, K, width, height, noise, rng, make_renderer) -> list:
     objects = [(track.renderer, track_poses) for track, track_poses in zip(tracks, poses)]
-    return [render_frame(k, objects, discs[k], static, K, width, height, noise, rng, make_renderer)
-            for k in range(len(discs))]
+    return [render_frame(k, objects, boards[k], static, K, width, height, noise, rng, make_renderer)
+            for k in range(len(boards))]
 
 
 def _object_tracks(tracks, poses, specs, rendered, checked) -> list:
@@ -295,13 +295,13 @@ def make_scene(
 
     tracks = _place_objects(specs, footprints, K, width, height, frames, float(outside), rng, objects_rng,
                             renderer_of)
-    discs, event_info = _apply_events(checked, tracks, K, width, height, events_rng)
+    boards, event_info = _apply_events(checked, tracks, K, width, height, events_rng)
     plane = place_plane(tracks, K, width, height, rng)
     used = {s.builtin for s in specs if s.builtin is not None}
     placed = place_distractors(distractors, shapes, used, tracks, plane, K, width, height, rng)
     static = _static_layers(plane, placed, K, width, height, renderer_of)
     poses = [track.poses for track in tracks]
-    rendered = _render_frames(tracks, poses, discs, static, K, width, height, noise, rng, renderer_of)
+    rendered = _render_frames(tracks, poses, boards, static, K, width, height, noise, rng, renderer_of)
     objects_out = _object_tracks(tracks, poses, specs, rendered, checked)
     first = objects_out[0]
     achieved = float(np.mean([m.mean() for m, t in zip(first.full_masks, first.events) if ev.OCCLUDED not in t]))

@@ -8,8 +8,9 @@ other objects) for the rest of the sequence; then it moves smoothly again. The d
 
 ``Occlusion(start=k, frames=n)``: the object is completely hidden in frames k .. k+n-1 and
 visible again from frame k+n (the reappearance, which must be a frame of the scene).
-``by="occluder"``: a textured disc halfway between the camera and the object covers its
-whole silhouette (the full silhouette is still recorded); ``by="out_of_view"``: the object
+``by="occluder"``: a textured board halfway between the camera and the object, shaped
+like its silhouette's convex hull and a little larger, covers it whole (the full
+silhouette is still recorded); ``by="out_of_view"``: the object
 leaves the field of view (its full silhouette is empty too) and returns to its path.
 
 Per frame each object records tags: ``"jump"`` on a jump's frame, ``"occluded"`` on the
@@ -37,10 +38,9 @@ OCCLUDERS = ("occluder", "out_of_view")
 JUMP_DIRECTIONS = 36
 JUMP_PLACEMENT_TRIES = 30
 # The occluder: this fraction of the way from the camera to the object's nearest point,
-# and this many pixels wider than the silhouette's enclosing circle.
+# and this many pixels wider than the silhouette's convex hull on every side.
 OCCLUDER_DEPTH_FRACTION = 0.5
 OCCLUDER_MARGIN_PX = 2.0
-OCCLUDER_SIDES = 48
 # An object out of view is this many of its image radii past the nearest image edge.
 OUT_OF_VIEW_RADII = 3.0
 
@@ -67,7 +67,7 @@ class Occlusion:
 
     start: the first hidden frame (>= 1: frame 0 is where the object is registered);
     frames: how many frames it stays hidden; it reappears at ``start + frames``, which
-    must be a frame of the scene; by: "occluder" (a disc in front of it) or
+    must be a frame of the scene; by: "occluder" (a board in front of it) or
     "out_of_view" (it leaves the field of view); obj: index or name of the object.
     """
 
@@ -283,10 +283,12 @@ def occluder_texture(rng, size: int = 128) -> np.ndarray:
     return (image * 255).round().astype(np.uint8)
 
 
-def occluder_disc(full_mask: np.ndarray, nearest_z: float, K, texture: np.ndarray) -> Mesh | None:
-    """A fronto-parallel textured disc, in camera coordinates (render it at the identity
-    pose), that covers every pixel of ``full_mask`` (H,W) bool from depth
-    ``OCCLUDER_DEPTH_FRACTION * nearest_z``. None when the mask is empty."""
+def occluder_patch(full_mask: np.ndarray, nearest_z: float, K, texture: np.ndarray) -> Mesh | None:
+    """A fronto-parallel textured board, in camera coordinates (render it at the identity
+    pose), shaped like the convex hull of ``full_mask`` (H,W) bool grown by
+    OCCLUDER_MARGIN_PX, at depth ``OCCLUDER_DEPTH_FRACTION * nearest_z``: it hides every
+    pixel of the silhouette and, being no wider than its hull, little of any neighbour.
+    None when the mask is empty."""
     import cv2
     import trimesh
     from PIL import Image
@@ -294,16 +296,21 @@ def occluder_disc(full_mask: np.ndarray, nearest_z: float, K, texture: np.ndarra
     ys, xs = np.nonzero(full_mask)
     if len(xs) == 0:
         return None
-    (cu, cv), radius_px = cv2.minEnclosingCircle(np.stack([xs, ys], axis=1).astype(np.float32))
-    # the polygon's inner radius must reach the circle (plus a margin) in both image axes
-    radius_px = (radius_px + OCCLUDER_MARGIN_PX) / math.cos(math.pi / OCCLUDER_SIDES)
+    hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    # grow the hull by the margin on every side (an octagon around each corner), past the
+    # image border too: a silhouette cut by the border must stay covered up to it
+    angles = np.arange(8) * np.pi / 4
+    octagon = OCCLUDER_MARGIN_PX / math.cos(np.pi / 8) * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    grown = (hull[:, None, :] + octagon[None]).reshape(-1, 2)
+    outline = cv2.convexHull(grown.astype(np.float32)).reshape(-1, 2).astype(np.float64)
     z = OCCLUDER_DEPTH_FRACTION * nearest_z
-    radius_m = radius_px * z / min(K[0, 0], K[1, 1])
-    centre = z * ray(K, cu, cv)
-    angles = 2 * np.pi * np.arange(OCCLUDER_SIDES) / OCCLUDER_SIDES
-    ring = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], axis=1)
-    vertices = np.vstack([centre, centre + radius_m * ring])
-    faces = [[0, 1 + i, 1 + (i + 1) % OCCLUDER_SIDES] for i in range(OCCLUDER_SIDES)]
-    uv = np.vstack([[0.5, 0.5], 0.5 + 0.5 * ring[:, :2]])
+    # on a plane of constant depth, z * ray(u, v) projects exactly to (u, v)
+    corners = np.array([z * ray(K, u, v) for u, v in outline])
+    middle = corners.mean(axis=0)
+    vertices = np.vstack([middle, corners])
+    count = len(corners)
+    faces = [[0, 1 + i, 1 + (i + 1) % count] for i in range(count)]
+    lo, span = outline.min(axis=0), np.maximum(np.ptp(outline, axis=0), 1.0)
+    uv = np.vstack([[0.5, 0.5], (outline - lo) / span.max()])
     visual = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(texture))
     return mesh_from_trimesh(trimesh.Trimesh(vertices, faces, visual=visual, process=False))

@@ -95,10 +95,10 @@ class RenderedFrame:
     full_masks: list
 
 
-def _draw_dynamic(index: int, objects: list, occluded_by_disc: list, K, width, height, make_renderer) -> tuple:
+def _draw_dynamic(index: int, objects: list, behind_board: list, K, width, height, make_renderer) -> tuple:
     """The objects (and the occluders of those hidden behind one) at frame ``index``:
     (canvas, full silhouettes per object)."""
-    from .events import occluder_disc
+    from .events import occluder_patch
 
     canvas = Canvas(width, height)
     full_masks, nearest = [], []
@@ -107,23 +107,23 @@ def _draw_dynamic(index: int, objects: list, occluded_by_disc: list, K, width, h
         full_masks.append(out["mask"])
         nearest.append(float(out["depth"][out["mask"]].min()) if out["mask"].any() else None)
         del out
-    for obj, texture in occluded_by_disc:
-        disc = occluder_disc(full_masks[obj], nearest[obj], K, texture) if nearest[obj] is not None else None
-        if disc is not None:
-            canvas.add(OCCLUDER_ID + obj, make_renderer(disc).render_full(np.eye(4), K, width, height))
+    for obj, texture in behind_board:
+        board = occluder_patch(full_masks[obj], nearest[obj], K, texture) if nearest[obj] is not None else None
+        if board is not None:
+            canvas.add(OCCLUDER_ID + obj, make_renderer(board).render_full(np.eye(4), K, width, height))
     return canvas, full_masks
 
 
-def render_frame(index: int, objects: list, occluded_by_disc: list, static, K, width, height, noise: bool, rng,
+def render_frame(index: int, objects: list, behind_board: list, static, K, width, height, noise: bool, rng,
                  make_renderer) -> RenderedFrame:
     """Frame ``index`` of the scene over the static layers ``static`` = (rgb, depth) of the
     plane and distractors. objects: [(renderer, poses [(4,4)] per frame)] in layer order;
-    make_renderer: Mesh -> renderer (for the occluders); occluded_by_disc: [(object index,
+    make_renderer: Mesh -> renderer (for the occluders); behind_board: [(object index,
     occluder texture)] of the
-    objects hidden behind a disc in this frame. Noise is drawn from ``rng``: RGB first,
+    objects hidden behind a board in this frame. Noise is drawn from ``rng``: RGB first,
     then depth."""
     static_rgb, static_depth = static
-    canvas, full_masks = _draw_dynamic(index, objects, occluded_by_disc, K, width, height, make_renderer)
+    canvas, full_masks = _draw_dynamic(index, objects, behind_board, K, width, height, make_renderer)
     dyn_rgb, dyn_depth, ids = canvas.finish()
     in_front = (ids >= 0) & ((static_depth == 0) | (dyn_depth < static_depth))
     rgb = np.where(in_front[..., None], dyn_rgb, static_rgb)
