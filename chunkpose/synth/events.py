@@ -10,8 +10,8 @@ other objects) for the rest of the sequence; then it moves smoothly again. The d
 visible again from frame k+n (the reappearance, which must be a frame of the scene).
 ``by="occluder"``: a textured board halfway between the camera and the object, shaped
 like its silhouette's convex hull and a little larger, covers it whole (the full
-silhouette is still recorded); ``by="out_of_view"``: the object
-leaves the field of view (its full silhouette is empty too) and returns to its path.
+silhouette is still recorded); ``by="out_of_view"``: the object leaves the field of view
+(its full silhouette is empty too) and returns to its path.
 
 Per frame each object records tags: ``"jump"`` on a jump's frame, ``"occluded"`` on the
 hidden frames, ``"reappeared"`` on the first frame after them. Random choices (jump axes
