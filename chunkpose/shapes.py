@@ -133,3 +133,25 @@ def builtin_meshes() -> dict[str, trimesh.Trimesh]:
     """name -> trimesh.Trimesh with vertex colours, metres, centred on its bounding box
     (fresh copies; built once per process)."""
     return {name: mesh.copy() for name, mesh in _built().items()}
+
+
+def _clutter() -> dict[str, trimesh.Trimesh]:
+    """Plain shapes unlike every builtin object (one part, one colour pattern each)."""
+    return {
+        "carton": _combine([_part(trimesh.creation.box((0.09, 0.06, 0.12)), (0.55, 0.45, 0.35), "checks", 35.0)]),
+        "can": _combine([_part(trimesh.creation.cylinder(radius=0.033, height=0.11, sections=40), (0.4, 0.45, 0.5),
+                               "stripes", 40.0)]),
+        "ball": _combine([_part(trimesh.creation.icosphere(subdivisions=3, radius=0.045), (0.6, 0.2, 0.7), "waves",
+                                30.0)]),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _built_clutter() -> dict[str, trimesh.Trimesh]:
+    return _clutter()
+
+
+def clutter_meshes() -> dict[str, trimesh.Trimesh]:
+    """name -> plain distractor shapes (a carton, a can, a ball), like builtin_meshes: for
+    scenes whose objects already use every builtin (fresh copies; built once per process)."""
+    return {name: mesh.copy() for name, mesh in _built_clutter().items()}

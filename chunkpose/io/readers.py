@@ -315,6 +315,103 @@ class YCBInEOATReader(_ResizingReader):
             yield self.frame(i, need_mask=(i == 0))
 
 
+# --------------------------------------------------------------------------- several objects
+
+# Files of mesh/ that are meshes (an OBJ's .mtl and texture images sit next to them).
+MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".glb", ".gltf", ".off")
+
+
+def scene_meshes(scene_dir) -> dict[str, Path]:
+    """The meshes saved with a YCBInEOAT-style scene: {name (file stem): path} from
+    ``scene_dir/mesh/`` (where FoundationPose's demo data and chunkpose.synth keep them),
+    sorted by name; {} when there is no mesh/ folder. SceneError when two files share a
+    name (mug.obj and mug.ply)."""
+    folder = Path(scene_dir) / "mesh"
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in MESH_EXTENSIONS:
+            continue
+        if path.stem in found:
+            raise SceneError(f"two meshes named {path.stem!r} in {folder}: {found[path.stem].name} and {path.name}",
+                             "keep one file per object name")
+        found[path.stem] = path
+    return found
+
+
+def _label_names(scene_dir: Path) -> dict[str, int]:
+    """{name: label value} from labels.json ({} without it)."""
+    path = scene_dir / "labels.json"
+    if not path.is_file():
+        return {}
+    names = _load_json(path, "")
+    if not isinstance(names, dict) or not all(isinstance(v, int) and v > 0 for v in names.values()):
+        raise SceneError(f"{path} must map object names to label values (positive integers)",
+                         'write it as {"mug": 1, "duck": 2}')
+    return names
+
+
+def _mask_folders(scene_dir: Path) -> dict[str, Path]:
+    folder = scene_dir / "masks"
+    if not folder.is_dir():
+        return {}
+    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def object_names(scene_dir) -> list[str]:
+    """The objects of a scene with masks per object: the folders masks/<name>/ (sorted),
+    else the names of labels.json (by label value); [] for a single-object scene
+    (masks/<frame>.png)."""
+    scene_dir = Path(scene_dir)
+    folders = _mask_folders(scene_dir)
+    if folders:
+        return list(folders)
+    labels = _label_names(scene_dir)
+    return sorted(labels, key=labels.get)
+
+
+def object_masks(scene_dir, frame_name: str) -> dict[str, np.ndarray]:
+    """{object name: (H,W) bool mask} of frame ``frame_name`` (a file stem, "000000").
+
+    From masks/<name>/<frame>.png where the scene has such folders (objects without a
+    file for this frame are left out), else from labels/<frame>.png and labels.json (a
+    pixel of value k belongs to the object mapped to k); {} when neither is there. Masks
+    are at the images' native size (the readers' downscale is not applied)."""
+    scene_dir = Path(scene_dir)
+    folders = _mask_folders(scene_dir)
+    if folders:
+        out = {}
+        for name, folder in folders.items():
+            path = _find_file(folder, frame_name, IMAGE_EXTENSIONS)
+            if path is not None:
+                out[name] = read_mask_file(path)
+        return out
+    labels = _label_names(scene_dir)
+    path = _find_file(scene_dir / "labels", frame_name, IMAGE_EXTENSIONS) if labels else None
+    if path is None:
+        return {}
+    image = read_image_file(path, cv2.IMREAD_UNCHANGED)
+    if image.ndim != 2:
+        raise SceneError(f"label image {path} has {image.shape[2]} channels",
+                         "store labels as a single-channel 8- or 16-bit PNG (0 = background)")
+    return {name: image == value for name, value in sorted(labels.items(), key=lambda item: item[1])}
+
+
+def object_poses(scene_dir, frame_name: str) -> dict[str, np.ndarray]:
+    """{object name: (4,4) pose, metres} of frame ``frame_name`` from
+    annotated_poses/<name>/<frame>.txt; {} for a scene without per-object poses."""
+    folder = Path(scene_dir) / "annotated_poses"
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        path = sub / f"{frame_name}.txt"
+        if path.is_file():
+            out[sub.name] = read_pose_file(path)
+    return out
+
+
 # --------------------------------------------------------------------------- BOP
 
 
@@ -568,7 +665,7 @@ def open_scene(path, **kwargs):
 
 
 __all__ = [
-    "BOPReader", "BopInstance", "Frame", "SceneError", "YCBInEOATReader", "open_scene", "read_depth_file",
-    "read_intrinsics_file", "read_mask_file", "read_pose_file", "read_rgb_file", "resize_factor",
-    "scale_intrinsics", "scaled_size",
+    "BOPReader", "BopInstance", "Frame", "SceneError", "YCBInEOATReader", "object_masks", "object_names",
+    "object_poses", "open_scene", "read_depth_file", "read_intrinsics_file", "read_mask_file", "read_pose_file",
+    "read_rgb_file", "resize_factor", "scale_intrinsics", "scaled_size", "scene_meshes",
 ]

@@ -5,7 +5,7 @@
   z < MIN_DEPTH, with the roundings of the csrc kernels (csrc/pixel_math.h: backproject),
   so the torch path and the kernels give the same floats.
 - scaled_size / scale_intrinsics: an image resized by a factor the way FoundationPose's
-  readers do it (sizes truncated, K's first two rows times the factor).
+  readers do it (sizes truncated, K's first two rows times the factor); validate_intrinsics.
 - SO(3): skew, so3_exp (exact, or with pytorch3d's angle clamp that the upstream refiner
   update uses), so3_log, rotation_angle, look-at and in-plane rotations, make_pose.
 All rotation functions take a leading batch axis and work in the tensor's dtype and device.
@@ -16,6 +16,8 @@ import math
 
 import numpy as np
 import torch
+
+from chunkpose.errors import InputError
 
 MIN_DEPTH = 0.001
 
@@ -52,6 +54,30 @@ def scale_intrinsics(K, factor: float) -> np.ndarray:
     """K (3,3) of the image resized by ``factor``: the first two rows times the factor."""
     K = np.asarray(K, dtype=np.float64).copy()
     K[:2] *= float(factor)
+    return K
+
+
+def validate_intrinsics(K) -> np.ndarray:
+    """K (3,3) camera matrix -> float64 copy; ValueError when it is not a usable pinhole K."""
+    if isinstance(K, torch.Tensor):
+        K = K.detach().cpu().numpy()
+    if K is None:
+        raise InputError("K: got None; pass the 3x3 camera matrix")
+    K = np.asarray(K)
+    if K.shape != (3, 3):
+        raise InputError(
+            f"K: expected a 3x3 camera matrix [[fx,0,cx],[0,fy,cy],[0,0,1]], got shape {K.shape}"
+            + ("; reshape the 9 values with K.reshape(3, 3)" if K.size == 9 else "")
+        )
+    if not np.issubdtype(K.dtype, np.number):
+        raise InputError(f"K: expected numbers, got dtype {K.dtype}")
+    K = K.astype(np.float64)
+    if not np.all(np.isfinite(K)):
+        raise InputError("K: contains NaN or inf; pass finite intrinsics")
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise InputError(f"K: focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}")
+    if not np.allclose(K[2], [0.0, 0.0, 1.0]):
+        raise InputError(f"K: last row must be [0, 0, 1], got {K[2].tolist()}; pass a pinhole camera matrix")
     return K
 
 

@@ -15,7 +15,7 @@ import torch
 
 from chunkpose.errors import InputError
 from chunkpose.ops.depth import OnDemandClean
-from chunkpose.ops.geometry import MIN_DEPTH, scale_intrinsics, scaled_size
+from chunkpose.ops.geometry import MIN_DEPTH, scale_intrinsics, scaled_size, validate_intrinsics
 from chunkpose.pipeline.base import ObservedFrame
 from chunkpose.pipeline.roi import CLEANUP, CallRegion
 
@@ -32,26 +32,6 @@ def _as_numpy(x, name: str) -> np.ndarray:
         return np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
         raise InputError(f"{name}: cannot be read as an array ({exc}); pass a numpy array") from exc
-
-
-def validate_intrinsics(K) -> np.ndarray:
-    """K (3,3) camera matrix -> float64 copy; ValueError when it is not a usable pinhole K."""
-    K = _as_numpy(K, "K")
-    if K.shape != (3, 3):
-        raise InputError(
-            f"K: expected a 3x3 camera matrix [[fx,0,cx],[0,fy,cy],[0,0,1]], got shape {K.shape}"
-            + ("; reshape the 9 values with K.reshape(3, 3)" if K.size == 9 else "")
-        )
-    if not np.issubdtype(K.dtype, np.number):
-        raise InputError(f"K: expected numbers, got dtype {K.dtype}")
-    K = K.astype(np.float64)
-    if not np.all(np.isfinite(K)):
-        raise InputError("K: contains NaN or inf; pass finite intrinsics")
-    if K[0, 0] <= 0 or K[1, 1] <= 0:
-        raise InputError(f"K: focal lengths must be positive, got fx={K[0, 0]}, fy={K[1, 1]}")
-    if not np.allclose(K[2], [0.0, 0.0, 1.0]):
-        raise InputError(f"K: last row must be [0, 0, 1], got {K[2].tolist()}; pass a pinhole camera matrix")
-    return K
 
 
 def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):

@@ -1,0 +1,169 @@
+"""What make_scene returns: the images, the camera and per-object ground truth, and how a
+scene is written to disk (YCBInEOAT folders with the meshes, or a BOP dataset)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from chunkpose.errors import InputError
+from chunkpose.io.mesh import Mesh
+
+LAYOUTS = ("ycbineoat", "bop")
+
+
+@dataclass
+class ObjectTrack:
+    """Ground truth of one object of a scene, one entry per frame.
+
+    name: a file-name-safe name (the builtin's, a mesh file's stem, or "object<k>");
+    mesh: its Mesh (metres); poses: [(4,4) float64] object in camera, metres;
+    masks: [(H,W) bool] visible pixels (empty while it is occluded); full_masks: [(H,W)
+    bool] its in-image silhouette ignoring everything in front of it (empty while out of
+    view); events: [tuple of str] per frame, from "jump", "occluded", "reappeared";
+    obj_id: 1-based position in the scene (the BOP obj_id and the label-image value);
+    footprint: the mean image fraction of its silhouette over the frames it is not hidden.
+    """
+
+    name: str
+    mesh: Mesh
+    poses: list
+    masks: list
+    full_masks: list
+    events: list = field(default_factory=list)
+    obj_id: int = 1
+    footprint: float = 0.0
+
+    def __post_init__(self):
+        if not self.events:
+            self.events = [() for _ in self.poses]
+
+    def event_frames(self, tag: str) -> list[int]:
+        """The frames tagged ``tag`` ("jump", "occluded" or "reappeared"), ascending."""
+        return [k for k, tags in enumerate(self.events) if tag in tags]
+
+    @property
+    def visible_fraction(self) -> list[float]:
+        """Per frame, visible pixels / silhouette pixels (0 for an empty silhouette)."""
+        return [float(v.sum() / max(f.sum(), 1)) for v, f in zip(self.masks, self.full_masks)]
+
+    def __repr__(self) -> str:
+        return f"ObjectTrack({self.name!r}, obj_id={self.obj_id}, frames={len(self.poses)}, mesh={self.mesh!r})"
+
+
+@dataclass
+class Scene:
+    """A synthetic scene.
+
+    rgb: list of (H,W,3) uint8; depth: list of (H,W) float32 metres (sensor model, 0 =
+    missing); K (3,3) float64; depth_clean: noise-free depth; info: how the scene was
+    drawn; objects: [ObjectTrack], the ground truth of each object.
+    masks, poses, mesh, full_masks, footprint: those of the first object (what a
+    single-object caller wants): visible masks (H,W) bool, (4,4) float64 poses (object in
+    camera, metres), its Mesh, silhouettes ignoring occluders, mean image fraction.
+    """
+
+    rgb: list
+    depth: list
+    masks: list
+    K: np.ndarray
+    poses: list
+    mesh: Mesh
+    depth_clean: list = field(default_factory=list, repr=False)
+    full_masks: list = field(default_factory=list, repr=False)
+    footprint: float = 0.0
+    info: dict = field(default_factory=dict)
+    objects: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        if not self.objects:  # a scene built the old way: one object from the fields
+            name = self.info.get("object_names", ["object"])[0]
+            self.objects = [ObjectTrack(name, self.mesh, self.poses, self.masks, self.full_masks,
+                                        footprint=self.footprint)]
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb[0].shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb[0].shape[0])
+
+    @property
+    def frames(self) -> int:
+        return len(self.rgb)
+
+    @property
+    def names(self) -> list[str]:
+        """The objects' names, in order."""
+        return [track.name for track in self.objects]
+
+    @property
+    def events(self) -> list:
+        """Per frame, the first object's event tags (see ObjectTrack.events)."""
+        return self.objects[0].events
+
+    def object(self, name: str) -> ObjectTrack:
+        """The object named ``name``."""
+        for track in self.objects:
+            if track.name == name:
+                return track
+        raise InputError(f"name: no object {name!r} in this scene (it has {', '.join(self.names)})")
+
+    def event_frames(self, tag: str, obj: int | str = 0) -> list[int]:
+        """Frames in which object ``obj`` (index or name) is tagged ``tag``."""
+        track = self.object(obj) if isinstance(obj, str) else self.objects[obj]
+        return track.event_frames(tag)
+
+    def label_image(self, index: int) -> np.ndarray:
+        """(H,W) label image of frame ``index``: 0 background, each object's visible pixels
+        at its obj_id (uint8, uint16 past 255 objects). Visible masks never overlap."""
+        dtype = np.uint8 if len(self.objects) < 256 else np.uint16
+        labels = np.zeros((self.height, self.width), dtype)
+        for track in self.objects:
+            labels[track.masks[index]] = track.obj_id
+        return labels
+
+    def save(self, path, layout: str = "ycbineoat", overwrite: bool = False, labels: bool = True) -> Path:
+        """Write the scene to ``path`` (atomically: nothing is left behind by a failure).
+
+        layout "ycbineoat": rgb/, depth/ (uint16 mm), cam_K.txt and mesh/<name>.obj per
+        object (metres, with colours); one object: masks/<frame>.png and
+        annotated_poses/<frame>.txt as before; several: masks/<name>/<frame>.png,
+        annotated_poses/<name>/<frame>.txt and, unless labels=False, labels/<frame>.png
+        with labels.json ({name: value}, value = obj_id, see label_image).
+        layout "bop": a BOP dataset with scene 000001, one instance per object and image,
+        obj_id = ObjectTrack.obj_id (models/obj_000001.ply is the first object).
+        Returns the folder.
+        """
+        from chunkpose.io.writers import BopGt, BopImage, write_bop, write_bop_dataset, write_ycbineoat
+
+        if layout not in LAYOUTS:
+            raise InputError(f"layout: expected 'ycbineoat' or 'bop', got {layout!r}")
+        several = len(self.objects) > 1
+        if layout == "ycbineoat":
+            meshes = {track.name: track.mesh for track in self.objects}
+            if several:
+                return write_ycbineoat(
+                    path, self.rgb, self.depth, self.K,
+                    masks={t.name: t.masks for t in self.objects}, poses={t.name: t.poses for t in self.objects},
+                    overwrite=overwrite, meshes=meshes, labels=bool(labels),
+                )
+            return write_ycbineoat(path, self.rgb, self.depth, self.K, masks=self.masks, poses=self.poses,
+                                   overwrite=overwrite, meshes=meshes)
+        if not several:
+            return write_bop(
+                path, self.rgb, self.depth, self.K, self.masks, self.poses, self.mesh,
+                full_masks=self.full_masks or None, overwrite=overwrite,
+            )
+        images = [
+            BopImage(self.rgb[i], self.depth[i], self.K,
+                     [BopGt(t.obj_id, t.poses[i], t.masks[i], t.full_masks[i]) for t in self.objects])
+            for i in range(self.frames)
+        ]
+        return write_bop_dataset(path, images, {t.obj_id: t.mesh for t in self.objects}, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        objects = f"mesh={self.mesh!r}" if len(self.objects) == 1 else f"objects={self.names}"
+        return f"Scene({self.width}x{self.height}, frames={self.frames}, footprint={self.footprint:.3f}, {objects})"
