@@ -12,22 +12,34 @@ mode, parameters still trainable), and the loss is a sum over items divided by t
 size, so the accumulated gradient equals the full-batch gradient whatever the slicing.
 
 Pairs come from a `PairSource`: `pairs(step, batch_size, generator) -> TrainingBatch`.
-`ScenePairs` (the default) crops the observed side from chunkpose.synth RGB-D scenes
-(background, distractors, sensor noise) and renders the hypothesis side; `RenderedPairs` renders a mesh (by default one of chunkpose.synth's built-in meshes) at a
-ground-truth pose and at a perturbed hypothesis, into the hypothesis' crop window, exactly
-as the refiner sees them; `random_pairs` gives random tensors (tests, smoke runs).
+Both frame-based sources go through the inference path (validate_inputs, prepare_frame,
+crop_pair), so training sees what the refiner sees: `ScenePairs` (the default) uses
+chunkpose.synth RGB-D scenes (background, distractors, sensor noise); `RenderedPairs` a
+clean render of one mesh (by default a built-in one) at a random pose. `random_pairs` gives
+random tensors (tests, smoke runs).
 """
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
+from chunkpose.engine import Engine, tracing_fake
+from chunkpose.errors import InputError
+from chunkpose.io.mesh import load_mesh
 from chunkpose.models.refine_net import RefineNet
 from chunkpose.ops.geometry import so3_exp, so3_log
+from chunkpose.ops.render import make_renderer
+from chunkpose.pipeline.frame import prepare_frame, validate_inputs
+from chunkpose.pipeline.learned import REFINER_MIN_Z, crop_pair
+from chunkpose.pipeline.roi import CallRegion
+from chunkpose.shapes import builtin_meshes
+from chunkpose.synth import make_scene
 
 
 @dataclass
@@ -87,64 +99,77 @@ def update_targets(hypotheses: torch.Tensor, truth: torch.Tensor, diameter: floa
     return trans, rot
 
 
-class RenderedPairs:
-    """Render-and-compare pairs of one mesh: 'observed' = a render at the true pose, rendered
-    = a render at a perturbed hypothesis, both in the hypothesis' crop window (crop_ratio),
-    prepared exactly as LearnedRefiner prepares them.
+class _FramePairs:
+    """Pairs from one observed RGB-D frame per step: `batch_size` hypotheses perturbed
+    around the frame's true pose, both sides made by crop_pair on the frame prepared by
+    prepare_frame, exactly as LearnedRefiner sees them at inference. A subclass says how
+    the frame is made (`_observation`)."""
 
-    mesh: a chunkpose Mesh (re-centred here) or None for the first built-in synth mesh.
-    """
-
-    def __init__(self, mesh=None, renderer=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
-                 rot_deg: float = 15.0, trans_frac: float = 0.05, distance: float = 0.6,
-                 K: Optional[torch.Tensor] = None):
-        if mesh is None:
-            from chunkpose.io.mesh import load_mesh
-            from chunkpose.synth import builtin_meshes
-
-            name, tm = sorted(builtin_meshes().items())[0]
-            mesh = load_mesh(tm)
-        self.mesh = mesh.centered() if hasattr(mesh, "centered") else mesh
-        if renderer is None:
-            from chunkpose.ops.render import make_renderer
-
-            renderer = make_renderer(self.mesh, device)
-        self.renderer = renderer
+    def __init__(self, device, size: int, crop_ratio: float, rot_deg: float, trans_frac: float):
         self.device = torch.device(device)
         self.size, self.crop_ratio = size, crop_ratio
-        self.rot_deg, self.trans_frac, self.distance = rot_deg, trans_frac, distance
-        self.K = K if K is not None else torch.tensor([[600.0, 0, 320], [0, 600.0, 240], [0, 0, 1]])
-        self.diameter = float(self.mesh.diameter)
+        self.rot_deg, self.trans_frac = rot_deg, trans_frac
+        self._renderers = {}
+
+    def _renderer(self, mesh):
+        """A renderer of the re-centred mesh, kept while the same mesh comes back."""
+        if id(mesh) not in self._renderers:
+            self._renderers = {id(mesh): (mesh, make_renderer(mesh.centered(), self.device))}
+        return self._renderers[id(mesh)][1]
+
+    def _observation(self, step: int, generator: torch.Generator):
+        """-> rgb (H,W,3) uint8, depth (H,W) metres, K (3,3), mask (H,W) or None, the
+        mesh, and its true pose (4,4) with the mesh re-centred (Mesh.centered)."""
+        raise NotImplementedError
 
     def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
-        from chunkpose.ops.crops import crop_windows
-        from chunkpose.pipeline.learned import REFINER_MIN_Z, network_input
-
-        n = batch_size
-        w = torch.randn(n, 3, generator=generator)
-        w = w / w.norm(dim=1, keepdim=True) * (torch.rand(n, 1, generator=generator) * math.pi)
-        truth = torch.eye(4).repeat(n, 1, 1)
-        truth[:, :3, :3] = so3_exp(w)
-        truth[:, :3, 3] = torch.tensor([0.0, 0.0, self.distance])
-        truth[:, :2, 3] += (torch.rand(n, 2, generator=generator) - 0.5) * 0.1
-        hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * self.diameter, generator)
-        truth, hyp = truth.to(self.device), hyp.to(self.device)
-        K = self.K.to(self.device, torch.float32)
-        transforms = crop_windows(hyp, K, self.diameter, self.crop_ratio, self.size).transforms
-        rendered = self.renderer.render_crops(hyp, K, transforms, self.size)
-        observed = self.renderer.render_crops(truth, K, transforms, self.size)
-        centers = hyp[:, :3, 3]
-        A = network_input(rendered["rgb"], rendered["xyz"], centers, self.diameter, REFINER_MIN_Z)
-        B = network_input(observed["rgb"], observed["xyz"], centers, self.diameter, REFINER_MIN_Z)
-        trans, rot = update_targets(hyp, truth, self.diameter)
+        rgb, depth, K, mask, mesh, truth = self._observation(step, generator)
+        rgb, depth, K, mask = validate_inputs(rgb, depth, K, mask, require_mask=False)
+        height, width = depth.shape
+        region = CallRegion.of_box((0, 0, width, height), (height, width), mask is not None)
+        frame = prepare_frame(rgb, depth, K, mask, region, float(mesh.diameter), None, self.device)
+        truth = torch.as_tensor(truth, dtype=torch.float32).repeat(batch_size, 1, 1)
+        hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * float(mesh.diameter), generator)
+        hyp, truth = hyp.to(self.device), truth.to(self.device)
+        A, B = crop_pair(hyp, frame, self._renderer(mesh), self.crop_ratio, self.size, REFINER_MIN_Z, "refiner")
+        trans, rot = update_targets(hyp, truth, float(mesh.diameter))
         return TrainingBatch(A, B, trans, rot)
 
 
-class ScenePairs:
-    """Render-and-compare pairs from chunkpose.synth scenes: one synthetic RGB-D frame per
-    step (background, distractors, sensor noise), `batch_size` hypotheses perturbed around
-    its ground truth; the observed side is cropped from the frame and the rendered side
-    drawn at the hypothesis, prepared exactly as LearnedRefiner prepares them.
+class RenderedPairs(_FramePairs):
+    """Clean render-and-compare pairs of one mesh: the observed frame is a render of the
+    mesh alone at a random true pose (any rotation, `distance` metres away, up to 5 cm off
+    the optical axis), with its exact depth and mask.
+
+    mesh: a chunkpose Mesh, or None for the first built-in synth mesh.
+    """
+
+    def __init__(self, mesh=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
+                 rot_deg: float = 15.0, trans_frac: float = 0.05, distance: float = 0.6,
+                 K=None, width: int = 640, height: int = 480):
+        super().__init__(device, size, crop_ratio, rot_deg, trans_frac)
+        if mesh is None:
+            mesh = load_mesh(sorted(builtin_meshes().items())[0][1])
+        self.mesh, self.distance = mesh, distance
+        self.width, self.height = width, height
+        self.K = np.asarray(K if K is not None else [[600.0, 0, width / 2], [0, 600.0, height / 2], [0, 0, 1]],
+                            dtype=np.float64)
+
+    def _observation(self, step, generator):
+        w = torch.randn(1, 3, generator=generator, dtype=torch.float64)
+        w = w / w.norm() * (torch.rand(1, generator=generator, dtype=torch.float64) * math.pi)
+        truth = np.eye(4)
+        truth[:3, :3] = so3_exp(w)[0].numpy()
+        truth[:3, 3] = [0.0, 0.0, self.distance]
+        truth[:2, 3] += ((torch.rand(2, generator=generator, dtype=torch.float64) - 0.5) * 0.1).numpy()
+        out = self._renderer(self.mesh).render_full(truth, self.K, self.width, self.height)
+        rgb = (out["rgb"][0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return rgb, out["depth"][0].cpu().numpy(), self.K, out["mask"][0].cpu().numpy(), self.mesh, truth
+
+
+class ScenePairs(_FramePairs):
+    """Pairs from chunkpose.synth scenes: one synthetic RGB-D frame per step (background,
+    distractors, sensor noise) and its ground-truth object mask.
 
     mesh: a Mesh / trimesh / builtin name, or None (synth picks a builtin per scene seed).
     """
@@ -152,48 +177,18 @@ class ScenePairs:
     def __init__(self, mesh=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
                  width: int = 640, height: int = 480, rot_deg: float = 15.0, trans_frac: float = 0.05,
                  footprint=(0.05, 0.2), seed: int = 0):
-        self.mesh, self.device = mesh, torch.device(device)
-        self.size, self.crop_ratio = size, crop_ratio
-        self.width, self.height = width, height
-        self.rot_deg, self.trans_frac = rot_deg, trans_frac
+        super().__init__(device, size, crop_ratio, rot_deg, trans_frac)
+        self.mesh, self.width, self.height = mesh, width, height
         self.footprint, self.seed = footprint, seed
-        self._renderers = {}
 
-    def _renderer(self, mesh):
-        key = id(mesh)
-        if key not in self._renderers:
-            from chunkpose.ops.render import make_renderer
-
-            self._renderers = {key: (mesh, make_renderer(mesh.centered(), self.device))}
-        return self._renderers[key][1]
-
-    def __call__(self, step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
-        import numpy as np
-
-        from chunkpose.pipeline.frame import prepare_frame, validate_inputs
-        from chunkpose.pipeline.learned import REFINER_MIN_Z, crop_pair
-        from chunkpose.pipeline.roi import CallRegion
-        from chunkpose.synth import make_scene
-
+    def _observation(self, step, generator):
         lo, hi = self.footprint
         footprint = float(lo + (hi - lo) * torch.rand(1, generator=generator))
-        # Only the arguments of the spec'd signature: the scene itself is host numpy data.
         scene = make_scene(self.mesh, self.width, self.height, footprint=footprint, seed=self.seed + step)
-        mesh = scene.mesh
-        dev = self.device
         to_centre = np.eye(4)
-        to_centre[:3, 3] = np.asarray(mesh.center, dtype=np.float64)
-        truth = torch.as_tensor(scene.poses[0] @ to_centre, dtype=torch.float32).repeat(batch_size, 1, 1)
-        diameter = float(mesh.diameter)
-        hyp = perturb_poses(truth, self.rot_deg, self.trans_frac * diameter, generator)
-        # The observed side exactly as inference prepares it: validated, cleaned, uploaded.
-        rgb, depth, K, mask = validate_inputs(scene.rgb[0], scene.depth[0], scene.K, scene.masks[0], require_mask=False)
-        region = CallRegion.of_box((0, 0, self.width, self.height), (self.height, self.width), mask is not None)
-        frame = prepare_frame(rgb, depth, K, mask, region, diameter, None, dev)
-        hyp, truth = hyp.to(dev), truth.to(dev)
-        A, B = crop_pair(hyp, frame, self._renderer(mesh), self.crop_ratio, self.size, REFINER_MIN_Z, "refiner")
-        trans, rot = update_targets(hyp, truth, diameter)
-        return TrainingBatch(A, B, trans, rot)
+        to_centre[:3, 3] = np.asarray(scene.mesh.center, dtype=np.float64)
+        return (scene.rgb[0], scene.depth[0], scene.K, scene.masks[0], scene.mesh,
+                scene.poses[0] @ to_centre)
 
 
 def refine_loss(out: dict, trans_target: torch.Tensor, rot_target: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
@@ -202,12 +197,6 @@ def refine_loss(out: dict, trans_target: torch.Tensor, rot_target: torch.Tensor,
     rot_pred = torch.tanh(out["rot"].float())
     rot_goal = (rot_target / rot_normalizer).clamp(-0.999, 0.999)
     return ((out["trans"].float() - trans_target) ** 2).sum(1) + ((rot_pred - rot_goal) ** 2).sum(1)
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 class GradientAccumulator:
@@ -228,12 +217,12 @@ class GradientAccumulator:
     def op(self, A, B, trans, rot, index, *, model: RefineNet, rot_normalizer: float):
         """Engine op over a slice: forward, backward, accumulate; returns per-item loss (n,).
 
-        Under the engine's fake-tensor estimation it runs forward and backward (so their
-        memory is measured) and leaves the accumulator alone.
+        While the engine estimates the op on fake tensors it runs forward and backward (so
+        their memory is counted) and leaves the accumulator alone.
         """
         with torch.enable_grad():
             loss_items = refine_loss(model(A, B), trans, rot, rot_normalizer)
-            if _is_fake(A):
+            if tracing_fake():
                 torch.autograd.grad(loss_items.sum() / self.batch_size, self.params, allow_unused=True)
                 return loss_items.detach()
             fresh = ~self.done[index.cpu()]
@@ -253,6 +242,10 @@ class GradientAccumulator:
             raise RuntimeError(f"gradient accumulation saw {int(self.done.sum())} of {self.batch_size} items")
         for p, g in zip(self.params, self.grads):
             p.grad = g.to(p.dtype)
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list:
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
 @dataclass
@@ -275,10 +268,10 @@ def training_step(model: RefineNet, batch: TrainingBatch, engine, *, rot_normali
     if engine is None:
         losses = acc.op(*args, **kwargs)
     else:
-        # The op runs its own backward; the map itself runs without autograd so the engine
-        # does not wrap the whole op in a checkpoint (the blocks inside are checkpointed).
-        with engine.resident(*acc.grads), torch.no_grad():
-            losses = engine.map(acc.op, *args, name=name, **kwargs)
+        # The op runs its own backward, so the engine must not checkpoint it (the network's
+        # blocks inside are checkpointed).
+        with engine.resident(*acc.grads):
+            losses = engine.map(acc.op, *args, name=name, checkpoint=False, **kwargs)
     acc.write()
     return float(losses.mean()), acc.slices
 
@@ -286,26 +279,26 @@ def training_step(model: RefineNet, batch: TrainingBatch, engine, *, rot_normali
 def finetune(refiner, steps: int, budget_gb: Optional[float] = None, *, batch_size: int = 16,
              lr: float = 1e-4, pairs: Optional[PairSource] = None, device: Union[str, torch.device, None] = None,
              engine=None, checkpointing: bool = True, seed: int = 0, rot_normalizer: Optional[float] = None,
-             callback: Optional[Callable[[int, float], None]] = None) -> FinetuneResult:
+             callback: Optional[Callable[[int, float], None]] = None,
+             optimizer: Optional[Callable[[list], torch.optim.Optimizer]] = None) -> FinetuneResult:
     """Train `refiner` (a RefineNet or a LearnedRefiner) for `steps` optimiser steps.
 
-    budget_gb: peak device memory for the training (weights, Adam state and gradient
-    buffers are counted as resident); the engine picks the micro-batch. pairs: a PairSource
+    budget_gb: peak device memory for the training (weights, the optimiser's state and
+    gradient buffers are counted as resident); the engine picks the micro-batch. pairs: a PairSource
     (default ScenePairs: chunkpose.synth scenes of built-in meshes). checkpointing: gradient
-    checkpointing of the network's blocks inside each micro-batch. Returns FinetuneResult;
-    the model is left in eval mode with the trained weights.
+    checkpointing of the network's blocks inside each micro-batch. optimizer: a factory
+    params -> torch.optim.Optimizer (default Adam with `lr`). Returns FinetuneResult; the
+    model is left in eval mode with the trained weights.
     """
     model = getattr(refiner, "model", refiner)
     if not isinstance(model, RefineNet):
-        raise ValueError(f"refiner: expected a RefineNet or LearnedRefiner, got {type(refiner).__name__}")
+        raise InputError(f"refiner: expected a RefineNet or LearnedRefiner, got {type(refiner).__name__}")
     if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be positive")
+        raise InputError(f"steps, batch_size: expected positive integers, got {steps} and {batch_size}")
     if rot_normalizer is None:
         config = getattr(refiner, "config", None)
         rot_normalizer = float(config["rot_normalizer"]) if config is not None else 0.349
     if engine is None:
-        from chunkpose.engine import Engine
-
         engine = Engine(budget_gb, device=device or next(model.parameters()).device)
     device = engine.device if hasattr(engine, "device") else torch.device(device or "cpu")
     model.to(device).eval()  # frozen BatchNorm statistics, no dropout: slicing-invariant gradients
@@ -316,20 +309,19 @@ def finetune(refiner, steps: int, budget_gb: Optional[float] = None, *, batch_si
                            crop_ratio=getattr(refiner, "crop_ratio", 1.2))
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(params, lr=lr) if optimizer is None else optimizer(params)
     result = FinetuneResult()
     try:
-        for p in params:  # Adam state exists from the start so the budget sees it
-            optimizer.state[p]["step"] = torch.tensor(0.0)
-            optimizer.state[p]["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            optimizer.state[p]["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        with engine.resident(model, *state):
+        with engine.resident(model), ExitStack() as optimizer_state:
             for step in range(steps):
                 batch = pairs(step, batch_size, generator).to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss, slices = training_step(model, batch, engine, rot_normalizer=rot_normalizer)
                 optimizer.step()
+                if step == 0:
+                    # The optimiser makes its state in its first step, after that step's
+                    # transients are gone; from then on the plans count it as resident.
+                    optimizer_state.enter_context(engine.resident(*_state_tensors(optimizer)))
                 result.losses.append(loss)
                 result.micro_batches.append(slices)
                 if callback is not None:

@@ -126,3 +126,17 @@ def test_scene_pairs_from_synth_frames():
     assert (batch.B[:, 3:] != 0).float().mean() > 0.05
     assert (batch.A[:, 3:] != 0).float().mean() > 0.05
     assert float(batch.trans.abs().max()) <= 0.1 + 1e-5  # trans_frac * diameter / radius
+
+
+def test_the_optimiser_state_is_counted_against_the_budget_once_it_exists():
+    torch.manual_seed(0)
+    model = RefineNet()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    engine = Engine(2.0)
+    live = []
+    finetune(model, steps=2, batch_size=2, pairs=random_pairs(size=16), engine=engine,
+             callback=lambda step, loss: live.append(engine.meter.live_bytes()),
+             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
+    # weights + AdamW's two moments (the step's gradients are gone by then)
+    assert all(b >= 3 * param_bytes for b in live), (live, param_bytes)
+    assert engine.meter.live_bytes() < param_bytes  # all released after training

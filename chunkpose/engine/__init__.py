@@ -9,7 +9,7 @@ from .budget import GIB, Budget, BudgetTooSmall
 from .executor import Engine
 from .fallback import choose_downscale
 from .meter import HardCapExceeded, Meter, Span
-from .planner import CostModel, Planner
+from .planner import CostModel, Planner, tracing_fake
 from .report import RunReport, StageReport
 
 __all__ = [
@@ -25,4 +25,5 @@ __all__ = [
     "Span",
     "StageReport",
     "choose_downscale",
+    "tracing_fake",
 ]
