@@ -1,6 +1,6 @@
 """A small engine demonstration: depth -> xyz of a 2048x3072 map under a 0.125 GiB budget.
 
-    python -m chunkpose.engine_demo [--budget-gb 0.125] [--device cpu|cuda] [--json]
+    python benchmarks/engine_demo.py [--budget-gb 0.125] [--device cpu|cuda] [--json]
 
 The depth map (24 MiB) and the xyz output (72 MiB) alone take 96 MiB of the 128 MiB; a plain
 torch version also holds full-size x and y temporaries and peaks near 144 MiB. The engine runs

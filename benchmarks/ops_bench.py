@@ -5,7 +5,7 @@ Two jobs at 3072x2048 (the motivating resolution):
      the torch path does the same with torch ops; "naive" builds pixel grids and a points
      tensor the way a straightforward (upstream-style) implementation does.
   2. crop preparation for B hypotheses (scorer semantics): rgb crops (bilinear) and observed
-     xyz crops, with only the ROI copied to the device (chunkpose.ops.warp.observed_crops),
+     xyz crops, with only the ROI copied to the device and cleaned (chunkpose.pipeline.frame.prepare_frame),
      vs upstream's data flow (full frame on the device, per-hypothesis full-resolution depth /
      xyz buffers), which cannot run at B=252 (about 37 GiB): it is timed at a small B and
      reported per hypothesis, and its B=252 peak is computed from the tensor shapes.
@@ -32,6 +32,8 @@ import common  # noqa: E402
 import chunkpose.ops as ops  # noqa: E402
 from chunkpose.ops import _ext  # noqa: E402
 from chunkpose.ops.naive import naive_scorer_peak_bytes, naive_scorer_xyz_crops  # noqa: E402
+from chunkpose.pipeline.frame import prepare_frame  # noqa: E402
+from chunkpose.pipeline.roi import CLEANUP, CallRegion  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -140,6 +142,15 @@ def naive_erode_unfold(depth, radius=2, diff=0.001, ratio=0.8, zfar=100.0):
     return torch.where(keep, c[0], torch.zeros((), device=depth.device)).reshape(H, W)
 
 
+def roi_crop_preparation(rgb, depth, K, windows, device):
+    """chunkpose's scorer data flow: the windows' ROI (plus the clean-up's halo) uploaded and
+    cleaned (prepare_frame), then rgb and xyz crops read from it."""
+    region = CallRegion.of_box(windows.roi, depth.shape, has_mask=False)
+    frame = prepare_frame(rgb, depth, K, None, region, 0.2, None, device)
+    transforms = windows.transforms.to(device)
+    return frame.rgb_crops(transforms, windows.size), frame.xyz_crops(transforms, windows.size, "scorer")
+
+
 def naive_crop_preparation(rgb, depth, K, T, size):
     """Upstream's scorer data flow: the full frame on the device, rgb crops from it, xyz crops
     through per-hypothesis full-resolution depth and point maps (chunkpose.ops.naive)."""
@@ -219,14 +230,16 @@ def main(argv=None):
     roi = cw.roi
     ref = None
     for path in paths:
-        sec, peak, res = timed(with_path(path, lambda: ops.warp.observed_crops(rgb, depth_np, K, cw, "scorer", device=dev)),
+        sec, peak, res = timed(with_path(path, lambda: roi_crop_preparation(rgb, depth_np, K, cw, dev)),
                                dev, repeats)
         ref = res if ref is None else ref
         results["crops"][path] = {"seconds": sec, "seconds_per_hypothesis": sec / B, "peak_bytes": peak,
                                   "xyz_equal_to_first": bool(torch.equal(res[1], ref[1])),
                                   "rgb_max_abs_diff": float((res[0] - ref[0]).abs().max())}
     Tn = cw.transforms[:B_naive]
-    sec, peak, res = timed(lambda: naive_crop_preparation(rgb, depth_np, K, Tn, size), dev, repeats)
+    # upstream cleans the whole frame first (not timed here): its crops read the cleaned depth
+    cleaned_np = CLEANUP.dense(torch.from_numpy(depth_np)).numpy()
+    sec, peak, res = timed(lambda: naive_crop_preparation(rgb, cleaned_np, K, Tn, size), dev, repeats)
     xyz_equal = bool(torch.equal(res[1], ref[1][:B_naive]))
     results["crops"]["naive"] = {"seconds": sec, "seconds_per_hypothesis": sec / B_naive, "measured_hypotheses": B_naive,
                                  "peak_bytes": peak, "peak_bytes_per_hypothesis": peak / B_naive,
@@ -236,7 +249,7 @@ def main(argv=None):
     base = results["crops"]["naive"]["seconds_per_hypothesis"]
     for name in paths + ["naive"]:
         r = results["crops"][name]
-        note = f"ROI {roi[2] - roi[0]}x{roi[3] - roi[1]} copied" if name != "naive" else \
+        note = f"ROI {roi[2] - roi[0]}x{roi[3] - roi[1]} copied and cleaned" if name != "naive" else \
             f"measured at B={B_naive}; B={B} needs {r['computed_peak_bytes_at_B'] / 2**30:.1f} GiB (shapes)"
         rows.append([f"crop prep B={B}", name, f"{H}x{W}", r["seconds_per_hypothesis"] * 1e3,
                      base / r["seconds_per_hypothesis"], r["peak_bytes"] / 2**20, note])

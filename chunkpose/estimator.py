@@ -49,10 +49,18 @@ KEPT_CANDIDATES = 8
 
 @dataclass
 class PoseResult:
-    """pose (4,4) float64 object-in-camera in the original mesh frame (metres); score float
-    (NaN when tracking, which does not score); report: the engine's RunReport of the call;
-    candidates (k,4,4) and candidate_scores (k,): a registration's best-scored hypotheses,
-    best first (what --debug draws with PoseEstimator.inspect_crops), empty when tracking."""
+    """The result of one PoseEstimator.register or track call.
+
+    Attributes:
+        pose: (4,4) float64 object-in-camera pose in the original mesh frame, translation in metres.
+        score: float, the best hypothesis's score (higher is better); NaN when tracking, which does
+            not score.
+        report: the engine's RunReport of the call (per-stage chunks, peaks, any downscale).
+        candidates: (k,4,4) float64 poses (original mesh frame, metres), k <= KEPT_CANDIDATES: a
+            registration's best-scored hypotheses, best first (what --debug draws with
+            PoseEstimator.inspect_crops); (0,4,4) when tracking.
+        candidate_scores: (k,) float64 scores of ``candidates``, same order; (0,) when tracking.
+    """
 
     pose: np.ndarray
     score: float
@@ -79,20 +87,40 @@ def _modules_of(stage) -> list:
 class PoseEstimator:
     """Model-based 6D pose estimation of one object.
 
-    mesh: path, trimesh.Trimesh or chunkpose Mesh (metres). budget_gb: peak device memory
-    in GiB for each call (None = unbounded). device: "cuda" when available, else "cpu".
-    weights: None -> the weight-free geometric refiner/scorer; a FoundationPose weights
-    folder -> the learned pair. refine_iterations (registration), track_iterations
-    (tracking). renderer: a chunkpose renderer (default: make_renderer for the device).
-    hypotheses: number of rotation hypotheses at registration (252 = FoundationPose).
-    symmetry_tfs: optional (S,4,4) object-frame symmetry transforms of the mesh (e.g. from
-    BOP's models_info.json); hypotheses that coincide modulo a symmetry (within 30 degrees)
-    are clustered away, as upstream does, so fewer than `hypotheses` may run.
+    Construct it once per object (see ``__init__`` for the arguments), call ``register`` on the
+    first frame (with a mask), then ``track`` on the following frames. Every call runs under
+    ``budget_gb`` of device memory.
     """
 
     def __init__(self, mesh, budget_gb: Optional[float] = 4.0, device=None, weights=None,
                  refine_iterations: int = 5, track_iterations: int = 2, renderer=None,
                  hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None):
+        """Load the mesh, the refiner/scorer pair and the rotation hypotheses.
+
+        Args:
+            mesh: path (OBJ/PLY/STL/GLB/...), ``trimesh.Trimesh`` or chunkpose Mesh, in metres (a path
+                or trimesh goes through chunkpose.io.mesh.load_mesh).
+            budget_gb: peak device memory in GiB (2**30 bytes) for each call; None = unbounded.
+            device: "cpu", "cuda", "cuda:N" or a torch.device; None = "cuda" when available, else "cpu".
+            weights: None -> the weight-free geometric refiner/scorer; a FoundationPose weights folder
+                (str or Path) -> the learned pair (chunkpose.pipeline.learned.load_learned).
+            refine_iterations: int >= 0, refinement iterations at registration.
+            track_iterations: int >= 0, refinement iterations per tracked frame.
+            renderer: a chunkpose renderer of the re-centred mesh; None = make_renderer for ``device``.
+            hypotheses: int >= 1, number of rotation hypotheses at registration (252 = FoundationPose).
+            refiner: a chunkpose.pipeline.base.Refiner to use instead of the one ``weights`` selects.
+            scorer: a chunkpose.pipeline.base.Scorer to use instead of the one ``weights`` selects.
+            symmetry_tfs: optional (S,4,4) object-frame symmetry transforms of the mesh (e.g. from BOP's
+                models_info.json, translations in metres); hypotheses that coincide modulo a symmetry
+                (within 30 degrees) are clustered away, as upstream does, so fewer than ``hypotheses``
+                may run.
+
+        Raises:
+            InputError: an iteration count or ``hypotheses`` is not a valid integer, the mesh cannot be
+                loaded or is not in metres, or (CheckpointError) ``weights`` is not a usable weights
+                folder.
+            ValueError: ``budget_gb`` is not a positive number or None, or ``device`` is unusable.
+        """
         for name, value in (("refine_iterations", refine_iterations), ("track_iterations", track_iterations),
                             ("hypotheses", hypotheses)):
             if int(value) != value or value < (1 if name == "hypotheses" else 0):
@@ -144,12 +172,23 @@ class PoseEstimator:
     def register(self, rgb, depth, K, mask) -> PoseResult:
         """Pose of the object in one frame from scratch.
 
+        The pose is also kept as the starting point of track().
+
         Args:
-            rgb: (H,W,3) uint8. depth: (H,W) float32 metres (0 = missing). K: (3,3).
-            mask: (H,W) bool of the object.
+            rgb: (H,W,3) uint8 colour image (numpy array or tensor).
+            depth: (H,W) float depth in metres, 0 (or NaN/inf) = missing.
+            K: (3,3) camera intrinsics in pixels.
+            mask: (H,W) bool (or numeric, non-zero = object) mask of the object; at least
+                MIN_MASK_DEPTH_PIXELS of its pixels need valid depth.
 
         Returns:
-            PoseResult; the pose is also kept for track().
+            PoseResult: pose (4,4) float64 in the original mesh frame, its score, the call's report and
+            the best-scored candidates.
+
+        Raises:
+            InputError: an input has the wrong shape, dtype or units, the mask is empty, or too few mask
+                pixels have valid depth.
+            BudgetTooSmall: not even the smallest downscaled plan fits ``budget_gb``.
         """
         rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=True)
         measured = int(np.count_nonzero(depth[mask] >= MIN_DEPTH))
@@ -189,11 +228,20 @@ class PoseEstimator:
     def track(self, rgb, depth, K) -> PoseResult:
         """Pose in the next frame, refined from the last one (track_iterations, no scoring).
 
+        Call register() first.
+
         Args:
-            rgb: (H,W,3) uint8. depth: (H,W) float32 metres. K: (3,3). Call register() first.
+            rgb: (H,W,3) uint8 colour image.
+            depth: (H,W) float depth in metres, 0 (or NaN/inf) = missing.
+            K: (3,3) camera intrinsics in pixels.
 
         Returns:
-            PoseResult with score NaN.
+            PoseResult with pose (4,4) float64 (original mesh frame), score NaN and empty candidates.
+
+        Raises:
+            RuntimeError: there is no pose to start from (register() was not called, or reset()).
+            InputError: an input has the wrong shape, dtype or units.
+            BudgetTooSmall: not even the smallest downscaled plan fits ``budget_gb``.
         """
         if self._last_pose is None:
             raise RuntimeError("track: no pose to start from; call register(rgb, depth, K, mask) first")
@@ -217,19 +265,53 @@ class PoseEstimator:
         return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report)
 
     def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
-        """The smallest budget_gb (GiB) under which this frame runs at `scale` x its
-        resolution without being downscaled further: register when a mask is given, track
-        (from the last pose) without one. The same estimate register/track use to decide
-        on downscaling (chunkpose.pipeline.sizing). Arguments as register (mask None: as track)."""
+        """The smallest budget_gb (GiB) under which this frame runs at `scale` x its resolution
+        without being downscaled further.
+
+        Register when a mask is given, track (from the last pose) without one. The same estimate
+        register/track use to decide on downscaling (chunkpose.pipeline.sizing); it calibrates the
+        stages' cost models first if they are not yet.
+
+        Args:
+            rgb: (H,W,3) uint8 colour image.
+            depth: (H,W) float depth in metres.
+            K: (3,3) camera intrinsics in pixels.
+            mask: (H,W) bool object mask for a register estimate; None estimates a track call.
+            scale: resolution factor in (0, 1] the frame would run at (1.0 = full resolution).
+
+        Returns:
+            float: the budget in GiB (margins included).
+
+        Raises:
+            InputError: an input has the wrong shape, dtype or units.
+            RuntimeError: ``mask`` is None but there is no pose to track from yet.
+        """
         geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
         self._calibrate(geometry, rgb, depth, mask)
         need = self._sizing(geometry.mode).minimum_bytes(geometry, float(scale))
         return Budget.from_gb(1.0, self.device).budget_for_usable(need) / GIB
 
     def estimate_peak_bytes(self, rgb, depth, K, mask=None) -> int:
-        """The peak device bytes (torch and outside it) a register (mask given) or track
-        call on this frame is predicted to reach under this estimator's budget: the what-if
-        the real call can be checked against (report.total_peak_bytes)."""
+        """The peak device bytes (torch and outside it) a register (mask given) or track call on this
+        frame is predicted to reach under this estimator's budget.
+
+        The what-if the real call can be checked against (report.total_peak_bytes), at the scale the
+        call would choose.
+
+        Args:
+            rgb: (H,W,3) uint8 colour image.
+            depth: (H,W) float depth in metres.
+            K: (3,3) camera intrinsics in pixels.
+            mask: (H,W) bool object mask for a register estimate; None estimates a track call.
+
+        Returns:
+            int: predicted peak in bytes.
+
+        Raises:
+            InputError: an input has the wrong shape, dtype or units.
+            RuntimeError: ``mask`` is None but there is no pose to track from yet.
+            BudgetTooSmall: the call would not fit the budget even downscaled.
+        """
         geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
         self._calibrate(geometry, rgb, depth, mask)
         sizing = self._sizing(geometry.mode)
@@ -237,17 +319,26 @@ class PoseEstimator:
         return sizing.peak_bytes(geometry, factor, usable=self.engine.budget.usable_bytes)
 
     def inspect_crops(self, rgb, depth, K, poses, mask=None) -> dict:
-        """What the refiner compares for each of ``poses``: its crop of the render beside
-        the same crop of the observation (for debugging a bad pose).
+        """What the refiner compares for each of ``poses``: its crop of the render beside the same crop
+        of the observation (for debugging a bad pose).
+
+        Runs outside the engine (no budget), on the CPU except for the render.
 
         Args:
-            rgb, depth, K, mask: a frame, as register takes it (mask optional).
-            poses: (k,4,4) object-in-camera poses in the original mesh frame, e.g. a
+            rgb: (H,W,3) uint8 colour image, as register takes it.
+            depth: (H,W) float depth in metres.
+            K: (3,3) camera intrinsics in pixels.
+            poses: (k,4,4) object-in-camera poses in the original mesh frame (metres), e.g. a
                 registration's result.candidates.
+            mask: optional (H,W) bool object mask.
 
         Returns:
-            dict of (k,3,s,s) float32 in 0..1: "rendered" and "observed" colour, and
-            "rendered_depth" and "observed_depth" scaled to the pose's depth +- a diameter.
+            dict of (k,3,s,s) float32 CPU tensors in 0..1 (s = the refiner's crop_size): "rendered" and
+            "observed" colour, and "rendered_depth" and "observed_depth" scaled to the pose's depth +- a
+            diameter (0 where there is no depth).
+
+        Raises:
+            InputError: an input has the wrong shape, dtype or units.
         """
         rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=False)
         centred = torch.as_tensor(np.asarray(poses, np.float64) @ np.linalg.inv(self._offset), dtype=torch.float32)

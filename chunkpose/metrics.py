@@ -31,7 +31,15 @@ def _as_points(points) -> np.ndarray:
 
 
 def transform_points(pose, points) -> np.ndarray:
-    """points (N,3) mapped by pose (4,4) -> (N,3)."""
+    """points (N,3) mapped by pose (4,4) -> (N,3).
+
+    Args:
+        points: (N,3) numpy array.
+        pose: (4,4) array-like.
+
+    Returns:
+        (N,3) float64 R points + t.
+    """
     pose = np.asarray(pose, dtype=np.float64)
     return points @ pose[:3, :3].T + pose[:3, 3]
 
@@ -39,7 +47,16 @@ def transform_points(pose, points) -> np.ndarray:
 def add_error(pose_est, pose_gt, points) -> float:
     """ADD: mean over model points x of ||(R x + t) - (Rgt x + tgt)|| (metres).
 
-    pose_est, pose_gt (4,4); points (N,3) model points in the model frame.
+    Args:
+        pose_est: (4,4) estimated model-in-camera pose, metres.
+        pose_gt: (4,4) true pose, metres.
+        points: (N,3) model points in the model frame, metres, N >= 1.
+
+    Returns:
+        float metres.
+
+    Raises:
+        ValueError: a pose is not (4,4) or points is not a non-empty (N,3).
     """
     points = _as_points(points)
     est = transform_points(_as_pose(pose_est, "pose_est"), points)
@@ -50,7 +67,16 @@ def add_error(pose_est, pose_gt, points) -> float:
 def adds_error(pose_est, pose_gt, points) -> float:
     """ADD-S: mean over x of the distance from Rgt x + tgt to the nearest estimate-posed point.
 
-    pose_est, pose_gt (4,4); points (N,3) model points in the model frame.
+    Args:
+        pose_est: (4,4) estimated model-in-camera pose, metres.
+        pose_gt: (4,4) true pose, metres.
+        points: (N,3) model points in the model frame, metres, N >= 1.
+
+    Returns:
+        float metres.
+
+    Raises:
+        ValueError: a pose is not (4,4) or points is not a non-empty (N,3).
     """
     points = _as_points(points)
     est = transform_points(_as_pose(pose_est, "pose_est"), points)
@@ -60,22 +86,57 @@ def adds_error(pose_est, pose_gt, points) -> float:
 
 
 def rotation_error_deg(pose_est, pose_gt) -> float:
-    """Angle of R_est R_gt^T in degrees."""
+    """Angle of R_est R_gt^T in degrees.
+
+    Args:
+        pose_est: (4,4) estimated model-in-camera pose, metres.
+        pose_gt: (4,4) true pose, metres.
+
+    Returns:
+        float degrees in [0, 180].
+
+    Raises:
+        ValueError: a pose is not (4,4).
+    """
     r = _as_pose(pose_est, "pose_est")[:3, :3] @ _as_pose(pose_gt, "pose_gt")[:3, :3].T
     cos = np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0)
     return float(np.degrees(np.arccos(cos)))
 
 
 def translation_error(pose_est, pose_gt) -> float:
-    """||t_est - t_gt|| in metres."""
+    """||t_est - t_gt|| in metres.
+
+    Args:
+        pose_est: (4,4) estimated model-in-camera pose, metres.
+        pose_gt: (4,4) true pose, metres.
+
+    Returns:
+        float metres.
+
+    Raises:
+        ValueError: a pose is not (4,4).
+    """
     return float(np.linalg.norm(_as_pose(pose_est, "pose_est")[:3, 3] - _as_pose(pose_gt, "pose_gt")[:3, 3]))
 
 
 def pose_errors(pose_est, pose_gt, points, max_points: int | None = 20000, seed: int = 0) -> dict:
     """ADD, ADD-S (metres), rotation (deg) and translation (m) errors of one estimate.
 
-    Meshes with more than ``max_points`` vertices are subsampled (fixed seed) so that the
-    k-d tree stays cheap; the metrics are means, so a uniform subsample changes them little.
+    Meshes with more than ``max_points`` vertices are subsampled (fixed seed) so that the k-d
+    tree stays cheap; the metrics are means, so a uniform subsample changes them little.
+
+    Args:
+        pose_est: (4,4) estimated model-in-camera pose, metres.
+        pose_gt: (4,4) true pose, metres.
+        points: (N,3) model points in the model frame, metres.
+        max_points: subsample size for ADD / ADD-S (default 20000); None = all points.
+        seed: seed of the subsample (default 0).
+
+    Returns:
+        dict of floats: "add", "add_s" (metres), "rot_deg" (degrees), "trans_m" (metres).
+
+    Raises:
+        ValueError: a pose is not (4,4) or points is not a non-empty (N,3).
     """
     points = _as_points(points)
     if max_points is not None and len(points) > max_points:
@@ -90,7 +151,21 @@ def pose_errors(pose_est, pose_gt, points, max_points: int | None = 20000, seed:
 
 
 def recall_curve(errors, max_threshold: float = AUC_MAX_THRESHOLD, step: float = AUC_STEP):
-    """Thresholds 0, step, ..., max_threshold and the fraction of errors <= each."""
+    """Thresholds 0, step, ..., max_threshold and the fraction of errors <= each.
+
+    Non-finite errors (failed estimates) count as misses.
+
+    Args:
+        errors: (N,) pose errors in metres (any shape; flattened).
+        max_threshold: largest threshold in metres (default 0.1).
+        step: threshold step in metres (default 0.001).
+
+    Returns:
+        (thresholds, recall): two (T,) float64 arrays, T = round(max_threshold / step) + 1.
+
+    Raises:
+        ValueError: ``errors`` is empty.
+    """
     errors = np.asarray(errors, dtype=np.float64).reshape(-1)
     if errors.size == 0:
         raise ValueError("errors is empty: the AUC needs at least one pose error")
@@ -102,14 +177,40 @@ def recall_curve(errors, max_threshold: float = AUC_MAX_THRESHOLD, step: float =
 
 
 def auc(errors, max_threshold: float = AUC_MAX_THRESHOLD, step: float = AUC_STEP) -> float:
-    """Area under recall(threshold) over [0, max_threshold] / max_threshold, in [0, 1]."""
+    """Area under recall(threshold) over [0, max_threshold] / max_threshold, in [0, 1].
+
+    Trapezoid rule over recall_curve.
+
+    Args:
+        errors: (N,) pose errors in metres.
+        max_threshold: largest threshold in metres (default 0.1).
+        step: threshold step in metres (default 0.001).
+
+    Returns:
+        float in [0, 1].
+
+    Raises:
+        ValueError: ``errors`` is empty.
+    """
     thresholds, recall = recall_curve(errors, max_threshold, step)
     area = np.sum((recall[1:] + recall[:-1]) * 0.5 * np.diff(thresholds))
     return float(area / max_threshold)
 
 
 def recall_at_diameter(errors, diameters, fraction: float = 0.1) -> float:
-    """Fraction of errors strictly below ``fraction`` x diameter (one diameter or one per error)."""
+    """Fraction of errors strictly below ``fraction`` x diameter (one diameter or one per error).
+
+    Args:
+        errors: (N,) pose errors in metres (non-finite = miss).
+        diameters: one diameter or (N,) diameters, metres.
+        fraction: of the diameter (default 0.1).
+
+    Returns:
+        float in [0, 1].
+
+    Raises:
+        ValueError: ``errors`` is empty.
+    """
     errors = np.asarray(errors, dtype=np.float64).reshape(-1)
     if errors.size == 0:
         raise ValueError("errors is empty: recall needs at least one pose error")
@@ -119,7 +220,20 @@ def recall_at_diameter(errors, diameters, fraction: float = 0.1) -> float:
 
 
 def summarize(errors_add, errors_adds, diameters=None) -> dict:
-    """AUC of ADD and ADD-S and, with diameters, recall at 0.1 diameter."""
+    """AUC of ADD and ADD-S and, with diameters, recall at 0.1 diameter.
+
+    Args:
+        errors_add: (N,) ADD errors in metres.
+        errors_adds: (N,) ADD-S errors in metres.
+        diameters: optional diameter or (N,) diameters in metres.
+
+    Returns:
+        dict: "add_auc", "adds_auc", "count" and, with diameters, "add_recall_0.1d" and
+        "adds_recall_0.1d".
+
+    Raises:
+        ValueError: no errors are given.
+    """
     out = {"add_auc": auc(errors_add), "adds_auc": auc(errors_adds), "count": int(np.size(errors_add))}
     if diameters is not None:
         out["add_recall_0.1d"] = recall_at_diameter(errors_add, diameters)

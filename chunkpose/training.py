@@ -44,9 +44,15 @@ from chunkpose.synth import make_scene
 
 @dataclass
 class TrainingBatch:
-    """A (N,6,s,s) rendered side, B (N,6,s,s) observed side, and the ideal network outputs:
-    trans (N,3) (translation step in units of the radius) and rot (N,3) (the axis-angle w
-    with so3_exp(w)^T @ R_hypothesis = R_truth, in radians)."""
+    """One batch of refiner training pairs and their targets.
+
+    Attributes:
+        A: (N,6,s,s) float32 rendered side (rgb 0..1, then normalised xyz).
+        B: (N,6,s,s) float32 observed side.
+        trans: (N,3) ideal translation step in units of the radius.
+        rot: (N,3) ideal rotation output: the axis-angle w with so3_exp(w)^T @ R_hypothesis =
+            R_truth, in radians.
+    """
 
     A: torch.Tensor
     B: torch.Tensor
@@ -57,6 +63,14 @@ class TrainingBatch:
         return self.A.shape[0]
 
     def to(self, device) -> "TrainingBatch":
+        """The same batch with every tensor moved to ``device``.
+
+        Args:
+            device: target device.
+
+        Returns:
+            TrainingBatch.
+        """
         return TrainingBatch(self.A.to(device), self.B.to(device), self.trans.to(device), self.rot.to(device))
 
 
@@ -64,7 +78,17 @@ PairSource = Callable[[int, int, torch.Generator], TrainingBatch]
 
 
 def random_pairs(size: int = 160, rot_normalizer: float = 0.349, c_in: int = 6) -> PairSource:
-    """A PairSource of random inputs and targets (no renderer needed): for tests and smoke runs."""
+    """A PairSource of random inputs and targets (no renderer needed): for tests and smoke runs.
+
+    Args:
+        size: crop side s in pixels (default 160).
+        rot_normalizer: rot targets are uniform in +-rot_normalizer/2 radians (default 0.349).
+        c_in: channels per side (default 6).
+
+    Returns:
+        PairSource: ``(step, batch_size, generator) -> TrainingBatch`` of A, B uniform in [0, 1)
+        (batch_size, c_in, s, s), trans uniform in +-0.1 (batch_size, 3) and rot (batch_size, 3).
+    """
 
     def make(step: int, batch_size: int, generator: torch.Generator) -> TrainingBatch:
         A = torch.rand(batch_size, c_in, size, size, generator=generator)
@@ -78,7 +102,17 @@ def random_pairs(size: int = 160, rot_normalizer: float = 0.349, c_in: int = 6) 
 
 def perturb_poses(poses: torch.Tensor, rot_deg: float, trans_m: float, generator: torch.Generator) -> torch.Tensor:
     """Random hypotheses around poses (N,4,4): rotation by up to rot_deg about a random axis
-    (camera frame), translation offset of up to trans_m per axis."""
+    (camera frame), translation offset of up to trans_m per axis.
+
+    Args:
+        poses: (N,4,4) object-in-camera poses, metres.
+        rot_deg: largest rotation in degrees.
+        trans_m: largest offset per axis in metres.
+        generator: torch.Generator (CPU) the draws come from.
+
+    Returns:
+        (N,4,4) new poses, poses' dtype and device.
+    """
     n = poses.shape[0]
     axis = torch.randn(n, 3, generator=generator)
     axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -91,9 +125,19 @@ def perturb_poses(poses: torch.Tensor, rot_deg: float, trans_m: float, generator
 
 
 def update_targets(hypotheses: torch.Tensor, truth: torch.Tensor, diameter: float):
-    """The network outputs that move hypotheses (N,4,4) exactly onto truth (N,4,4):
-    trans (N,3) = (t_truth - t_hyp) / (diameter/2); rot (N,3) = w with
-    so3_exp(w)^T @ R_hyp = R_truth, i.e. w = log(R_hyp @ R_truth^T)."""
+    """The network outputs that move hypotheses (N,4,4) exactly onto truth (N,4,4).
+
+    trans = (t_truth - t_hyp) / (diameter/2); rot = w with so3_exp(w)^T @ R_hyp = R_truth,
+    i.e. w = log(R_hyp @ R_truth^T).
+
+    Args:
+        hypotheses: (N,4,4) poses, metres.
+        truth: (N,4,4) true poses, metres.
+        diameter: object diameter in metres.
+
+    Returns:
+        (trans, rot): (N,3) in radius units and (N,3) axis-angle in radians.
+    """
     trans = (truth[:, :3, 3] - hypotheses[:, :3, 3]) / (diameter / 2.0)
     rot = so3_log(hypotheses[:, :3, :3] @ truth[:, :3, :3].transpose(1, 2))
     return trans, rot
@@ -137,11 +181,23 @@ class _FramePairs:
 
 
 class RenderedPairs(_FramePairs):
-    """Clean render-and-compare pairs of one mesh: the observed frame is a render of the
-    mesh alone at a random true pose (any rotation, `distance` metres away, up to 5 cm off
-    the optical axis), with its exact depth and mask.
+    """Clean render-and-compare pairs of one mesh: the observed frame is a render of the mesh
+    alone at a random true pose (any rotation, ``distance`` metres away, up to 5 cm off the
+    optical axis), with its exact depth and mask.
 
-    mesh: a chunkpose Mesh, or None for the first built-in synth mesh.
+    A PairSource: ``pairs(step, batch_size, generator) -> TrainingBatch``.
+
+    Args:
+        mesh: a chunkpose Mesh, or None for the first built-in synth mesh.
+        device: where frames, crops and renders go (default "cpu").
+        size: crop side in pixels (the refiner's crop_size, default 160).
+        crop_ratio: crop side as a multiple of the diameter (default 1.2).
+        rot_deg: hypotheses are rotated by up to this many degrees from the truth (default 15).
+        trans_frac: and shifted by up to this fraction of the diameter per axis (default 0.05).
+        distance: camera-to-object distance in metres (default 0.6).
+        K: (3,3) intrinsics in pixels; None = fx = fy = 600 with the principal point centred.
+        width: frame width in pixels (default 640).
+        height: frame height in pixels (default 480).
     """
 
     def __init__(self, mesh=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
@@ -171,7 +227,21 @@ class ScenePairs(_FramePairs):
     """Pairs from chunkpose.synth scenes: one synthetic RGB-D frame per step (background,
     distractors, sensor noise) and its ground-truth object mask.
 
-    mesh: a Mesh / trimesh / builtin name, or None (synth picks a builtin per scene seed).
+    A PairSource: ``pairs(step, batch_size, generator) -> TrainingBatch``; step k uses scene
+    seed ``seed + k``.
+
+    Args:
+        mesh: a Mesh / trimesh / builtin name, or None (synth picks a builtin per scene seed).
+        device: where frames, crops and renders go (default "cpu").
+        size: crop side in pixels (the refiner's crop_size, default 160).
+        crop_ratio: crop side as a multiple of the diameter (default 1.2).
+        width: frame width in pixels (default 640).
+        height: frame height in pixels (default 480).
+        rot_deg: hypotheses are rotated by up to this many degrees from the truth (default 15).
+        trans_frac: and shifted by up to this fraction of the diameter per axis (default 0.05).
+        footprint: (lo, hi) range the scene's object footprint (fraction of the image) is drawn
+            from (default (0.05, 0.2)).
+        seed: the first scene's seed (default 0).
     """
 
     def __init__(self, mesh=None, device="cpu", size: int = 160, crop_ratio: float = 1.2,
@@ -192,8 +262,18 @@ class ScenePairs(_FramePairs):
 
 
 def refine_loss(out: dict, trans_target: torch.Tensor, rot_target: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
-    """Per-item loss (N,): squared error of the translation step (radius units) plus that of
-    the rotation step tanh(rot)*rot_normalizer against the target, in rot_normalizer units."""
+    """Per-item loss (N,): squared error of the translation step (radius units) plus that of the
+    rotation step tanh(rot)*rot_normalizer against the target, in rot_normalizer units.
+
+    Args:
+        out: RefineNet output dict with "trans" (N,3) and "rot" (N,3).
+        trans_target: (N,3) translation targets in radius units.
+        rot_target: (N,3) axis-angle targets in radians.
+        rot_normalizer: the config's rot_normalizer, radians.
+
+    Returns:
+        (N,) float32 losses.
+    """
     rot_pred = torch.tanh(out["rot"].float())
     rot_goal = (rot_target / rot_normalizer).clamp(-0.999, 0.999)
     return ((out["trans"].float() - trans_target) ** 2).sum(1) + ((rot_pred - rot_goal) ** 2).sum(1)
@@ -202,9 +282,13 @@ def refine_loss(out: dict, trans_target: torch.Tensor, rot_target: torch.Tensor,
 class GradientAccumulator:
     """Sums slice gradients into fp32 buffers, each batch item exactly once.
 
-    The engine may run an item twice (a probing slice, a retry after running out of
-    memory); items already accumulated are masked out of the loss of later slices, and a
-    slice's gradient is added only after its backward has completed.
+    The engine may run an item twice (a probing slice, a retry after running out of memory);
+    items already accumulated are masked out of the loss of later slices, and a slice's
+    gradient is added only after its backward has completed.
+
+    Args:
+        params: the parameters that receive gradients.
+        batch_size: number of items N of the batch.
     """
 
     def __init__(self, params: List[nn.Parameter], batch_size: int):
@@ -217,8 +301,20 @@ class GradientAccumulator:
     def op(self, A, B, trans, rot, index, *, model: RefineNet, rot_normalizer: float):
         """Engine op over a slice: forward, backward, accumulate; returns per-item loss (n,).
 
-        While the engine estimates the op on fake tensors it runs forward and backward (so
-        their memory is counted) and leaves the accumulator alone.
+        While the engine estimates the op on fake tensors it runs forward and backward (so their
+        memory is counted) and leaves the accumulator alone.
+
+        Args:
+            A: (n,6,s,s) rendered side of the slice.
+            B: (n,6,s,s) observed side.
+            trans: (n,3) translation targets.
+            rot: (n,3) rotation targets.
+            index: (n,) int64 batch indices of the slice's items.
+            model: the RefineNet.
+            rot_normalizer: radians, see refine_loss.
+
+        Returns:
+            (n,) float32 detached losses.
         """
         with torch.enable_grad():
             loss_items = refine_loss(model(A, B), trans, rot, rot_normalizer)
@@ -238,6 +334,11 @@ class GradientAccumulator:
         return loss_items.detach()
 
     def write(self) -> None:
+        """Put the accumulated gradients into the parameters' ``.grad`` (in their dtypes).
+
+        Raises:
+            RuntimeError: not every batch item was accumulated.
+        """
         if not bool(self.done.all()):
             raise RuntimeError(f"gradient accumulation saw {int(self.done.sum())} of {self.batch_size} items")
         for p, g in zip(self.params, self.grads):
@@ -250,7 +351,13 @@ def _state_tensors(optimizer: torch.optim.Optimizer) -> list:
 
 @dataclass
 class FinetuneResult:
-    """losses: mean loss per step; micro_batches: the slice sizes the engine used per step."""
+    """What finetune did.
+
+    Attributes:
+        losses: mean loss per step.
+        micro_batches: the slice sizes the engine used per step.
+        report: the engine's RunReport (or None).
+    """
 
     losses: List[float] = field(default_factory=list)
     micro_batches: List[List[int]] = field(default_factory=list)
@@ -259,7 +366,24 @@ class FinetuneResult:
 
 def training_step(model: RefineNet, batch: TrainingBatch, engine, *, rot_normalizer: float = 0.349,
                   name: str = "finetune.step") -> tuple:
-    """Gradient of one batch into the parameters' .grad (through engine.map): (mean loss, slice sizes)."""
+    """Gradient of one batch into the parameters' .grad (through engine.map).
+
+    The op runs its own backward, so the engine does not checkpoint it (the network's blocks
+    inside are).
+
+    Args:
+        model: the RefineNet.
+        batch: the TrainingBatch on the model's device.
+        engine: an Engine (the micro-batches are its chunks, stage ``name``), or None (one slice).
+        rot_normalizer: radians, see refine_loss (default 0.349).
+        name: the engine stage name (default "finetune.step").
+
+    Returns:
+        (mean loss as float, list of slice sizes).
+
+    Raises:
+        BudgetTooSmall: not even one item fits the engine's budget.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     acc = GradientAccumulator(params, len(batch))
     index = torch.arange(len(batch), device=batch.A.device)
@@ -281,14 +405,36 @@ def finetune(refiner, steps: int, budget_gb: Optional[float] = None, *, batch_si
              engine=None, checkpointing: bool = True, seed: int = 0, rot_normalizer: Optional[float] = None,
              callback: Optional[Callable[[int, float], None]] = None,
              optimizer: Optional[Callable[[list], torch.optim.Optimizer]] = None) -> FinetuneResult:
-    """Train `refiner` (a RefineNet or a LearnedRefiner) for `steps` optimiser steps.
+    """Train ``refiner`` (a RefineNet or a LearnedRefiner) for ``steps`` optimiser steps.
 
-    budget_gb: peak device memory for the training (weights, the optimiser's state and
-    gradient buffers are counted as resident); the engine picks the micro-batch. pairs: a PairSource
-    (default ScenePairs: chunkpose.synth scenes of built-in meshes). checkpointing: gradient
-    checkpointing of the network's blocks inside each micro-batch. optimizer: a factory
-    params -> torch.optim.Optimizer (default Adam with `lr`). Returns FinetuneResult; the
-    model is left in eval mode with the trained weights.
+    The model is left in eval mode with the trained weights.
+
+    Args:
+        refiner: a RefineNet or a LearnedRefiner (its ``model`` is trained in place).
+        steps: number of optimiser steps, >= 1.
+        budget_gb: peak device memory in GiB for the training (weights, the optimiser's state
+            and gradient buffers are counted as resident); the engine picks the micro-batch.
+            None = unbounded. Ignored when ``engine`` is given.
+        batch_size: items per step, >= 1 (default 16).
+        lr: learning rate of the default Adam (default 1e-4).
+        pairs: a PairSource (default ScenePairs: chunkpose.synth scenes of built-in meshes, with
+            the refiner's crop size and ratio).
+        device: the engine's device; None = the model's.
+        engine: an Engine to use instead of one made from ``budget_gb`` and ``device``.
+        checkpointing: gradient checkpointing of the network's blocks inside each micro-batch
+            (default True).
+        seed: seed of the pair generator (default 0).
+        rot_normalizer: radians; None = the refiner's config value, else 0.349.
+        callback: optional ``callback(step, loss)`` after every step.
+        optimizer: a factory params -> torch.optim.Optimizer (default Adam with ``lr``).
+
+    Returns:
+        FinetuneResult with the losses, micro-batch sizes and the engine's report.
+
+    Raises:
+        InputError: ``refiner`` is not a RefineNet or LearnedRefiner, or ``steps`` / ``batch_size``
+            is not positive.
+        BudgetTooSmall: not even one item fits the budget.
     """
     model = getattr(refiner, "model", refiner)
     if not isinstance(model, RefineNet):

@@ -15,14 +15,30 @@ _AXIS_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))
 
 
 def box_corners(bounds) -> np.ndarray:
-    """bounds (2,3) min/max corner -> corners (8,3); corner i takes max along axis k if bit k of i."""
+    """bounds (2,3) min/max corner -> corners (8,3); corner i takes max along axis k if bit k of i.
+
+    Args:
+        bounds: (2,3) array-like: min corner, max corner.
+
+    Returns:
+        (8,3) float64 corners in the bounds' units.
+    """
     bounds = np.asarray(bounds, dtype=np.float64).reshape(2, 3)
     idx = np.arange(8)
     return np.stack([bounds[(idx >> k) & 1, k] for k in range(3)], axis=1)
 
 
 def project(points, pose, K) -> tuple[np.ndarray, np.ndarray]:
-    """points (N,3) in the model frame -> pixels (N,2) and camera depths (N,)."""
+    """points (N,3) in the model frame -> pixels (N,2) and camera depths (N,).
+
+    Args:
+        points: (N,3) model-frame points, metres.
+        pose: (4,4) model-in-camera pose, metres.
+        K: (3,3) intrinsics in pixels.
+
+    Returns:
+        (uv, z): (N,2) float64 pixels and (N,) float64 camera z in metres (may be <= 0).
+    """
     pose = np.asarray(pose, dtype=np.float64)
     cam = np.asarray(points, dtype=np.float64) @ pose[:3, :3].T + pose[:3, 3]
     z = cam[:, 2]
@@ -47,8 +63,20 @@ def _draw_segment(image, p0, p1, colour, width):
 def draw_pose(image, pose, K, bounds, colour=(0, 255, 0), axis_length=None, width=None, label=None) -> np.ndarray:
     """Draw the box ``bounds`` (2,3) (model frame, metres) and axes at ``pose`` (4,4) into a copy.
 
-    image (H,W,3) uint8 RGB; K (3,3). Edges with an end behind the camera are skipped.
-    axis_length defaults to half the box diagonal. Returns (H,W,3) uint8 RGB.
+    Edges with an end behind the camera are skipped.
+
+    Args:
+        image: (H,W,3) uint8 RGB.
+        pose: (4,4) model-in-camera pose, metres.
+        K: (3,3) intrinsics in pixels.
+        bounds: (2,3) min/max corner of the box in the model frame, metres.
+        colour: RGB box colour (default green).
+        axis_length: axis length in metres; None = half the box diagonal.
+        width: line width in pixels; None grows with the image (1 per 480 pixels).
+        label: optional text written at the top left.
+
+    Returns:
+        (H,W,3) uint8 RGB new array.
     """
     out = np.ascontiguousarray(np.array(image, dtype=np.uint8, copy=True))
     width = width or _line_width(out)
@@ -76,7 +104,16 @@ def draw_pose(image, pose, K, bounds, colour=(0, 255, 0), axis_length=None, widt
 def overlay(image, poses, K, bounds, gt_poses=None, label=None) -> np.ndarray:
     """Estimated poses in green (and ground truth in yellow when given) over ``image``.
 
-    poses: one (4,4) or a list of them; bounds one (2,3) or a list matching poses.
+    Args:
+        image: (H,W,3) uint8 RGB.
+        poses: one (4,4) pose (metres) or a list of them.
+        K: (3,3) intrinsics in pixels.
+        bounds: one (2,3) box (model frame, metres) or a list matching poses.
+        gt_poses: optional (4,4) or list (entries may be None).
+        label: optional text written with the first pose.
+
+    Returns:
+        (H,W,3) uint8 RGB new array.
     """
     poses = [poses] if np.ndim(poses) == 2 else list(poses)
     bounds_list = [bounds] * len(poses) if np.ndim(bounds) == 2 else list(bounds)
@@ -112,10 +149,23 @@ def _to_uint8_hwc(crop) -> np.ndarray:
 
 
 def crop_grid(crops, labels=None, columns: int = 8, pad: int = 2) -> np.ndarray:
-    """Tile crops (B,C,h,w) (or a list of such batches shown side by side per item, e.g.
-    observed and rendered) into one (rows*h, columns*w, 3) uint8 RGB picture.
+    """Tile crops (B,C,h,w) (or a list of such batches shown side by side per item, e.g. observed
+    and rendered) into one uint8 RGB picture.
 
-    labels: optional list of B short strings (e.g. scores) written in each tile.
+    Crops of 3 channels are colour (0..1, or 0..255 when above 1.5); 1-channel crops (depth,
+    masks) are stretched over their own valid range.
+
+    Args:
+        crops: (B,C,h,w) tensor or array (C = 1 or 3), or a list of such batches.
+        labels: optional list of B short strings (e.g. scores) written in each tile.
+        columns: tiles per row (default 8; at most B).
+        pad: pixels between tiles (default 2).
+
+    Returns:
+        (rows*(h+pad)+pad, columns*(k*w+pad)+pad, 3) uint8 RGB, k = number of batches.
+
+    Raises:
+        ValueError: ``crops`` is empty.
     """
     batches = crops if isinstance(crops, (list, tuple)) else [crops]
     n = len(batches[0])
@@ -140,7 +190,15 @@ def crop_grid(crops, labels=None, columns: int = 8, pad: int = 2) -> np.ndarray:
 
 
 def save_rgb(path, image) -> None:
-    """Write an (H,W,3) uint8 RGB picture (cv2 wants BGR)."""
+    """Write an (H,W,3) uint8 RGB picture (cv2 wants BGR).
+
+    Args:
+        path: the image file (PNG, JPEG...).
+        image: (H,W,3) uint8 RGB.
+
+    Raises:
+        OSError: cv2 cannot write the file.
+    """
     ok = cv2.imwrite(str(path), cv2.cvtColor(np.asarray(image, np.uint8), cv2.COLOR_RGB2BGR))
     if not ok:
         raise OSError(f"could not write {path}")

@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from chunkpose.bop_eval import errors as E
 from chunkpose.bop_eval.matching import greedy_match, top_estimates, valid_gt
 from chunkpose.bop_eval.scores import ObjectErrors, average_recall, recall, recall_grid
-from chunkpose.io.readers import bop_symmetry_transforms
+from chunkpose.io.bop_reader import bop_symmetry_transforms
 
 CUBE = np.array([[x, y, z] for x in (-50, 50) for y in (-50, 50) for z in (-50, 50)], float)  # mm
 RZ180 = [-1, 0, 0, 0, 0, -1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
@@ -191,9 +191,9 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
     perfect one scored lower, which top-1 drops), image 3 perfect. So 1 of 3 targets is
     found at every threshold of every metric."""
     from chunkpose.bop_eval import evaluate, format_table, plot
-    from chunkpose.io import bop
-    from chunkpose.io.readers import BOPReader
-    from chunkpose.io.writers import BopGt, BopImage, write_bop_dataset
+    from chunkpose.io import bop, bop_results
+    from chunkpose.io.bop_reader import BOPReader
+    from chunkpose.io.bop_writer import BopGt, BopImage, write_bop_dataset
     from chunkpose.io.results import bop_csv_row, write_bop_csv
 
     obj_ids = [1, 1, 2, 2]
@@ -250,12 +250,12 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
         bop_csv_row(1, 1, 1, 0.1, scenes[1].poses[0], time_of(1)),
         bop_csv_row(1, 3, 2, 0.9, scenes[3].poses[0], time_of(3)),
     ]
-    csv_path = tmp_path / bop.results_filename("chunkpose", run_root)
+    csv_path = tmp_path / bop_results.results_filename("chunkpose", run_root)
     write_bop_csv(csv_path, rows)
     assert csv_path.name == "chunkpose_ycbv-test.csv"
-    assert bop.check_bop_results(csv_path) == []
+    assert bop_results.check_bop_results(csv_path) == []
     header, first = csv_path.read_text().splitlines()[:2]
-    assert header == bop.RESULTS_HEADER and first.count(",") == 6 and len(first.split(",")[4].split()) == 9
+    assert header == bop_results.RESULTS_HEADER and first.count(",") == 6 and len(first.split(",")[4].split()) == 9
 
     result = evaluate(gt_root, csv_path)
     assert (result["targets"], result["estimates"], result["rows"], result["images"]) == (3, 2, 5, 3)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import trimesh
 
-from chunkpose.io import bop
+from chunkpose.io import bop, bop_results
 from chunkpose.io.bop_gt import gt_info
-from chunkpose.io.readers import BOPReader
-from chunkpose.io.writers import BopGt, BopImage, write_bop, write_bop_dataset
+from chunkpose.io.bop_reader import BOPReader
+from chunkpose.io.bop_writer import BopGt, BopImage, write_bop, write_bop_dataset
 
 # 3x4 mask; column-major it reads 0 0 1 | 1 1 0 | 0 1 0 | 0 0 0
 MASK = np.array([[0, 1, 0, 0],
@@ -127,38 +127,38 @@ def test_targets_round_trip_and_errors(tmp_path):
 def test_dataset_names_as_bop_spells_them(folder, name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert bop.bop_dataset_name(folder) == name
+        assert bop_results.bop_dataset_name(folder) == name
 
 
 def test_results_file_names():
-    assert bop.results_filename("chunkpose", "ycbv") == "chunkpose_ycbv-test.csv"
-    assert bop.results_filename("chunk-pose", "T-LESS", "test", "primesense") == "chunk-pose_tless-test-primesense.csv"
+    assert bop_results.results_filename("chunkpose", "ycbv") == "chunkpose_ycbv-test.csv"
+    assert bop_results.results_filename("chunk-pose", "T-LESS", "test", "primesense") == "chunk-pose_tless-test-primesense.csv"
     with pytest.raises(ValueError, match="method.*'_'.*use '-'"):
-        bop.results_filename("chunk_pose", "ycbv")
+        bop_results.results_filename("chunk_pose", "ycbv")
     with pytest.raises(ValueError, match="split"):
-        bop.results_filename("chunkpose", "ycbv", "test_all")
+        bop_results.results_filename("chunkpose", "ycbv", "test_all")
     with pytest.warns(UserWarning, match="not one of BOP's"):
-        assert bop.results_filename("chunkpose", "my_synth-set") == "chunkpose_mysynthset-test.csv"
-    parsed = bop.parse_results_filename("/out/chunk-pose_tless-test-primesense.csv")
+        assert bop_results.results_filename("chunkpose", "my_synth-set") == "chunkpose_mysynthset-test.csv"
+    parsed = bop_results.parse_results_filename("/out/chunk-pose_tless-test-primesense.csv")
     assert (parsed["method"], parsed["dataset"], parsed["split"], parsed["split_type"]) == \
         ("chunk-pose", "tless", "test", "primesense")
     with pytest.raises(ValueError, match="METHOD_DATASET-SPLIT"):
-        bop.parse_results_filename("synthbop.csv")
+        bop_results.parse_results_filename("synthbop.csv")
 
 
 def test_results_rows_and_checker(tmp_path):
     good = tmp_path / "chunkpose_ycbv-test.csv"
     eye = " ".join(["1", "0", "0", "0", "1", "0", "0", "0", "1"])
-    good.write_text(f"{bop.RESULTS_HEADER}\n48,1,2,0.9,{eye},1 2 3,0.5\n48,1,5,0.8,{eye},4 5 6,0.5\n")
-    rows = bop.read_bop_results(good)
+    good.write_text(f"{bop_results.RESULTS_HEADER}\n48,1,2,0.9,{eye},1 2 3,0.5\n48,1,5,0.8,{eye},4 5 6,0.5\n")
+    rows = bop_results.read_bop_results(good)
     assert len(rows) == 2 and rows[1]["obj_id"] == 5 and rows[1]["t"].tolist() == [4, 5, 6]
-    assert bop.check_bop_results(good) == []
+    assert bop_results.check_bop_results(good) == []
     bad = tmp_path / "chunkpose_ycbv-test_x.csv"
     bad.write_text(f"48,1,2,0.9,{eye},1 2 3,0.5\n48,1,5,0.8,{eye},4 5 6,0.7\n")  # header optional
-    assert any("different times" in p for p in bop.check_bop_results(bad))
+    assert any("different times" in p for p in bop_results.check_bop_results(bad))
     short = tmp_path / "x_ycbv-test.csv"
     short.write_text("48,1,2,0.9\n")
-    assert any("4 fields" in p for p in bop.check_bop_results(short))
+    assert any("4 fields" in p for p in bop_results.check_bop_results(short))
 
 
 def test_gt_info_by_hand():

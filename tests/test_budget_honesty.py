@@ -4,7 +4,6 @@ what the call measures, one chunk per stage when the budget holds everything, an
 outside torch (the GL framebuffers) inside the budget."""
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

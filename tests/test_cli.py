@@ -234,17 +234,26 @@ def test_bop_run_writes_results_csv_in_millimetres(tmp_path, capsys):
     assert row["time"] > 0
     report = json.loads((out / "report.json").read_text())
     frame = report["frames"][0]
-    assert frame["frame"] == "000007_000000" and frame["diameter"] == pytest.approx(0.08)
+    assert frame["frame"] == "000002_000007_000000" and frame["diameter"] == pytest.approx(0.08)
     # estimate t=(0,0,0.5) vs ground truth (0.01,-0.02,0.5) with the same rotation
     assert frame["add"] == pytest.approx(np.hypot(0.01, 0.02))
-    assert np.loadtxt(out / "ob_in_cam" / "000007_000000.txt").shape == (4, 4)
-    assert (out / "vis" / "000007.png").is_file()
+    assert np.loadtxt(out / "ob_in_cam" / "000002_000007_000000.txt").shape == (4, 4)
+    assert (out / "vis" / "000002_000007.png").is_file()
+    assert report["masks"] == "mask_visib" and report["scene_ids"] == [2]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["results_csv"].endswith(".csv")
 
 
-def test_bop_needs_scene_id(tmp_path, capsys):
-    assert cli.main(["run", "--bop", str(tmp_path)], estimator_factory=FakeEstimator) == 2
-    assert "--scene-id" in capsys.readouterr().err
+def test_bop_without_scene_id_runs_every_scene_and_names_a_missing_split(tmp_path, capsys):
+    dataset = tmp_path / "lm"
+    write_bop(dataset)
+    write_mesh(dataset / "models" / "obj_000001.ply", size=50.0)
+    write_mesh(dataset / "models" / "obj_000005.ply", size=50.0)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--bop", str(dataset), "--out", str(out)], estimator_factory=FakeEstimator) == 0
+    assert json.loads((out / "report.json").read_text())["scene_ids"] == [2]
+    assert cli.main(["run", "--bop", str(dataset), "--split", "val", "--out", str(tmp_path / "o2")],
+                    estimator_factory=FakeEstimator) == 2
+    assert "val" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_budget_too_small_says_which_budget_to_pass(scene, tmp_path, capsys):

@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from chunkpose.estimator import PoseEstimator
 from chunkpose.metrics import add_error, adds_error

@@ -6,6 +6,8 @@ import torch
 
 import chunkpose.ops as ops
 from chunkpose.ops.naive import naive_scorer_peak_bytes, naive_scorer_xyz_crops
+from chunkpose.pipeline.frame import prepare_frame
+from chunkpose.pipeline.roi import CallRegion
 from test_ops_common import BACKENDS, look_at_poses
 
 meter_mod = pytest.importorskip("chunkpose.engine.meter")
@@ -69,7 +71,13 @@ def _crop_preparation_peak(H, W, B=64, size=160):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, size=(H, W, 3), dtype=np.uint8)
     depth = (rng.random((H, W), dtype=np.float32) + 0.5).astype(np.float32)
-    peak, (rgb_crops, xyz) = measure(lambda: ops.warp.observed_crops(rgb, depth, K, cw, "scorer"))
+    region = CallRegion.of_box(cw.roi, (H, W), has_mask=False)
+
+    def prepare():  # the pipeline's path: the ROI (and the clean-up's halo) uploaded and cleaned
+        frame = prepare_frame(rgb, depth, K, None, region, 0.2, None, "cpu")
+        return frame.rgb_crops(cw.transforms, size), frame.xyz_crops(cw.transforms, size, "scorer")
+
+    peak, (rgb_crops, xyz) = measure(prepare)
     assert rgb_crops.shape == xyz.shape == (B, 3, size, size)
     roi = cw.roi
     return peak, (roi[2] - roi[0]) * (roi[3] - roi[1])

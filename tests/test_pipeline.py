@@ -121,7 +121,7 @@ def test_resize_inputs_scales_K_and_keeps_nearest_values():
 
 def test_prepared_roi_equals_full_frame_cleaning_inside_the_roi():
     from chunkpose.engine import Engine
-    from chunkpose.ops.depth import bilateral_filter_depth, depth_to_xyz, erode_depth
+    from chunkpose.ops.depth import bilateral_filter_depth, erode_depth
 
     rng = np.random.default_rng(0)
     H, W = 60, 80

@@ -5,7 +5,9 @@ import cv2
 import numpy as np
 import pytest
 
-from chunkpose.io.readers import BOPReader, SceneError, YCBInEOATReader, read_depth_file
+from chunkpose.io.bop_reader import BOPReader
+from chunkpose.io.scene_files import SceneError, read_depth_file
+from chunkpose.io.readers import YCBInEOATReader
 
 K_TINY = np.array([[50.0, 0, 31.5], [0, 50.0, 23.5], [0, 0, 1]])
 

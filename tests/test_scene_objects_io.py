@@ -9,7 +9,8 @@ import pytest
 import trimesh
 
 from chunkpose.io.mesh import load_mesh
-from chunkpose.io.readers import SceneError, YCBInEOATReader, object_masks, object_names, object_poses, scene_meshes
+from chunkpose.io.scene_files import SceneError
+from chunkpose.io.readers import YCBInEOATReader, object_masks, object_names, object_poses, scene_meshes
 from chunkpose.io.writers import export_scene_mesh, label_image, write_ycbineoat
 
 H, W = 24, 32

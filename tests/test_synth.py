@@ -172,7 +172,7 @@ def test_bop_round_trip(scene, tmp_path):
         visib = read_png(folder / "mask_visib" / f"{i:06d}_000000.png") > 0
         assert np.array_equal(visib, scene.masks[i])
         assert infos[str(i)][0]["px_count_visib"] == scene.masks[i].sum()
-    from chunkpose.io.readers import BOPReader
+    from chunkpose.io.bop_reader import BOPReader
 
     frame, instances = BOPReader(root, split="test", scene_id=1).frame(0)
     assert np.allclose(instances[0].gt_pose, scene.poses[0], atol=1e-6)

@@ -7,7 +7,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from chunkpose.io.mesh import load_mesh
-from chunkpose.io.readers import BOPReader, YCBInEOATReader, object_masks, object_names, object_poses, scene_meshes
+from chunkpose.io.bop_reader import BOPReader
+from chunkpose.io.readers import YCBInEOATReader, object_masks, object_names, object_poses, scene_meshes
 from chunkpose.ops.render import make_renderer
 from chunkpose.synth import JUMP, OCCLUDED, REAPPEARED, Jump, Occlusion, make_scene
 

@@ -231,7 +231,7 @@ def test_symmetry_clustering_keeps_252_without_and_fewer_with_symmetries():
             cos.fill_diagonal_(-1.0)
         assert float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).min()) >= 30.0 - 1e-6
     # continuous symmetry about z (a cylinder): far fewer
-    from chunkpose.io.readers import bop_symmetry_transforms
+    from chunkpose.io.bop_reader import bop_symmetry_transforms
 
     cylinder = bop_symmetry_transforms({"symmetries_continuous": [{"axis": [0, 0, 1], "offset": [0, 0, 0]}]})
     assert cylinder.shape == (72, 4, 4)
@@ -239,7 +239,7 @@ def test_symmetry_clustering_keeps_252_without_and_fewer_with_symmetries():
 
 
 def test_bop_symmetries_combine_discrete_and_continuous_in_metres():
-    from chunkpose.io.readers import bop_symmetry_transforms
+    from chunkpose.io.bop_reader import bop_symmetry_transforms
 
     disc = np.eye(4)
     disc[:3, :3] = np.diag([-1.0, -1.0, 1.0])

@@ -5,13 +5,16 @@
     print(format_table(result)); plot(result, "out/recall.png")
 
 Modules: errors (the pose errors), matching (targets, top-N, greedy matching), scores
-(recall, average recall), evaluate (the whole protocol), report (table and plot).
+(recall, average recall), image_errors (the errors of one image's estimates), summary
+(recalls and curves of all entries), protocol (`evaluate`: the whole protocol; not named
+after the function, so that importing the module never hides the function), report
+(table and plot).
 """
 from chunkpose._lazy import lazy_getattr
 
 _EXPORTS = {
-    "evaluate": "chunkpose.bop_eval.evaluate",
-    "EvaluationError": "chunkpose.bop_eval.evaluate",
+    "evaluate": "chunkpose.bop_eval.protocol",
+    "EvaluationError": "chunkpose.bop_eval.protocol",
     "format_table": "chunkpose.bop_eval.report",
     "plot": "chunkpose.bop_eval.report",
     "mssd": "chunkpose.bop_eval.errors",

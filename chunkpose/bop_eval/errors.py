@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from chunkpose.io.bop_gt import distance_image, visible_mask
-from chunkpose.io.readers import bop_symmetry_transforms
+from chunkpose.io.bop_reader import bop_symmetry_transforms
 
 MAX_SYM_DISC_STEP = 0.01
 VSD_DELTA_MM = 15.0
@@ -46,7 +46,7 @@ def eval_symmetries(model_info: dict, max_sym_disc_step: float = MAX_SYM_DISC_ST
     """(S,4,4) symmetries of a models_info.json entry in the model's unit (mm), identity
     first, discretised as BOP19's evaluation does (see the module docstring).
 
-    chunkpose.io.readers.bop_symmetry_transforms builds the same set (continuous after
+    chunkpose.io.bop_reader.bop_symmetry_transforms builds the same set (continuous after
     discrete, identity included); only the step differs (5 degrees there for registration,
     2 pi / ceil(pi / max_sym_disc_step) here), so it is called with BOP's step.
     """

@@ -1,12 +1,14 @@
 """The ``chunkpose`` command: run on a YCBInEOAT or BOP scene, a synthetic demo, benchmarks.
 
     chunkpose run --scene DIR --mesh FILE [--budget-gb G] [--device cpu|cuda] ...
-    chunkpose run --bop DATASET_DIR --split test --scene-id N [--mesh FILE] ...
+    chunkpose run --bop DATASET_DIR [--split test] [--scene-id N] [--detections FILE] [--targets FILE]
+                  [--method NAME] [--mesh FILE] ...
+    chunkpose eval --bop DATASET_DIR --results METHOD_DATASET-SPLIT.csv [--split test] [--targets FILE]
     chunkpose demo [--width 3072 --height 2048] [--budget-gb 1] [--frames 5] ...
     chunkpose bench ...            (forwards to benchmarks/ in a source checkout)
 
 The package: parser (arguments), calls (what the loops share: estimator, per-pose records),
-scene / bop / demo / bench (the commands), progress, summary (report.json, tables, --json),
+scene / bop / score / demo / bench (the commands: run --scene, run --bop, eval, demo, bench), progress, summary (report.json, tables, --json),
 debug (--debug files). Bad input ends with one line on stderr, ``chunkpose: error: <what>
 (<how to fix>)``, exit code 2 and no output folder: exactly the input errors
 (chunkpose.errors.InputError and its kinds, UserError for the arguments) and BudgetTooSmall;
@@ -58,6 +60,10 @@ def _dispatch(argv, estimator_factory) -> int:
         parser.print_help()
         return EXIT_USAGE
     factory = estimator_factory or pose_estimator
+    if args.command == "eval":
+        from chunkpose.cli.score import run_eval
+
+        return run_eval(args)
     if args.command == "run":
         if (args.scene is None) == (args.bop is None):
             raise UserError("give exactly one of --scene DIR (YCBInEOAT) or --bop DATASET_DIR (BOP)")

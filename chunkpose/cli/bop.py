@@ -1,15 +1,41 @@
-"""``chunkpose run --bop DATASET``: register the instances of a BOP scene, write the BOP CSV."""
+"""``chunkpose run --bop DATASET``: register the targets of BOP images, write BOP's results CSV.
+
+Where the masks come from: with ``--detections FILE`` (BOP's default detections or any
+COCO-style segmentation JSON) each target is registered from its detection's mask, the
+best ``inst_count`` detections per target object as BOP19 asks, and the image's detection
+time is added to its pose time. Without detections the split's ground-truth visible masks
+are used (mask_visib/; a check with perfect masks, impossible on a BOP test set, where the
+ground truth is withheld). Which images and how many instances: the targets file
+(``--targets``, default the dataset's test_targets_bop19.json); without one, every image
+of the scene(s) and every annotated instance (or every detected object once).
+
+The work is a list of images (``<scene:06d>_<im:06d>``), each registered whole and its
+files written to a scratch folder that is moved into the output only when the image is
+done, so an interrupted run keeps finished images only.
+"""
 from __future__ import annotations
 
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from chunkpose.cli import calls, summary
 from chunkpose.cli.debug import write_debug
 from chunkpose.cli.parser import UserError
 from chunkpose.cli.progress import progress
+
+
+@dataclass(frozen=True)
+class ImageUnit:
+    """One BOP image to process: its scene, image id and position in the scene reader."""
+
+    scene_id: int
+    im_id: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.scene_id:06d}_{self.im_id:06d}"
 
 
 class _Objects:
@@ -38,87 +64,208 @@ class _Objects:
         return self.estimators[obj_id]
 
 
-def _image(args, reader, objects, frame, instances, tmp, first: bool, written: list):
-    """Register every instance of one image; every file written is appended to ``written``
-    (so an interrupted image can be removed). Returns (records, csv rows)."""
-    from chunkpose.io.results import bop_csv_row, write_pose_txt
-    from chunkpose.vis import overlay, save_rgb
+def _largest_per_target(instances, objects: dict):
+    """The ``objects[obj_id]`` most visible annotated instances of each target object."""
+    chosen = []
+    for obj_id, count in objects.items():
+        same = sorted((i for i in instances if i.obj_id == obj_id), key=lambda i: -int(i.mask.sum()))
+        chosen += same[:count]
+    return chosen
 
-    records, overlays = [], []
-    t_image = time.perf_counter()
-    for inst in instances:
-        mesh, est = objects.mesh(inst.obj_id), objects.estimator(inst.obj_id)
-        result, elapsed = calls.timed(calls.register, est, (frame.rgb, frame.depth, frame.K, inst.mask),
-                                      f"register {inst.name}")
-        info = reader.model_info(inst.obj_id)
-        record = calls.pose_record(inst.name, "register", result, elapsed, frame.extra.get("resize_factor", 1.0),
-                                   inst.gt_pose, mesh, info.get("diameter"), info.get("symmetric", False),
-                                   im_id=inst.im_id, gt_index=inst.gt_index, obj_id=inst.obj_id)
-        path = tmp / "ob_in_cam" / f"{inst.name}.txt"
-        written.append(path)
-        write_pose_txt(path, record["pose"])
-        if args.debug >= 3 or (args.debug >= 2 and first):
-            written.append(tmp / "debug" / inst.name)
-            write_debug(tmp, inst.name, frame, mesh, record["pose"], result, est, inst.mask)
-        records.append(record)
-        overlays.append((record["pose"], inst.gt_pose, calls.mesh_bounds(mesh)))
-    # BOP: "time" is the time for the whole image, the same for all its estimates.
-    image_time = time.perf_counter() - t_image
-    rows = [bop_csv_row(args.scene_id, r["im_id"], r["obj_id"], r["score"] or 0.0, r["pose"], image_time)
-            for r in records]
-    if overlays:
-        path = tmp / "vis" / f"{frame.name}.png"
-        written.append(path)
-        poses, gts, boxes = zip(*overlays)
-        save_rgb(path, overlay(frame.rgb, list(poses), frame.K, list(boxes), gt_poses=list(gts), label=frame.name))
-    return records, rows
+
+class BopRun:
+    """What a ``run --bop`` needs before its first image: the dataset's scenes, targets,
+    detections and object models, all checked so that bad input fails before any output."""
+
+    def __init__(self, args, factory):
+        from chunkpose.io import bop
+        from chunkpose.io.bop_results import results_filename
+
+        self.args = args
+        # the name is checked first: a method bop_toolkit cannot parse is refused, not renamed
+        self.csv_name = results_filename(args.method, args.bop, args.split)
+        self.targets_path = args.targets if args.targets is not None else bop.default_targets_path(args.bop)
+        self.targets = bop.read_targets(self.targets_path) if self.targets_path is not None else None
+        self.detections = bop.read_detections(args.detections) if args.detections is not None else None
+        self.scene_ids = self._scene_ids()
+        self.readers = {s: self._reader(s) for s in self.scene_ids}
+        self.wanted = set(args.obj_id or [])
+        self.units = self._units()
+        if not self.units:
+            raise UserError(f"no target images in scene(s) {self.scene_ids} of {args.bop} (check --scene-id, --targets)")
+        first = self.readers[self.scene_ids[0]]
+        first.image(0)  # validates the first image before anything is written
+        self.device = calls.resolve_device(args.device)
+        self.objects = _Objects(args, first, factory, self.device)
+        for obj_id in sorted(self._object_ids()):  # a bad model fails before any output
+            self.objects.mesh(obj_id)
+
+    # -------------------------------------------------------------- set-up
+    def _scene_ids(self) -> list[int]:
+        from chunkpose.io.bop_results import bop_scene_ids
+
+        if self.args.scene_id is not None:
+            return [int(self.args.scene_id)]
+        if self.targets is not None:
+            return sorted({t.scene_id for t in self.targets})
+        scene_ids = bop_scene_ids(self.args.bop, self.args.split)
+        if not scene_ids:
+            raise UserError(f"no scene folders in {Path(self.args.bop) / self.args.split} "
+                            "(check --bop and --split)")
+        return scene_ids
+
+    def _reader(self, scene_id: int):
+        from chunkpose.io.bop_reader import BOPReader
+
+        args = self.args
+        reader = BOPReader(args.bop, split=args.split, scene_id=scene_id, downscale=args.downscale,
+                           shorter_side=args.shorter_side, zfar=args.zfar)
+        if self.detections is None:
+            if not reader.has_ground_truth():
+                raise UserError(f"{reader.scene_dir} has no scene_gt.json (a BOP test set): pass the detections "
+                                "with --detections FILE (e.g. BOP's default detections)")
+            if not (reader.scene_dir / "mask_visib").is_dir():
+                raise UserError(f"missing {reader.scene_dir / 'mask_visib'}: without --detections chunkpose "
+                                "registers annotated instances from their visible masks")
+        return reader
+
+    def _image_targets(self, scene_id: int) -> dict[int, dict[int, int]] | None:
+        """{im_id: {obj_id: inst_count}} of the scene, or None without a targets file."""
+        from chunkpose.io.bop import targets_by_image
+
+        if self.targets is None:
+            return None
+        return {im: objs for (s, im), objs in targets_by_image(self.targets).items() if s == scene_id}
+
+    def _units(self) -> list[ImageUnit]:
+        units = []
+        for scene_id in self.scene_ids:
+            reader = self.readers[scene_id]
+            targets = self._image_targets(scene_id)
+            im_ids = reader.image_ids if targets is None else sorted(targets)
+            for im_id in im_ids:
+                reader.index_of(im_id)  # a target image the scene does not have is an error now
+                units.append(ImageUnit(scene_id, im_id))
+        if self.args.frames is not None:
+            units = units[: self.args.frames]
+        return units
+
+    def _object_ids(self) -> set[int]:
+        if self.targets is not None:
+            ids = {t.obj_id for t in self.targets if t.scene_id in self.readers}
+        elif self.detections is not None:
+            ids = {d.obj_id for key, dets in self.detections.items() if key[0] in self.readers for d in dets}
+        else:
+            ids = {int(gt["obj_id"]) for r in self.readers.values() for gts in r.scene_gt.values() for gt in gts}
+        return {i for i in ids if not self.wanted or i in self.wanted}
+
+    # -------------------------------------------------------------- one image
+    def instances(self, unit: ImageUnit):
+        """(frame, instances to register, detection seconds or None) of one image."""
+        from chunkpose.io import bop
+
+        reader = self.readers[unit.scene_id]
+        index = reader.index_of(unit.im_id)
+        targets = self._image_targets(unit.scene_id)
+        objects = None if targets is None else targets.get(unit.im_id, {})
+        detection_time = None
+        if self.detections is not None:
+            frame = reader.image(index)
+            image_dets = self.detections.get((unit.scene_id, unit.im_id), [])
+            if objects is None:  # each detected object once, its best detection
+                objects = {d.obj_id: 1 for d in image_dets}
+            chosen = bop.select_detections({(unit.scene_id, unit.im_id): image_dets},
+                                           [bop.Target(unit.scene_id, unit.im_id, o, n) for o, n in objects.items()])
+            instances = reader.detection_instances(frame, chosen[(unit.scene_id, unit.im_id)])
+            detection_time = bop.image_detection_time(image_dets)
+        else:
+            frame, instances = reader.frame(index)
+            if objects is not None:
+                instances = _largest_per_target(instances, objects)
+        instances = [i for i in instances if not self.wanted or i.obj_id in self.wanted]
+        return frame, instances, detection_time
+
+    def process(self, unit: ImageUnit, scratch: Path, first: bool) -> dict:
+        """Register every instance of one image into ``scratch``; returns its report records
+        and its rows of the results CSV."""
+        from chunkpose.io.results import bop_csv_row, write_pose_txt
+        from chunkpose.vis import overlay, save_rgb
+
+        started = time.perf_counter()
+        frame, instances, detection_time = self.instances(unit)
+        reader = self.readers[unit.scene_id]
+        records, overlays = [], []
+        for inst in instances:
+            name = f"{unit.name}_{inst.gt_index:06d}"
+            mesh, est = self.objects.mesh(inst.obj_id), self.objects.estimator(inst.obj_id)
+            result, elapsed = calls.timed(calls.register, est, (frame.rgb, frame.depth, frame.K, inst.mask),
+                                          f"register {name}")
+            info = reader.model_info(inst.obj_id)
+            record = calls.pose_record(name, "register", result, elapsed, frame.extra.get("resize_factor", 1.0),
+                                       inst.gt_pose, mesh, info.get("diameter"), info.get("symmetric", False),
+                                       scene_id=unit.scene_id, im_id=unit.im_id, gt_index=inst.gt_index,
+                                       obj_id=inst.obj_id, detection_score=inst.score)
+            write_pose_txt(scratch / "ob_in_cam" / f"{name}.txt", record["pose"])
+            if self.args.debug >= 3 or (self.args.debug >= 2 and first):
+                write_debug(scratch, name, frame, mesh, record["pose"], result, est, inst.mask)
+            records.append(record)
+            overlays.append((record["pose"], inst.gt_pose, calls.mesh_bounds(mesh)))
+        # BOP: "time" is the whole image's (detection included), the same for all its estimates
+        image_time = time.perf_counter() - started + (detection_time or 0.0)
+        rows = [bop_csv_row(unit.scene_id, unit.im_id, r["obj_id"], r["score"] or 0.0, r["pose"], image_time)
+                for r in records]
+        if overlays:
+            poses, gts, boxes = zip(*overlays)
+            save_rgb(scratch / "vis" / f"{unit.name}.png",
+                     overlay(frame.rgb, list(poses), frame.K, list(boxes), gt_poses=list(gts), label=unit.name))
+        return {"records": records, "rows": rows, "detection_time_s": detection_time}
+
+    def report_fields(self) -> dict:
+        return {"layout": "bop", "dataset": str(Path(self.args.bop).resolve()), "split": self.args.split,
+                "scene_ids": self.scene_ids, "images_total": len(self.units), "results_csv": self.csv_name,
+                "method": self.args.method, "masks": "detections" if self.detections is not None else "mask_visib",
+                "detections": None if self.args.detections is None else str(Path(self.args.detections).resolve()),
+                "targets": None if self.targets_path is None else str(Path(self.targets_path).resolve()),
+                "zfar": self.args.zfar, "downscale": self.args.downscale, "shorter_side": self.args.shorter_side}
+
+
+def _move_into(scratch: Path, tmp: Path) -> None:
+    """Move a finished image's files from its scratch folder into the output folder."""
+    for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
+        target = tmp / path.relative_to(scratch)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_bop(args, estimator_factory) -> int:
-    from chunkpose.io.readers import BOPReader
     from chunkpose.io.results import OutputDir, write_bop_csv
 
-    if args.scene_id is None:
-        raise UserError("--scene-id N is required with --bop (the scene folder number under the split)")
-    reader = BOPReader(args.bop, split=args.split, scene_id=args.scene_id, downscale=args.downscale,
-                       shorter_side=args.shorter_side, zfar=args.zfar)
-    if not (reader.scene_dir / "mask_visib").is_dir():
-        raise UserError(f"missing {reader.scene_dir / 'mask_visib'} (chunkpose registers annotated instances "
-                        "from their visible masks; get the BOP scene with mask_visib/)")
-    reader.frame(0)  # validates the first image before anything is written
-    device = calls.resolve_device(args.device)
-    objects = _Objects(args, reader, estimator_factory, device)
-    wanted = set(args.obj_id or [])
-    for gt in reader.scene_gt[str(reader.image_ids[0])]:  # a bad model fails before any output
-        if not wanted or int(gt["obj_id"]) in wanted:
-            objects.mesh(int(gt["obj_id"]))
+    run = BopRun(args, estimator_factory)
     od = OutputDir(args.out)
-    n = len(reader) if args.frames is None else min(args.frames, len(reader))
     state = calls.RunState()
     csv_rows, plan = [], None
-    dataset = Path(args.bop).resolve().name
-    csv_name = f"chunkpose_{dataset}-{args.split}.csv"
     with od as tmp:
         (tmp / "ob_in_cam").mkdir()
         (tmp / "vis").mkdir()
-        written = []
+        scratch = tmp / ".image"
         try:
-            for i in progress(range(n), n, "images"):
-                frame, instances = reader.frame(i)
-                instances = [inst for inst in instances if not wanted or inst.obj_id in wanted]
-                records, rows = _image(args, reader, objects, frame, instances, tmp, i == 0, written)
-                if plan is None and records:
-                    plan = records[0]["chunk_plan"]
-                state.records += records
-                csv_rows += rows
-                written = []
+            for k, unit in enumerate(progress(run.units, len(run.units), "images")):
+                shutil.rmtree(scratch, ignore_errors=True)
+                (scratch / "ob_in_cam").mkdir(parents=True)
+                (scratch / "vis").mkdir()
+                done = run.process(unit, scratch, k == 0)
+                _move_into(scratch, tmp)
+                if plan is None and done["records"]:
+                    plan = done["records"][0]["chunk_plan"]
+                state.records += done["records"]
+                csv_rows += done["rows"]
         except KeyboardInterrupt:
             state.interrupted = True
-            calls.remove(written)
-        write_bop_csv(tmp / csv_name, csv_rows)
-        report_head = summary.head(args, "run", device, layout="bop", dataset=str(Path(args.bop).resolve()),
-                                   split=args.split, scene_id=args.scene_id, images_total=n, results_csv=csv_name,
-                                   zfar=args.zfar, downscale=args.downscale, shorter_side=args.shorter_side)
+        shutil.rmtree(scratch, ignore_errors=True)
+        write_bop_csv(tmp / run.csv_name, csv_rows)
+        report_head = summary.head(args, "run", run.device, **run.report_fields())
+        scenes = ", ".join(str(s) for s in run.scene_ids)
         return summary.finish(args, od, tmp, "run", state, report_head,
-                              f"chunkpose run: BOP {dataset} {args.split} scene {args.scene_id}", plan,
-                              extra_json={"results_csv": str(Path(od.final) / csv_name)})
+                              f"chunkpose run: BOP {Path(args.bop).resolve().name} {args.split} scene {scenes}", plan,
+                              extra_json={"results_csv": str(Path(od.final) / run.csv_name)})

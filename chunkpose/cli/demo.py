@@ -29,7 +29,7 @@ def demo_mesh(args):
 
 def run_demo(args, estimator_factory) -> int:
     import chunkpose.synth as synth
-    from chunkpose.io.readers import Frame
+    from chunkpose.io.scene_files import Frame
     from chunkpose.io.results import OutputDir
 
     od = OutputDir(args.out)

@@ -86,7 +86,15 @@ def _run_parser(sub):
                      help="YCBInEOAT folder: rgb/, depth/ (uint16 mm), masks/, cam_K.txt")
     src.add_argument("--bop", type=Path, metavar="DATASET_DIR", help="BOP dataset folder (models/, <split>/)")
     src.add_argument("--split", default="test", metavar="NAME", help="BOP split folder (default test)")
-    src.add_argument("--scene-id", type=non_negative_int, metavar="N", help="BOP scene id")
+    src.add_argument("--scene-id", type=non_negative_int, metavar="N",
+                     help="BOP scene id (default: every scene with targets, else every scene of the split)")
+    src.add_argument("--detections", type=Path, metavar="FILE",
+                     help="BOP: detections JSON (.json or .json.gz; scene_id, image_id, category_id, score, bbox, "
+                          "segmentation RLE, time), e.g. BOP's default detections; default: the ground-truth mask_visib/")
+    src.add_argument("--targets", type=Path, metavar="FILE",
+                     help="BOP: test_targets_bop19.json (default: the dataset's, when present)")
+    src.add_argument("--method", default="chunkpose", metavar="NAME",
+                     help="BOP: method name of the results file METHOD_DATASET-SPLIT.csv (no '_' or '.'; default chunkpose)")
     src.add_argument("--obj-id", type=positive_int, metavar="ID", action="append", help="BOP: only these object ids (repeatable)")
     src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE", help="object mesh in metres (BOP: default models/obj_XXXXXX.ply)")
     src.add_argument("--mesh-scale", type=positive_float, metavar="S", default=None,
@@ -119,11 +127,30 @@ def _demo_parser(sub):
     return demo
 
 
+def _eval_parser(sub):
+    ev = sub.add_parser("eval", help="BOP19 average recall (VSD, MSSD, MSPD) and ADD(-S) AUC of a results CSV",
+                        description="Score a BOP results CSV against a dataset split's ground truth with BOP19's "
+                                    "protocol (no bop_toolkit needed); prints a table, writes bop_eval.json and a "
+                                    "recall plot.")
+    ev.add_argument("--bop", type=Path, metavar="DATASET_DIR", required=True,
+                    help="BOP dataset folder (models/ or models_eval/, <split>/ with scene_gt.json)")
+    ev.add_argument("--results", type=Path, metavar="CSV", required=True, help="results file METHOD_DATASET-SPLIT.csv")
+    ev.add_argument("--split", default="test", metavar="NAME", help="split folder (default test)")
+    ev.add_argument("--targets", type=Path, metavar="FILE",
+                    help="test_targets_bop19.json (default: the dataset's; without one, instances with visib_fract >= 0.1)")
+    ev.add_argument("--device", default="auto", metavar="cpu|cuda", help="device of the renderer for VSD (default auto)")
+    ev.add_argument("--out", type=Path, metavar="DIR", default=None,
+                    help="folder for bop_eval.json and bop_recall.png (default: next to the results file)")
+    ev.add_argument("--json", action="store_true", help="print one JSON summary object as the last line of stdout")
+    return ev
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="chunkpose", description="6D pose estimation at full camera resolution under a memory budget.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{run,demo,bench}", parser_class=Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{run,eval,demo,bench}", parser_class=Parser)
     _run_parser(sub)
+    _eval_parser(sub)
     _demo_parser(sub)
     bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/ (source checkout)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)

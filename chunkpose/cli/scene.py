@@ -10,7 +10,7 @@ from chunkpose.cli.progress import progress
 
 
 def register_and_track(args, est, frames, n, mesh, tmp, state) -> dict | None:
-    """Register on the first of ``frames`` (io.readers.Frame, n of them), track the rest;
+    """Register on the first of ``frames`` (io.scene_files.Frame, n of them), track the rest;
     write ob_in_cam/, vis/ and debug files into tmp and append one record per finished frame
     to state. Ctrl-C keeps the finished frames. Returns the registration's chunk plan."""
     from chunkpose.io.results import write_pose_txt

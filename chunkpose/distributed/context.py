@@ -54,7 +54,12 @@ class LaunchError(InputError):
 
 
 class RanksDidNotArrive(TimeoutError):
-    """Some ranks did not reach a barrier in time. ``missing`` lists their rank numbers."""
+    """Some ranks did not reach a barrier in time. ``missing`` lists their rank numbers.
+
+    Args:
+        message: the error text.
+        missing: rank numbers that did not arrive ([] when the awaited keys were not per rank).
+    """
 
     def __init__(self, message: str, missing: list[int]):
         super().__init__(message)
@@ -106,20 +111,25 @@ def _pick_device(device: str, local_rank: int, local_world_size: int) -> torch.d
 class RankContext:
     """One rank of a (possibly one-process) job: identity, device, backend and shared store.
 
-    Build it with ``RankContext.from_env()``; ``init()`` joins the process group and opens
-    the store, ``close()`` leaves it (or use it as a context manager).
+    Build it with ``RankContext.from_env()``; ``init()`` joins the process group and opens the
+    store, ``close()`` leaves it (or use it as a context manager).
 
     Attributes:
-        rank, world_size: this process's global rank and the number of ranks.
-        local_rank, local_world_size: the same within this node (the GPU index is local_rank).
+        rank: this process's global rank.
+        world_size: the number of ranks.
+        local_rank: the rank within this node (the GPU index).
+        local_world_size: the number of ranks on this node.
         device: the torch device this rank computes on.
         backend: "nccl" on CUDA, "gloo" on the CPU.
         launched: True when started by torchrun (or another launcher that sets RANK and
             WORLD_SIZE); False for a plain single process.
-        restart_count, max_restarts: torchrun's TORCHELASTIC_RESTART_COUNT / _MAX_RESTARTS.
+        master_addr: MASTER_ADDR (host of the shared TCPStore), None without a launcher.
+        master_port: MASTER_PORT, None without a launcher.
+        restart_count: torchrun's TORCHELASTIC_RESTART_COUNT.
+        max_restarts: torchrun's TORCHELASTIC_MAX_RESTARTS.
         run_id: torchrun's TORCHELASTIC_RUN_ID (its --rdzv-id), None without torchrun.
-        timeout_s: how long rendezvous and barriers wait for the other ranks.
-        store: the shared key-value store (a torch.distributed.Store) once initialised.
+        timeout_s: seconds rendezvous and barriers wait for the other ranks.
+        store: the shared key-value store (a torch.distributed.Store) once initialised, else None.
     """
 
     rank: int = 0
@@ -204,6 +214,10 @@ class RankContext:
 
         Returns:
             self, so that ``ctx = RankContext.from_env().init()`` reads naturally.
+
+        Raises:
+            LaunchError: torch has no torch.distributed, or an already joined process group
+                disagrees with the environment's rank / world size.
         """
         if self.store is not None:
             return self
@@ -261,6 +275,12 @@ class RankContext:
         """A fresh key prefix for one collective step; every rank must call it in the same order.
 
         Two run_units calls in one job (or one per BOP scene) then never share counters.
+
+        Args:
+            name: the step's name.
+
+        Returns:
+            str ``"<name>/<n>"``, n counting this context's calls.
         """
         self._namespaces += 1
         return f"{name}/{self._namespaces}"
@@ -271,7 +291,15 @@ class RankContext:
         return self.store
 
     def publish(self, key: str, value) -> None:
-        """Set ``key`` to ``value`` (JSON) in the shared store."""
+        """Set ``key`` to ``value`` (JSON) in the shared store.
+
+        Args:
+            key: the store key.
+            value: any JSON-serialisable value.
+
+        Raises:
+            RuntimeError: the context is not initialised.
+        """
         self._require_store().set(key, json.dumps(value))
 
     def wait_for(self, keys: dict[int, str] | list[str], timeout_s: float | None = None,
@@ -281,15 +309,20 @@ class RankContext:
 
         Args:
             keys: {rank: key} (a timeout then names the ranks that did not arrive) or a list of keys.
-            timeout_s: seconds to wait at most (default self.timeout_s; None: no limit, for
-                waits that last as long as the slowest rank's work, e.g. a long video).
+            timeout_s: seconds to wait at most (default self.timeout_s; None: no limit, for waits
+                that last as long as the slowest rank's work, e.g. a long video; without heartbeats
+                None means self.timeout_s).
             what: what is awaited, for the error message.
             heartbeats: {rank: heartbeat key} of the awaited ranks (see Heartbeat): a rank whose
                 counter has not moved for stall_s is given up as dead, whatever timeout_s says.
             stall_s: seconds without a heartbeat after which a rank counts as dead.
 
+        Returns:
+            dict {rank or list index: the key's decoded JSON value}.
+
         Raises:
             RanksDidNotArrive: keys still missing after timeout_s, or their ranks' heartbeats stopped.
+            RuntimeError: the context is not initialised.
         """
         store = self._require_store()
         named = dict(keys) if isinstance(keys, dict) else dict(enumerate(keys))
@@ -333,7 +366,15 @@ class RankContext:
         return {name: json.loads(store.get(key)) for name, key in named.items()}
 
     def heartbeat(self, key: str, period_s: float = HEARTBEAT_PERIOD_S) -> "Heartbeat":
-        """Start bumping the counter ``key`` every period_s while this rank works (see wait_for)."""
+        """Start bumping the counter ``key`` every period_s while this rank works (see wait_for).
+
+        Args:
+            key: the store counter.
+            period_s: seconds between beats (default HEARTBEAT_PERIOD_S).
+
+        Returns:
+            Heartbeat (running; stop() it or use it as a context manager).
+        """
         return Heartbeat(self, key, period_s)
 
     def _store_client(self):
@@ -349,11 +390,19 @@ class RankContext:
     def barrier(self, name: str, timeout_s: float | None = None, value=None) -> dict:
         """Wait until every rank reached the barrier ``name``; each may post a JSON ``value``.
 
-        Unlike torch.distributed.barrier this works the same on gloo, NCCL and a world of one,
-        and a timeout names the ranks that did not arrive.
+        Unlike torch.distributed.barrier this works the same on gloo, NCCL and a world of one, and
+        a timeout names the ranks that did not arrive.
+
+        Args:
+            name: the barrier's name (unique per barrier in the job).
+            timeout_s: seconds to wait (None: self.timeout_s).
+            value: JSON-serialisable value this rank posts (default None).
 
         Returns:
             {rank: the value that rank posted}.
+
+        Raises:
+            RanksDidNotArrive: some ranks did not arrive in time.
         """
         prefix = f"barrier/{name}"
         self.publish(f"{prefix}/{self.rank}", value)
@@ -361,7 +410,11 @@ class RankContext:
                              what=f"all ranks at barrier {name!r}")
 
     def describe(self) -> dict:
-        """This rank's identity for reports."""
+        """This rank's identity for reports.
+
+        Returns:
+            dict of rank, world_size, local_rank, host, device (str), backend and restart_count.
+        """
         return {"rank": self.rank, "world_size": self.world_size, "local_rank": self.local_rank,
                 "host": self.host, "device": str(self.device), "backend": self.backend,
                 "restart_count": self.restart_count}
@@ -374,9 +427,14 @@ def _list(ranks) -> str:
 class Heartbeat:
     """A daemon thread that adds 1 to a store counter every period_s until stopped.
 
-    Other ranks waiting on this one read the counter: while it moves, the rank is alive,
-    however long its current unit takes (a video can take longer than any fixed timeout).
-    Use as a context manager, or call stop().
+    Other ranks waiting on this one read the counter: while it moves, the rank is alive, however
+    long its current unit takes (a video can take longer than any fixed timeout). Use as a
+    context manager, or call stop().
+
+    Args:
+        ctx: the initialised RankContext whose store holds the counter.
+        key: the counter's key.
+        period_s: seconds between beats (default HEARTBEAT_PERIOD_S).
     """
 
     def __init__(self, ctx: RankContext, key: str, period_s: float = HEARTBEAT_PERIOD_S):
@@ -396,6 +454,7 @@ class Heartbeat:
                 return
 
     def stop(self) -> None:
+        """Stop beating and wait (up to period_s + 1 s) for the thread to end."""
         self._stop.set()
         self._thread.join(timeout=self.period_s + 1.0)
 

@@ -21,6 +21,15 @@ from chunkpose.io.results import OutputDir, to_jsonable
 def ordered_records(units: list[str], found: dict[str, list[dict]], parts: Path) -> list[dict]:
     """One record per unit, in the order of ``units``, with "files" as an absolute Path (or None).
 
+    Args:
+        units: every unit id of the run, in output order.
+        found: {unit id: [records]} as shards.read_records returns it.
+        parts: the parts folder ("files" of a record is relative to it).
+
+    Returns:
+        list of record dicts (the best record of each unit, see shards.best_record), each with
+        "index" (its position in ``units``) and "files" (Path or None).
+
     Raises:
         ShardError: a unit has no record although every rank said it was done, which means
             a rank's shard is not visible here (the parts folder is not on a shared filesystem).
@@ -44,7 +53,14 @@ def ordered_records(units: list[str], found: dict[str, list[dict]], parts: Path)
 
 
 def records_digest(records: list[dict]) -> str:
-    """A fingerprint of what a merge would publish (which record of which unit, and its content)."""
+    """A fingerprint of what a merge would publish (which record of which unit, and its content).
+
+    Args:
+        records: ordered_records() output.
+
+    Returns:
+        str: SHA-256 hex digest.
+    """
     h = hashlib.sha256()
     for record in records:
         h.update(json.dumps(to_jsonable(record), sort_keys=True).encode())

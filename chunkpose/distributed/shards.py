@@ -38,20 +38,43 @@ class ShardError(ValueError):
 
 
 def parts_dir_for(out_dir) -> Path:
-    """The default parts folder of an output folder: ``<out>.parts`` beside it."""
+    """The default parts folder of an output folder: ``<out>.parts`` beside it.
+
+    Args:
+        out_dir: the output folder (``~`` expanded, made absolute).
+
+    Returns:
+        Path.
+    """
     out = Path(out_dir).expanduser().resolve()
     return out.parent / f"{out.name}{PARTS_SUFFIX}"
 
 
 def unit_key(unit_id: str) -> str:
-    """A filename for a unit id: readable part + 12 hex digits of its SHA-1 (unique per id)."""
+    """A filename for a unit id: readable part + 12 hex digits of its SHA-1 (unique per id).
+
+    Args:
+        unit_id: the unit's id.
+
+    Returns:
+        str of filename-safe characters (at most 80 readable ones, then "-<hash>").
+    """
     digest = hashlib.sha1(unit_id.encode("utf-8")).hexdigest()[:12]
     readable = _UNSAFE.sub("_", unit_id).strip("._")[:80]
     return f"{readable}-{digest}" if readable else digest
 
 
 def write_json_atomic(path, data) -> Path:
-    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over ``path``."""
+    """Write JSON to a temporary file in the same folder, flush it to disk, then rename it over
+    ``path``.
+
+    Args:
+        path: the file to write (its folder must exist).
+        data: any value chunkpose.io.results.to_jsonable accepts.
+
+    Returns:
+        Path of the file.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -70,6 +93,14 @@ def write_json_atomic(path, data) -> Path:
 
 
 def read_json(path):
+    """The parsed JSON of the file at ``path``.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        The decoded value.
+    """
     with open(path) as f:
         return json.load(f)
 
@@ -94,7 +125,9 @@ class RankShard:
     def prepare(self) -> None:
         """Create the folders and drop what an earlier crash of this rank left half done.
 
-        Only this rank writes here, so cleaning it before claiming races with nobody.
+        Only this rank writes here, so cleaning it before claiming races with nobody: the scratch
+        folder is emptied, interrupted temporary files removed, and unit files without a record
+        deleted (those units are redone).
         """
         for folder in (self.records_dir, self.files_dir, self.scratch_root):
             folder.mkdir(parents=True, exist_ok=True)
@@ -109,7 +142,14 @@ class RankShard:
                 _remove(folder)
 
     def scratch_for(self, unit_id: str) -> Path:
-        """An empty private folder for the unit about to run."""
+        """An empty private folder for the unit about to run.
+
+        Args:
+            unit_id: the unit's id.
+
+        Returns:
+            Path of ``scratch/<key>`` (emptied if it existed).
+        """
         scratch = self.scratch_root / unit_key(unit_id)
         _remove(scratch)
         scratch.mkdir(parents=True)
@@ -140,6 +180,11 @@ class RankShard:
         return to_jsonable(record)
 
     def write_stats(self, stats: dict) -> None:
+        """Write this rank's live counters to stats.json (atomically).
+
+        Args:
+            stats: a JSON-able dict.
+        """
         write_json_atomic(self.stats_path, stats)
 
 
@@ -154,6 +199,15 @@ def read_records(parts) -> dict[str, list[dict]]:
     """Every record in every rank's shard, {unit id: [records]} (more than one only after retries).
 
     Temporary files of an interrupted write start with "." and are not records.
+
+    Args:
+        parts: the parts folder.
+
+    Returns:
+        dict of unit id -> list of record dicts.
+
+    Raises:
+        ShardError: a record file cannot be read.
     """
     found: dict[str, list[dict]] = {}
     for path in sorted(Path(parts).glob("rank-*/records/*.json")):
@@ -166,14 +220,30 @@ def read_records(parts) -> dict[str, list[dict]]:
 
 
 def best_record(records: list[dict] | None) -> dict | None:
-    """The record that counts for a unit: a done one over a failed one, then the latest."""
+    """The record that counts for a unit: a done one over a failed one, then the latest.
+
+    Args:
+        records: the unit's records, or None.
+
+    Returns:
+        The record dict, or None when there is none.
+    """
     if not records:
         return None
     return max(records, key=lambda r: (r.get("status") == "done", r.get("finished_at") or 0.0, r.get("rank", 0)))
 
 
 def is_finished(records: list[dict] | None, retry_failed: bool) -> bool:
-    """Whether a unit needs no more work: it has a done record, or a failed one and failures are not retried."""
+    """Whether a unit needs no more work: it has a done record, or a failed one and failures are
+    not retried.
+
+    Args:
+        records: the unit's records, or None.
+        retry_failed: whether failed units are run again.
+
+    Returns:
+        bool.
+    """
     best = best_record(records)
     if best is None:
         return False
@@ -182,6 +252,10 @@ def is_finished(records: list[dict] | None, retry_failed: bool) -> bool:
 
 def check_run_key(parts: Path, run_key) -> None:
     """Record the run's key in a new parts folder, or refuse one written by a different run.
+
+    Args:
+        parts: the parts folder (created if needed).
+        run_key: the run's settings fingerprint (JSON-able).
 
     Raises:
         ShardError: the folder holds shards of a run with another key.

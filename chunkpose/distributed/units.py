@@ -179,6 +179,13 @@ def run_units(units: Iterable[str], process: ProcessFn, merge: MergeFn, out_dir,
     Raises:
         RanksDidNotArrive: a rank did not finish within timeout_s, or stopped beating (it is named).
         RunAborted: rank 0 refused to start or failed to merge (on the other ranks).
+        LaunchError: (an InputError) without ``context``, the launch environment cannot be used.
+        OutputFolderError: (rank 0, an InputError) ``out_dir`` cannot be used.
+        ShardError: (rank 0) the parts folder holds another run's shards, or a unit's record is missing
+            at the merge.
+        TypeError: a unit id is not a non-empty string, or ``process`` returned something other than
+            a dict.
+        ValueError: unit ids repeat, or (rank 0) the ranks disagree on the unit list.
     """
     units = _validate_units(units)
     out = Path(out_dir).expanduser().resolve()

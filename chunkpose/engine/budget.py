@@ -29,6 +29,16 @@ class BudgetTooSmall(Exception):
 
     ``minimum_bytes`` is the smallest budget (in bytes, margins included) that the engine
     predicts would work; the message names it in GiB so it can be passed as ``budget_gb``.
+
+    Args:
+        message: the error text.
+        minimum_bytes: the predicted smallest working budget in bytes, or None when unknown.
+        stage: the stage name that did not fit, or None.
+
+    Attributes:
+        minimum_bytes: int bytes or None.
+        minimum_gb: the same in GiB (float) or None.
+        stage: str or None.
     """
 
     def __init__(self, message: str, minimum_bytes: int | None = None, stage: str | None = None):
@@ -42,13 +52,31 @@ class BudgetTooSmall(Exception):
 
 
 def gib_ceil(nbytes: int, decimals: int = 3) -> float:
-    """``nbytes`` in GiB rounded up to ``decimals`` so that passing it back is enough."""
+    """``nbytes`` in GiB rounded up to ``decimals`` so that passing it back is enough.
+
+    Args:
+        nbytes: int bytes.
+        decimals: decimal places kept (default 3).
+
+    Returns:
+        float GiB (2**30 bytes), rounded up.
+    """
     scale = 10**decimals
     return math.ceil(nbytes / GIB * scale) / scale
 
 
 def normalize_device(device) -> torch.device:
-    """``device`` as a torch.device with an index on CUDA (peak counters are per device)."""
+    """``device`` as a torch.device with an index on CUDA (peak counters are per device).
+
+    Args:
+        device: "cpu", "cuda", "cuda:N", an int (CUDA index) or a torch.device.
+
+    Returns:
+        torch.device: CPU, or CUDA with an explicit index (the current device for bare "cuda").
+
+    Raises:
+        ValueError: not a CPU or CUDA device, or CUDA is requested but not available.
+    """
     if isinstance(device, str) or isinstance(device, int):
         device = torch.device(device)
     if not isinstance(device, torch.device):
@@ -65,7 +93,13 @@ def normalize_device(device) -> torch.device:
 
 @dataclass(frozen=True)
 class Budget:
-    """Bytes the engine may use on ``device``; ``total_bytes`` None means unbounded."""
+    """Bytes the engine may use on ``device``; ``total_bytes`` None means unbounded.
+
+    Attributes:
+        total_bytes: int budget in bytes, or None (unbounded).
+        device: the torch.device the budget applies to.
+        hard_cap: whether the engine enforces the budget (see Engine) rather than only plans for it.
+    """
 
     total_bytes: int | None
     device: torch.device
@@ -73,6 +107,19 @@ class Budget:
 
     @classmethod
     def from_gb(cls, budget_gb, device, hard_cap: bool = False) -> "Budget":
+        """A Budget of ``budget_gb`` GiB on ``device``.
+
+        Args:
+            budget_gb: positive number of GiB (2**30 bytes), or None for unbounded.
+            device: "cpu", "cuda", "cuda:N" or a torch.device (see normalize_device).
+            hard_cap: enforce the budget (default False).
+
+        Returns:
+            Budget with total_bytes = int(budget_gb * 2**30) (None when unbounded).
+
+        Raises:
+            ValueError: ``budget_gb`` is not a positive finite number or None, or ``device`` is unusable.
+        """
         if budget_gb is None:
             total = None
         else:
@@ -105,5 +152,12 @@ class Budget:
         return int(self.total_bytes * (1.0 - self.margin_fraction)) - self.margin_bytes
 
     def budget_for_usable(self, usable: int) -> int:
-        """The budget whose usable part is ``usable`` bytes (inverse of ``usable_bytes``)."""
+        """The budget whose usable part is ``usable`` bytes (inverse of ``usable_bytes``).
+
+        Args:
+            usable: int bytes a plan needs to fill.
+
+        Returns:
+            int total budget in bytes, margins included (rounded up).
+        """
         return int(math.ceil((usable + self.margin_bytes) / (1.0 - self.margin_fraction)))

@@ -40,7 +40,15 @@ _FOREIGN_OOM = re.compile(r"Cuda error: 2\[cudaMalloc|cudaErrorMemoryAllocation|
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` means that memory ran out (and nothing else)."""
+    """Whether ``exc`` means that memory ran out (and nothing else).
+
+    Args:
+        exc: any exception.
+
+    Returns:
+        bool: True for torch.OutOfMemoryError, the CPU allocator's "can't allocate memory" and
+        nvdiffrast's or CUDA's out-of-memory RuntimeErrors.
+    """
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     if not isinstance(exc, RuntimeError):
@@ -62,16 +70,21 @@ def _output_bytes(leaves) -> int:
 class Engine:
     """Budget-driven chunked execution. See the module docstring.
 
-    budget_gb: GiB (2**30 bytes) the work may use on ``device``, resident tensors, inputs and
-        outputs included; None = unbounded (every map runs as one chunk unless memory runs out).
-    device: "cpu", "cuda", "cuda:N" or a torch.device. The meter measures this device.
-    hard_cap: CUDA: torch.cuda.set_per_process_memory_fraction while the engine runs
-        (restored afterwards); CPU: the meter raises torch.OutOfMemoryError rather than let
-        live tensor bytes pass the budget.
-    checkpoint: run chunks under gradient checkpointing when autograd needs them (default;
-        ``map(..., checkpoint=)`` decides per call).
-    max_chunk: optional upper bound on items per chunk (latency, debugging); None = the
-        budget alone decides.
+    Args:
+        budget_gb: GiB (2**30 bytes) the work may use on ``device``, resident tensors, inputs and
+            outputs included; None = unbounded (every map runs as one chunk unless memory runs out).
+        device: "cpu", "cuda", "cuda:N" or a torch.device. The meter measures this device.
+        hard_cap: CUDA: torch.cuda.set_per_process_memory_fraction while the engine runs
+            (restored afterwards); CPU: the meter raises torch.OutOfMemoryError rather than let
+            live tensor bytes pass the budget. Default False: the budget is only planned for.
+        checkpoint: run chunks under gradient checkpointing when autograd needs them (default
+            True; ``map(..., checkpoint=)`` decides per call).
+        max_chunk: optional upper bound on items per chunk (latency, debugging); None = the
+            budget alone decides.
+
+    Raises:
+        ValueError: ``budget_gb`` is not a positive number or None, ``device`` is not a usable CPU
+            or CUDA device, or ``max_chunk`` is not a positive int or None.
     """
 
     def __init__(
@@ -118,7 +131,11 @@ class Engine:
         return f"Engine(budget={budget}, device={self.device}, hard_cap={self.hard_cap})"
 
     def available_bytes(self) -> int | None:
-        """Budget minus what is live now on the device and outside torch (None when unbounded)."""
+        """Budget minus what is live now on the device and outside torch (None when unbounded).
+
+        Returns:
+            int bytes >= 0, or None for an unbounded engine.
+        """
         if self.budget_bytes is None:
             return None
         return max(0, self.budget_bytes - self.meter.live_bytes() - self.external_bytes)
@@ -128,11 +145,22 @@ class Engine:
 
     # ------------------------------------------------------------------ hooks
     def add_listener(self, listener) -> None:
-        """``listener(event, stage)`` is called with event "start" when a map call begins,
-        "chunk" after each chunk, "end" when it returns; ``stage`` is its StageReport."""
+        """Register a progress callback for map calls.
+
+        ``listener(event, stage)`` is called with event "start" when a map call begins, "chunk"
+        after each chunk, "end" when it returns; ``stage`` is its StageReport.
+
+        Args:
+            listener: callable ``(event: str, stage: StageReport) -> None``.
+        """
         self._listeners.append(listener)
 
     def remove_listener(self, listener) -> None:
+        """Stop calling ``listener`` (added with add_listener); unknown listeners are ignored.
+
+        Args:
+            listener: the callable passed to add_listener.
+        """
         if listener in self._listeners:
             self._listeners.remove(listener)
 
@@ -147,15 +175,34 @@ class Engine:
 
         On CUDA the allocator counts every device tensor anyway; on CPU the meter only counts
         tensors created outside the engine when they are declared here or passed to map.
+
+        Args:
+            *tensors_or_modules: tensors, torch modules, or containers of them.
+
+        Returns:
+            A context manager that yields this engine.
         """
         with self.meter.holding(*tensors_or_modules):
             yield self
 
     @contextmanager
     def external(self, what: str, nbytes: int):
-        """Declare ``nbytes`` held outside torch's allocator inside the block (a renderer's
-        framebuffers, a library's own device buffers): taken off the budget the planner
-        fills and added to the reported peak (report.external_bytes)."""
+        """Declare ``nbytes`` held outside torch's allocator inside the block.
+
+        For a renderer's framebuffers or a library's own device buffers: taken off the budget the
+        planner fills and added to the reported peak (report.external_bytes). Declaring the same
+        ``what`` again inside the block replaces the earlier amount until the inner block ends.
+
+        Args:
+            what: a name for the holder (e.g. "renderer").
+            nbytes: int bytes >= 0 held outside torch.
+
+        Returns:
+            A context manager that yields this engine.
+
+        Raises:
+            ValueError: ``nbytes`` is negative.
+        """
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"nbytes: expected a non-negative number of bytes, got {nbytes}")
@@ -174,7 +221,17 @@ class Engine:
 
     @contextmanager
     def session(self, name: str):
-        """One measured span over several map calls; its peak goes to report.peak_bytes."""
+        """One measured span over several map calls; its peak goes to report.peak_bytes.
+
+        Args:
+            name: non-empty session name (the key of report.sessions).
+
+        Returns:
+            A context manager that yields the meter's span (peak_bytes, peak_allocated_bytes, wall_s).
+
+        Raises:
+            ValueError: ``name`` is not a non-empty string.
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"session name must be a non-empty string, got {name!r}")
         self._release_cache_over_budget()
@@ -189,10 +246,18 @@ class Engine:
 
     @contextmanager
     def call(self, name: str, resident=()):
-        """One call of the layer above (a register, a track): a fresh report, one session
-        over everything, and ``resident`` (tensors, modules) counted from the first byte.
-        Cost models stay cached across calls, so a tracking loop plans once. Yields the
-        call's RunReport."""
+        """One call of the layer above (a register, a track).
+
+        A fresh report, one session over everything, and ``resident`` (tensors, modules) counted
+        from the first byte. Cost models stay cached across calls, so a tracking loop plans once.
+
+        Args:
+            name: the call's name (its session in the report), e.g. "register".
+            resident: tensors or torch modules held for the whole call (default: none).
+
+        Returns:
+            A context manager that yields the call's RunReport (also ``engine.report``).
+        """
         self.report = self._new_report()
         self.report.see_external(self.external_bytes)
         with self.meter.holding(*resident), self.session(name):
@@ -200,9 +265,15 @@ class Engine:
 
     @contextmanager
     def calibrating(self):
-        """Inside the block, every map call measures its op on all the items it is given
-        and caches that as the stage's cost model (the caller hands it a few spread items
-        on a small frame), then returns the op's output. Nothing is reported as stage work."""
+        """Inside the block, every map call measures its op on all the items it is given and caches
+        that as the stage's cost model.
+
+        The caller hands it a few spread items on a small frame; the op's output is returned as
+        usual. Nothing is reported as stage work.
+
+        Returns:
+            A context manager that yields this engine.
+        """
         previous, self._calibrating = self._calibrating, True
         try:
             yield self
@@ -210,7 +281,15 @@ class Engine:
             self._calibrating = previous
 
     def note_downscale(self, factor: float, reason: str) -> None:
-        """Record (and warn about) a decision to run on inputs downscaled by ``factor``."""
+        """Record (and warn about) a decision to run on inputs downscaled by ``factor``.
+
+        Args:
+            factor: scale in (0, 1] of the image sides; below 1 a warning is issued.
+            reason: why, for report.downscale_reason.
+
+        Raises:
+            ValueError: ``factor`` is outside (0, 1].
+        """
         factor = float(factor)
         if not (0.0 < factor <= 1.0):
             raise ValueError(f"factor must be in (0, 1], got {factor!r}")
@@ -273,18 +352,26 @@ class Engine:
         """Run ``op`` over chunks of the positional tensors' first axis.
 
         Args:
-            op: a function of slices of ``mapped`` and of ``kwargs`` (passed whole).
-            mapped: tensors sliced along axis 0, all of the same leading length N.
+            op: a function of slices of ``mapped`` and of ``kwargs`` (passed whole); it must return
+                a tensor, or a tuple/list/dict of tensors, with one row per input item.
+            *mapped: tensors sliced along axis 0, all of the same leading length N.
             name: the stage name (the report's key, and part of the cost model's signature).
-            per_item_bytes, fixed_bytes: cost hints in bytes (skip estimation); with
-                out_per_item_bytes too (the outputs' bytes per item) the hint is taken as it
-                is, without one item run first to check it.
-            checkpoint: None = the engine's setting; False = keep whole autograd graphs
-                (e.g. an op that runs its own backward); True = checkpoint when autograd needs it.
+            per_item_bytes: cost hint in bytes per item (with ``fixed_bytes``: skip estimation).
+            fixed_bytes: cost hint in bytes independent of the chunk size.
+            out_per_item_bytes: the outputs' bytes per item; with it the hint is taken as it is,
+                without one item run first to check it.
+            checkpoint: None = the engine's setting; False = keep whole autograd graphs (e.g. an
+                op that runs its own backward); True = checkpoint when autograd needs it.
+            **kwargs: passed to every call of ``op`` unsliced.
 
         Returns:
-            What ``op(*mapped, **kwargs)`` returns: a tensor, or a tuple/list/dict of
-            tensors, each with leading length N.
+            What ``op(*mapped, **kwargs)`` returns: a tensor, or a tuple/list/dict of tensors, each
+            with leading length N (chunk outputs written into outputs preallocated from the first).
+
+        Raises:
+            BudgetTooSmall: a chunk of one item does not fit the budget (bounded engine).
+            torch.OutOfMemoryError: one item runs out of memory on an unbounded engine.
+            ValueError: ``op``, ``mapped``, ``name`` or the op's outputs are malformed.
         """
         self._check_args(op, mapped, name)
         if tracing_fake():  # an outer stage is being estimated on fake tensors

@@ -25,11 +25,24 @@ def choose_downscale(
 ) -> float:
     """Largest scale in (0, 1] whose predicted minimum fits ``budget_bytes``.
 
-    min_bytes_at(scale) -> bytes the smallest plan needs at that scale, assumed not to
-    decrease as the scale grows. With ``candidates`` (e.g. [1, 0.75, 0.5, 0.25]) the answer
-    is the largest candidate that fits; without, a bisection over [min_scale, 1] to
-    ``tolerance``. Scale 1.0 is returned whenever it fits (no downscale).
-    Raises BudgetTooSmall with the minimum at the smallest allowed scale when none fits.
+    With ``candidates`` the answer is the largest candidate that fits; without, a bisection
+    over [min_scale, 1] to ``tolerance``. Scale 1.0 is returned whenever it fits (no downscale).
+
+    Args:
+        min_bytes_at: ``min_bytes_at(scale) -> int`` bytes the smallest plan needs at that scale,
+            assumed not to decrease as the scale grows.
+        budget_bytes: usable bytes; None means unbounded (returns 1.0).
+        candidates: optional scales in (0, 1] to choose from (e.g. [1, 0.75, 0.5, 0.25]).
+        min_scale: smallest scale the bisection tries (default 1/16).
+        tolerance: the bisection's resolution in scale units (default 1/256).
+        what: what needs the memory, for the error message.
+
+    Returns:
+        float scale in (0, 1].
+
+    Raises:
+        BudgetTooSmall: none fits; it carries the minimum at the smallest allowed scale.
+        ValueError: ``candidates``, ``min_scale`` or ``tolerance`` is out of range.
     """
     if budget_bytes is None:
         return 1.0

@@ -12,7 +12,30 @@ MIB = 2**20
 
 @dataclass
 class StageReport:
-    """One stage (all calls of ``Engine.map`` with this name). Bytes are device bytes."""
+    """One stage (all calls of ``Engine.map`` with this name). Bytes are device bytes.
+
+    Attributes:
+        name: the stage name.
+        calls: map calls of this stage.
+        chunk_sizes: every successful chunk's size, in order.
+        n_chunks: number of successful chunks.
+        items: items processed over all calls.
+        peak_bytes: measured peak (CUDA max reserved, CPU max live tensor bytes).
+        peak_allocated_bytes: measured CUDA max allocated (CPU: = peak_bytes).
+        predicted_peak_bytes: the planner's prediction for the chunks it chose (max).
+        retries: chunks retried smaller after an out-of-memory error.
+        oom_errors: first line of each out-of-memory error, for the record.
+        wall_s: seconds spent in the stage.
+        estimate_source: where the cost model came from: "hint", "fake", "probe", "cache:<src>"
+            or "none".
+        estimate_note: e.g. why fake tracing fell back to a probe.
+        estimations: cost-model estimations run for this stage (cache misses).
+        corrections: times the first chunk measured more than predicted.
+        per_item_bytes: the cost model used last (after correction), bytes per item.
+        fixed_bytes: the cost model's fixed bytes.
+        checkpointed: whether chunks ran under gradient checkpointing.
+        over_budget: a chunk of 1 had to run although the plan said it may not fit.
+    """
 
     name: str
     calls: int = 0
@@ -35,12 +58,32 @@ class StageReport:
     over_budget: bool = False  # a chunk of 1 had to run although the plan said it may not fit
 
     def to_dict(self) -> dict:
+        """Every field as plain JSON-able Python (dataclasses.asdict).
+
+        Returns:
+            dict of field name -> value.
+        """
         return asdict(self)
 
 
 @dataclass
 class RunReport:
-    """Per-stage records plus overall peaks, the budget and any downscale decision."""
+    """Per-stage records plus overall peaks, the budget and any downscale decision.
+
+    Attributes:
+        budget_bytes: the budget in bytes, or None (unbounded).
+        device: the device, as a string.
+        peak_bytes: overall measured peak (CUDA reserved; CPU live tensor bytes).
+        peak_allocated_bytes: overall CUDA allocated peak (CPU: = peak_bytes).
+        external_bytes: the most held outside torch at once (renderer buffers), estimated from
+            sizes.
+        downscale_factor: scale the input ran at (1.0 = full resolution).
+        downscale_reason: why it was downscaled, or None.
+        stages: {stage name: StageReport}.
+        sessions: {session name: {"calls", "peak_bytes", "peak_allocated_bytes", "wall_s"}}.
+        total_peak_bytes: (property) peak_bytes + external_bytes: what the budget bounds.
+        within_budget: (property) total_peak_bytes <= budget_bytes, or None when unbounded.
+    """
 
     budget_bytes: int | None = None
     device: str = "cpu"
@@ -53,11 +96,24 @@ class RunReport:
     sessions: dict[str, dict] = field(default_factory=dict)
 
     def stage(self, name: str) -> StageReport:
+        """The StageReport of stage ``name``, created empty on first use.
+
+        Args:
+            name: the stage name given to Engine.map.
+
+        Returns:
+            StageReport (the one stored in ``stages``).
+        """
         if name not in self.stages:
             self.stages[name] = StageReport(name)
         return self.stages[name]
 
     def see_external(self, nbytes: int) -> None:
+        """Raise external_bytes to ``nbytes`` if that is more than seen so far.
+
+        Args:
+            nbytes: int bytes held outside torch now.
+        """
         self.external_bytes = max(self.external_bytes, int(nbytes))
 
     @property
@@ -66,10 +122,24 @@ class RunReport:
         return self.peak_bytes + self.external_bytes
 
     def see_peak(self, reserved: int, allocated: int) -> None:
+        """Raise the overall peaks to these measurements if higher.
+
+        Args:
+            reserved: int bytes, the measured peak (CUDA reserved; CPU live tensor bytes).
+            allocated: int bytes, the measured allocated peak (CUDA allocated; CPU: = reserved).
+        """
         self.peak_bytes = max(self.peak_bytes, int(reserved))
         self.peak_allocated_bytes = max(self.peak_allocated_bytes, int(allocated))
 
     def record_session(self, name: str, peak: int, peak_allocated: int, wall_s: float) -> None:
+        """Add one finished session span to ``sessions[name]`` (calls counted, peaks maxed, time summed).
+
+        Args:
+            name: the session name.
+            peak: int bytes, the span's measured peak.
+            peak_allocated: int bytes, the span's allocated peak.
+            wall_s: float seconds the span took.
+        """
         entry = self.sessions.setdefault(name, {"calls": 0, "peak_bytes": 0, "peak_allocated_bytes": 0, "wall_s": 0.0})
         entry["calls"] += 1
         entry["peak_bytes"] = max(entry["peak_bytes"], int(peak))
@@ -81,6 +151,12 @@ class RunReport:
         return None if self.budget_bytes is None else self.total_peak_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict:
+        """The report as plain JSON: the overall fields, total_peak_bytes, within_budget, and every
+        stage and session as a dict.
+
+        Returns:
+            dict.
+        """
         return {
             "budget_bytes": self.budget_bytes,
             "device": self.device,
@@ -96,7 +172,12 @@ class RunReport:
         }
 
     def summary(self) -> str:
-        """A short fixed-width table, one line per stage, then the overall line."""
+        """A short fixed-width table, one line per stage, then the overall line.
+
+        Returns:
+            str: a header, one line per stage (calls, chunks, sizes, peak and predicted MiB, retries,
+            seconds, estimate source), and the device/budget/peak/downscale line.
+        """
         header = f"{'stage':<24} {'calls':>5} {'chunks':>6} {'sizes':<16} {'peak MiB':>9} {'pred MiB':>9} {'retry':>5} {'time s':>7} {'est':<6}"
         lines = [header, "-" * len(header)]
         for stage in self.stages.values():
@@ -122,7 +203,15 @@ class RunReport:
 
 
 def sizes_text(sizes: list[int], width: int | None = 16) -> str:
-    """Run-length text of chunk sizes: [64, 64, 64, 16] -> '64x3,16' (cut to ``width``)."""
+    """Run-length text of chunk sizes: [64, 64, 64, 16] -> '64x3,16' (cut to ``width``).
+
+    Args:
+        sizes: chunk sizes in order.
+        width: most characters returned (longer text ends in "~"); None = no limit.
+
+    Returns:
+        str; "-" for no sizes.
+    """
     if not sizes:
         return "-"
     parts = []

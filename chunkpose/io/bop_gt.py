@@ -32,7 +32,10 @@ def distance_image(depth, K) -> np.ndarray:
 
     Args:
         depth: (H, W) camera z (any unit; the result is in the same unit).
-        K: (3, 3) intrinsics of the image (pixel centres at integer coordinates).
+        K: (3, 3) intrinsics of the image in pixels (pixel centres at integer coordinates).
+
+    Returns:
+        (H, W) float64 distances in the depth's unit.
     """
     depth = np.asarray(depth, dtype=np.float64)
     K = np.asarray(K, dtype=np.float64)
@@ -45,18 +48,33 @@ def distance_image(depth, K) -> np.ndarray:
 
 def visible_mask(dist_test, dist_model, delta: float = VISIB_DELTA_MM) -> np.ndarray:
     """BOP19 visibility: silhouette pixels (dist_model > 0) whose model distance is at most
-    ``delta`` behind the test distance, or whose test depth is missing. (H, W) bool.
+    ``delta`` behind the test distance, or whose test depth is missing.
 
-    Differences are taken in float32 like bop_toolkit, so a pixel exactly at ``delta``
-    decides the same way."""
+    Differences are taken in float32 like bop_toolkit, so a pixel exactly at ``delta`` decides
+    the same way.
+
+    Args:
+        dist_test: (H, W) distance image of the test depth (mm; 0 = missing).
+        dist_model: (H, W) distance image of the rendered model (mm; 0 = background).
+        delta: tolerance in mm (default VISIB_DELTA_MM = 15).
+
+    Returns:
+        (H, W) bool.
+    """
     diff = np.asarray(dist_model, np.float32) - np.asarray(dist_test, np.float32)
     return ((diff <= delta) | (np.asarray(dist_test) == 0)) & (np.asarray(dist_model) > 0)
 
 
 def bop_bbox(mask, offset=(0, 0)) -> list[int]:
-    """[x, y, w, h] of a mask's pixels with w = x_max - x_min (bop_toolkit's calc_2d_bbox),
-    shifted by ``offset`` (x0, y0) = image coordinates of the mask's pixel (0, 0);
-    [-1, -1, -1, -1] when empty."""
+    """[x, y, w, h] of a mask's pixels with w = x_max - x_min (bop_toolkit's calc_2d_bbox).
+
+    Args:
+        mask: (h, w) bool array.
+        offset: (x0, y0) image coordinates of the mask's pixel (0, 0) (default (0, 0)).
+
+    Returns:
+        list of 4 ints in image pixels; [-1, -1, -1, -1] when empty.
+    """
     ys, xs = np.nonzero(np.asarray(mask))
     if len(xs) == 0:
         return [-1, -1, -1, -1]
@@ -66,11 +84,24 @@ def bop_bbox(mask, offset=(0, 0)) -> list[int]:
 
 
 def canvas_box(vertices_m, pose, K, width: int, height: int, factor: int = CANVAS_FACTOR):
-    """(x0, y0, w, h): the canvas (image coordinates of its top-left pixel, its size) that
-    holds the whole silhouette of ``vertices_m`` (V,3) at ``pose`` (4,4), clipped to BOP's
-    ``factor`` x image canvas. It is the image grown to the vertices' projected box, so an
-    object inside the image costs no more than the image; a vertex behind the camera gives
-    the whole BOP canvas."""
+    """(x0, y0, w, h): the canvas (image coordinates of its top-left pixel, its size) that holds
+    the whole silhouette of ``vertices_m`` (V,3) at ``pose`` (4,4), clipped to BOP's ``factor``
+    x image canvas.
+
+    It is the image grown to the vertices' projected box, so an object inside the image costs
+    no more than the image; a vertex behind the camera gives the whole BOP canvas.
+
+    Args:
+        vertices_m: (V,3) model vertices in metres.
+        pose: (4,4) model-in-camera pose, metres.
+        K: (3,3) intrinsics of the image in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        factor: BOP's canvas size in image sizes (default CANVAS_FACTOR = 3).
+
+    Returns:
+        (x0, y0, w, h) ints in pixels, x0, y0 <= 0.
+    """
     pose = np.asarray(pose, np.float64)
     K = np.asarray(K, np.float64)
     margin_x, margin_y = (factor - 1) // 2 * width, (factor - 1) // 2 * height
@@ -92,8 +123,18 @@ def canvas_box(vertices_m, pose, K, width: int, height: int, factor: int = CANVA
 def render_model_depth_mm(renderer, vertices_m, pose, K, width: int, height: int):
     """The model's depth (mm) on the canvas of canvas_box and the canvas offset (x0, y0).
 
-    renderer: a chunkpose renderer of the model (render_full(pose, K, w, h) -> dict with
-    "depth" (1,h,w) metres); pose (4,4) metres; K (3,3) of the width x height image.
+    Args:
+        renderer: a chunkpose renderer of the model (render_full(pose, K, w, h) -> dict with
+            "depth" (1,h,w) metres).
+        vertices_m: (V,3) model vertices in metres (for canvas_box).
+        pose: (4,4) model-in-camera pose, metres.
+        K: (3,3) intrinsics of the width x height image.
+        width: image width in pixels.
+        height: image height in pixels.
+
+    Returns:
+        (depth_mm, (x0, y0)): (h, w) float64 depth in millimetres (0 = background) and the
+        canvas's top-left pixel in image coordinates.
     """
     x0, y0, cw, ch = canvas_box(vertices_m, pose, K, width, height)
     K_canvas = np.array(K, np.float64, copy=True)
@@ -110,16 +151,20 @@ def gt_info(depth_test_mm, K, model_depth_mm, offset=(0, 0), delta: float = VISI
     Args:
         depth_test_mm: (H, W) the test image's depth in mm (0 = missing), as bop_toolkit
             reads it (raw * depth_scale).
-        K: (3, 3) intrinsics of the image.
+        K: (3, 3) intrinsics of the image in pixels.
         model_depth_mm: (h, w) the model rendered at the ground-truth pose on a canvas that
-            contains the image (0 = background).
+            contains the image (0 = background), mm.
         offset: (x0, y0) image coordinates of the canvas's pixel (0, 0) (x0, y0 <= 0).
-        delta: visibility tolerance in mm.
+        delta: visibility tolerance in mm (default VISIB_DELTA_MM = 15).
+
     Returns:
         (info, visib, silhouette): info the dict of px_count_all, px_count_valid,
         px_count_visib, visib_fract, bbox_obj, bbox_visib; visib (H, W) bool the visible
         mask (what calc_gt_masks writes to mask_visib/); silhouette (H, W) bool the in-image
         silhouette (mask/).
+
+    Raises:
+        ValueError: the canvas at ``offset`` does not contain the image.
     """
     depth_test_mm = np.asarray(depth_test_mm, dtype=np.float64)
     height, width = depth_test_mm.shape

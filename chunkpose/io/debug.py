@@ -19,8 +19,17 @@ from chunkpose.ops.geometry import MIN_DEPTH
 def depth_to_points(depth, K, rgb=None, mask=None, stride: int = 1):
     """Back-project depth (H,W) metres with K (3,3) -> points (N,3) float32 and colours (N,3) uint8.
 
-    Pixels with depth < MIN_DEPTH are dropped; with ``mask`` (H,W) bool only masked pixels are
-    kept. ``stride`` keeps every stride-th row and column (to keep big frames small).
+    Pixels with depth < MIN_DEPTH are dropped; with ``mask`` only masked pixels are kept.
+
+    Args:
+        depth: (H,W) depth in metres.
+        K: (3,3) intrinsics in pixels.
+        rgb: optional (H,W,3) uint8 colours; None = grey 200.
+        mask: optional (H,W) bool.
+        stride: keep every stride-th row and column (to keep big frames small; default 1).
+
+    Returns:
+        (points, colours): (N,3) float32 camera-frame metres and (N,3) uint8.
     """
     depth = np.asarray(depth, dtype=np.float32)
     K = np.asarray(K, dtype=np.float64)
@@ -42,7 +51,16 @@ def depth_to_points(depth, K, rgb=None, mask=None, stride: int = 1):
 
 
 def write_ply(path, points, colours=None) -> Path:
-    """PLY of points (N,3) with optional colours (N,3) uint8 (trimesh's writer)."""
+    """PLY of points (N,3) with optional colours (N,3) uint8 (trimesh's writer).
+
+    Args:
+        path: the file to write.
+        points: (N,3) points (metres).
+        colours: optional (N,3) uint8.
+
+    Returns:
+        Path of the file.
+    """
     import trimesh
 
     cloud = trimesh.PointCloud(np.asarray(points, dtype=np.float64).reshape(-1, 3),
@@ -52,14 +70,36 @@ def write_ply(path, points, colours=None) -> Path:
 
 
 def write_scene_raw(path, depth, K, rgb=None, mask=None, stride: int = 1) -> Path:
-    """scene_raw.ply: the observed cloud of a frame (camera frame, metres)."""
+    """scene_raw.ply: the observed cloud of a frame (camera frame, metres).
+
+    Args:
+        path: the file to write.
+        depth: (H,W) depth in metres.
+        K: (3,3) intrinsics in pixels.
+        rgb: optional (H,W,3) uint8 colours.
+        mask: optional (H,W) bool; only masked pixels are written.
+        stride: keep every stride-th row and column (default 1).
+
+    Returns:
+        Path of the file.
+    """
     points, colours = depth_to_points(depth, K, rgb, mask, stride)
     return write_ply(path, points, colours)
 
 
 def write_mesh_at_pose(path, mesh, pose) -> Path:
-    """model_tf.obj: a chunkpose Mesh (or anything with vertices, faces and optionally
-    vertex_colors in 0..1) moved by pose (4,4) into the camera frame (trimesh's OBJ writer)."""
+    """model_tf.obj: a chunkpose Mesh moved by pose (4,4) into the camera frame (trimesh's OBJ
+    writer).
+
+    Args:
+        path: the file to write.
+        mesh: a chunkpose Mesh, or anything with vertices (V,3), faces (F,3) and optionally
+            vertex_colors (V,3) in 0..1.
+        pose: (4,4) object-in-camera pose, metres.
+
+    Returns:
+        Path of the file.
+    """
     import trimesh
 
     pose = np.asarray(pose, dtype=np.float64)
@@ -73,7 +113,21 @@ def write_mesh_at_pose(path, mesh, pose) -> Path:
 
 
 def write_crop_grid(path, crops, labels=None, columns: int = 8) -> Path:
-    """A picture of crops (B,C,h,w) (or a list of batches shown side by side)."""
+    """A picture of crops (B,C,h,w) (or a list of batches shown side by side).
+
+    Args:
+        path: the image file to write (PNG, JPEG...).
+        crops: (B,C,h,w) tensor/array, or a list of such batches (see chunkpose.vis.crop_grid).
+        labels: optional B short strings written in the tiles.
+        columns: tiles per row (default 8).
+
+    Returns:
+        Path of the file.
+
+    Raises:
+        ValueError: ``crops`` is empty.
+        OSError: the picture cannot be written.
+    """
     from chunkpose.vis import crop_grid, save_rgb
 
     save_rgb(path, crop_grid(crops, labels=labels, columns=columns))

@@ -27,11 +27,17 @@ DEFAULT_GREY = (102 / 255, 102 / 255, 102 / 255)
 class Mesh:
     """A triangle mesh in metres.
 
-    vertices (V,3) float32, faces (F,3) int64, vertex_colors (V,3) float32 in 0..1,
-    normals (V,3) float32 unit, uv (V,2) float32 or None, texture (Ht,Wt,3) uint8 or None
-    (row 0 is the top of the image; uv v=0 is its bottom row, the OBJ convention),
-    diameter: largest distance between two vertices, center (3,) float64: bounding-box
-    centre, trimesh: the source mesh (in the same frame as ``vertices``).
+    Attributes:
+        vertices: (V,3) float32 positions in metres.
+        faces: (F,3) int64 vertex indices.
+        vertex_colors: (V,3) float32 albedo in 0..1.
+        normals: (V,3) float32 unit vertex normals.
+        diameter: largest distance between two vertices, metres.
+        center: (3,) float64 bounding-box centre, metres.
+        uv: (V,2) float32 texture coordinates, or None.
+        texture: (Ht,Wt,3) uint8 image, or None (row 0 is the top of the image; uv v=0 is its
+            bottom row, the OBJ convention).
+        trimesh: the source mesh (in the same frame as ``vertices``), or None.
     """
 
     vertices: np.ndarray
@@ -58,6 +64,10 @@ class Mesh:
         """The same mesh with its bounding-box centre moved to the origin.
 
         A pose of the centred mesh ``P_c`` equals ``P @ translate(center)`` of the original.
+
+        Returns:
+            Mesh with vertices (V,3) float32 shifted by -center, center zeros(3), and a shifted copy
+            of the source trimesh.
         """
         offset = self.center.astype(np.float32)
         source = None
@@ -81,8 +91,14 @@ class Mesh:
 def mesh_diameter(vertices: np.ndarray) -> float:
     """Largest distance between two points of ``vertices (V,3)``.
 
-    The farthest pair always lies on the convex hull, so only hull vertices are compared,
-    in blocks so that memory stays small for large hulls.
+    The farthest pair always lies on the convex hull, so only hull vertices are compared, in
+    blocks so that memory stays small for large hulls.
+
+    Args:
+        vertices: (V,3) array-like of points (metres for a chunkpose mesh).
+
+    Returns:
+        float distance in the vertices' units; 0.0 for fewer than two points.
     """
     points = np.asarray(vertices, dtype=np.float64)
     if len(points) < 2:
@@ -205,11 +221,18 @@ def _vertex_colors(mesh: trimesh.Trimesh) -> np.ndarray:
 def load_mesh(path_or_trimesh, scale: float | None = None) -> Mesh:
     """Load a mesh in metres.
 
-    path_or_trimesh: a path (OBJ/PLY/STL/GLB/...), a ``trimesh.Trimesh`` or ``trimesh.Scene``
-    (scenes are concatenated), or an existing :class:`Mesh` (returned as is unless scaled).
-    scale: multiply vertex coordinates by this (0.001 for a mesh in millimetres).
-    Raises ValueError for unreadable files, empty meshes, and meshes whose diameter is
-    over 3 m (almost surely millimetres).
+    Args:
+        path_or_trimesh: a path (OBJ/PLY/STL/GLB/...), a ``trimesh.Trimesh`` or ``trimesh.Scene``
+            (scenes are concatenated), or an existing :class:`Mesh` (returned as is unless scaled).
+        scale: multiply vertex coordinates by this (0.001 for a mesh in millimetres); None = 1.
+
+    Returns:
+        Mesh in metres.
+
+    Raises:
+        InputError: an unreadable or missing file, a non-positive scale, an empty mesh,
+            non-finite vertices, coinciding vertices, or a diameter over 3 m (almost surely
+            millimetres).
     """
     if isinstance(path_or_trimesh, Mesh):
         if scale is None:
@@ -238,9 +261,16 @@ def load_mesh(path_or_trimesh, scale: float | None = None) -> Mesh:
 
 
 def mesh_from_trimesh(source: trimesh.Trimesh, diameter: float | None = None) -> Mesh:
-    """A :class:`Mesh` of a trimesh as it is, without load_mesh's checks of units and size
-    (for scene geometry such as a background plane, which may be metres wide).
-    diameter: pass it when already computed."""
+    """A :class:`Mesh` of a trimesh as it is, without load_mesh's checks of units and size (for
+    scene geometry such as a background plane, which may be metres wide).
+
+    Args:
+        source: the ``trimesh.Trimesh`` (kept as the Mesh's ``trimesh``, not copied).
+        diameter: pass it when already computed; None computes it (mesh_diameter).
+
+    Returns:
+        Mesh.
+    """
     vertices = np.asarray(source.vertices, dtype=np.float64)
     if diameter is None:
         diameter = mesh_diameter(vertices)

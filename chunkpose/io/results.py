@@ -31,8 +31,15 @@ class OutputFolderError(InputError):
 class OutputDir:
     """Context manager: ``with OutputDir(out) as tmp: ...write into tmp...; commit()``.
 
-    ``path`` is the temporary folder while open. ``commit()`` moves it to ``final``.
-    Leaving the block without commit (an exception) deletes the temporary folder.
+    ``path`` is the temporary folder while open (the ``with`` value). ``commit()`` moves it to
+    ``final``. Leaving the block without commit (an exception) deletes the temporary folder.
+
+    Args:
+        final: the requested output folder (created or replaced at commit).
+
+    Raises:
+        OutputFolderError: (an InputError) ``final`` is a file, or a non-empty folder that holds
+            no chunkpose report.
     """
 
     def __init__(self, final):
@@ -54,7 +61,14 @@ class OutputDir:
         return self.path
 
     def commit(self) -> Path:
-        """Move the finished folder into place (replacing an earlier chunkpose output)."""
+        """Move the finished folder into place (replacing an earlier chunkpose output).
+
+        Returns:
+            Path of the final folder.
+
+        Raises:
+            RuntimeError: called outside the with-block or twice.
+        """
         if self.path is None or self.committed:
             raise RuntimeError("OutputDir.commit() outside its with-block or twice")
         replace_folder(self.path, self.final)
@@ -62,6 +76,7 @@ class OutputDir:
         return self.final
 
     def discard(self) -> None:
+        """Delete the temporary folder unless it was committed (errors ignored)."""
         if self.path is not None and not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
 
@@ -72,7 +87,17 @@ class OutputDir:
 
 
 def to_jsonable(value):
-    """numpy / torch values -> plain Python for json (NaN and inf become None)."""
+    """numpy / torch values -> plain Python for json (NaN and inf become None).
+
+    Objects with ``to_dict()`` are converted through it; Paths become strings, anything else
+    unknown ``str(value)``.
+
+    Args:
+        value: any value (nested dicts, lists, tuples, arrays, tensors, scalars).
+
+    Returns:
+        dicts (str keys), lists, bool, int, float, str or None.
+    """
     if hasattr(value, "to_dict") and callable(value.to_dict):
         return to_jsonable(value.to_dict())
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor without importing torch
@@ -98,13 +123,33 @@ def to_jsonable(value):
 
 
 def write_json(path, data) -> Path:
+    """Write ``data`` (through to_jsonable) as indented JSON with a final newline.
+
+    Args:
+        path: the file to write.
+        data: any value to_jsonable accepts.
+
+    Returns:
+        Path of the file.
+    """
     path = Path(path)
     path.write_text(json.dumps(to_jsonable(data), indent=2) + "\n")
     return path
 
 
 def write_pose_txt(path, pose) -> Path:
-    """A 4x4 pose as 4 lines of 4 numbers (the ob_in_cam/<frame>.txt format)."""
+    """A 4x4 pose as 4 lines of 4 numbers (the ob_in_cam/<frame>.txt format).
+
+    Args:
+        path: the file to write.
+        pose: (4,4) array-like, translation in metres.
+
+    Returns:
+        Path of the file.
+
+    Raises:
+        InputError: ``pose`` is not (4,4).
+    """
     pose = np.asarray(pose, dtype=np.float64)
     if pose.shape != (4, 4):
         raise InputError(f"pose must be (4,4), got {pose.shape}")
@@ -113,7 +158,19 @@ def write_pose_txt(path, pose) -> Path:
 
 
 def bop_csv_row(scene_id: int, im_id: int, obj_id: int, score: float, pose, time_s: float) -> dict:
-    """One BOP results row from a pose (4,4) in metres: R row-major, t in millimetres."""
+    """One BOP results row from a pose (4,4) in metres: R row-major, t in millimetres.
+
+    Args:
+        scene_id: BOP scene id.
+        im_id: BOP image id.
+        obj_id: BOP object id.
+        score: the estimate's score.
+        pose: (4,4) model-in-camera pose, metres.
+        time_s: seconds the estimate took (BOP's time column).
+
+    Returns:
+        dict with the BOP_CSV_HEADER keys; R and t as space-separated text.
+    """
     pose = np.asarray(pose, dtype=np.float64)
     return {
         "scene_id": int(scene_id),
@@ -127,7 +184,15 @@ def bop_csv_row(scene_id: int, im_id: int, obj_id: int, score: float, pose, time
 
 
 def write_bop_csv(path, rows) -> Path:
-    """BOP results CSV (header scene_id,im_id,obj_id,score,R,t,time)."""
+    """BOP results CSV (header scene_id,im_id,obj_id,score,R,t,time).
+
+    Args:
+        path: the file to write.
+        rows: dicts with the BOP_CSV_HEADER keys (e.g. from bop_csv_row).
+
+    Returns:
+        Path of the file.
+    """
     path = Path(path)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=BOP_CSV_HEADER, lineterminator="\n")
@@ -138,7 +203,15 @@ def write_bop_csv(path, rows) -> Path:
 
 
 def read_bop_csv(path) -> list[dict]:
-    """Rows of a BOP results CSV with R (3,3) and t (3,) in millimetres as arrays."""
+    """Rows of a BOP results CSV with R (3,3) and t (3,) in millimetres as arrays.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        list of dicts: scene_id, im_id, obj_id (int), score, time (float), R (3,3) float64 and
+        t (3,) float64 in millimetres.
+    """
     rows = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):

@@ -1,4 +1,4 @@
-"""Scene writers: the YCBInEOAT folder layout and a BOP dataset with one scene.
+"""Scene writers: the YCBInEOAT folder layout, and what every scene writer shares.
 
 Everything is written into a temporary folder next to the destination and moved into
 place at the end, so an interrupted or failed write never leaves a half-written scene.
@@ -9,17 +9,13 @@ objects: masks/<name>/*.png and annotated_poses/<name>/*.txt per object, optiona
 labels/*.png (0 background, object k at value k) with labels.json ({name: k}); the
 objects' meshes go to mesh/<name>.obj (metres, with colours), as FoundationPose's demo
 data keeps them.
-BOP: camera.json, test_targets_bop19.json, models/ and models_eval/ (obj_XXXXXX.ply in
-millimetres + models_info.json), test/XXXXXX/{scene_camera.json, rgb/, depth/ (uint16,
-depth_mm = raw * depth_scale)} and, unless the ground truth is withheld (a test set as
-BOP publishes it), scene_gt.json (R, t in mm), scene_gt_info.json, mask/, mask_visib/.
+BOP: see chunkpose.io.bop_writer.
 """
 from __future__ import annotations
 
 import json
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +178,28 @@ def write_ycbineoat(path, rgb, depth, K, masks=None, poses=None, names=None, ove
     Returns:
         The folder.
     """
+    K, masks, poses, (height, width) = _check_ycbineoat(rgb, depth, K, masks, poses, labels)
+    meshes = {_check_object_name(name, "meshes"): mesh for name, mesh in (meshes or {}).items()}
+    names = list(names) if names is not None else [f"{i:06d}" for i in range(len(rgb))]
+    with atomic_folder(path, overwrite) as tmp:
+        np.savetxt(tmp / "cam_K.txt", K, fmt="%.10g")
+        _write_images(tmp, rgb, depth, names)
+        if masks is not None:
+            _write_masks(tmp / "masks", masks, names)
+        if poses is not None:
+            _write_poses(tmp / "annotated_poses", poses, names)
+        if labels:
+            _write_labels(tmp, masks, names, height, width)
+        if meshes:
+            (tmp / "mesh").mkdir()
+            for obj, mesh in meshes.items():
+                export_scene_mesh(mesh, tmp / "mesh", obj)
+    return Path(path)
+
+
+def _check_ycbineoat(rgb, depth, K, masks, poses, labels):
+    """(K, masks, poses, (height, width)) checked; masks and poses given per object come
+    back as {name: list}."""
     height, width = _check_frames(rgb, depth, None if isinstance(masks, dict) else masks,
                                   None if isinstance(poses, dict) else poses)
     n = len(rgb)
@@ -194,29 +212,24 @@ def write_ycbineoat(path, rgb, depth, K, masks=None, poses=None, names=None, ove
         poses = _per_object(poses, "poses", n, height, width, masks=False)
     if labels and not (isinstance(masks, dict) and all(len(m) == n for m in masks.values())):
         raise ValueError("labels: needs masks per object ({name: masks}) for every frame")
-    meshes = {_check_object_name(name, "meshes"): mesh for name, mesh in (meshes or {}).items()}
-    names = list(names) if names is not None else [f"{i:06d}" for i in range(n)]
-    with atomic_folder(path, overwrite) as tmp:
-        np.savetxt(tmp / "cam_K.txt", K, fmt="%.10g")
-        for sub in ("rgb", "depth"):
-            (tmp / sub).mkdir()
-        for i, name in enumerate(names):
-            _imwrite(tmp / "rgb" / f"{name}.png", np.asarray(rgb[i]))
-            _imwrite(tmp / "depth" / f"{name}.png", _depth_units(depth[i], 1000.0, f"depth[{i}]"))
-        if masks is not None:
-            _write_masks(tmp / "masks", masks, names)
-        if poses is not None:
-            _write_poses(tmp / "annotated_poses", poses, names)
-        if labels:
-            (tmp / "labels").mkdir()
-            for i, name in enumerate(names):
-                _imwrite(tmp / "labels" / f"{name}.png", label_image(masks, i, height, width))
-            (tmp / "labels.json").write_text(json.dumps({obj: k for k, obj in enumerate(masks, start=1)}, indent=2))
-        if meshes:
-            (tmp / "mesh").mkdir()
-            for obj, mesh in meshes.items():
-                export_scene_mesh(mesh, tmp / "mesh", obj)
-    return Path(path)
+    return K, masks, poses, (height, width)
+
+
+def _write_images(folder: Path, rgb, depth, names: list) -> None:
+    """rgb/<frame>.png and depth/<frame>.png (uint16 millimetres)."""
+    for sub in ("rgb", "depth"):
+        (folder / sub).mkdir()
+    for i, name in enumerate(names):
+        _imwrite(folder / "rgb" / f"{name}.png", np.asarray(rgb[i]))
+        _imwrite(folder / "depth" / f"{name}.png", _depth_units(depth[i], 1000.0, f"depth[{i}]"))
+
+
+def _write_labels(folder: Path, masks: dict, names: list, height: int, width: int) -> None:
+    """labels/<frame>.png and labels.json, whose values follow the order of ``masks``."""
+    (folder / "labels").mkdir()
+    for i, name in enumerate(names):
+        _imwrite(folder / "labels" / f"{name}.png", label_image(masks, i, height, width))
+    (folder / "labels.json").write_text(json.dumps({obj: k for k, obj in enumerate(masks, start=1)}, indent=2))
 
 
 def _write_masks(folder: Path, masks, names: list) -> None:
@@ -235,243 +248,3 @@ def _write_poses(folder: Path, poses, names: list) -> None:
         sub.mkdir(parents=True)
         for i, pose in enumerate(frames):
             np.savetxt(sub / f"{names[i]}.txt", np.asarray(pose, np.float64), fmt="%.10g")
-
-
-@dataclass
-class BopGt:
-    """One ground-truth object instance of an image for write_bop_dataset.
-
-    obj_id: the model's id; pose (4,4) object-in-camera in metres; mask_visib (H,W) bool
-    visible mask or None (then BOP's depth-based visibility is written); mask_full (H,W)
-    bool in-image silhouette or None (then the rendered one is written).
-    """
-
-    obj_id: int
-    pose: np.ndarray
-    mask_visib: np.ndarray | None = None
-    mask_full: np.ndarray | None = None
-
-
-@dataclass
-class BopImage:
-    """One image for write_bop_dataset: rgb (H,W,3) uint8, depth (H,W) metres (0 =
-    missing), K (3,3) and its ground-truth instances."""
-
-    rgb: np.ndarray
-    depth: np.ndarray
-    K: np.ndarray
-    instances: list = field(default_factory=list)
-
-
-def _default_renderer(mesh):
-    from chunkpose.io.mesh import Mesh, mesh_from_trimesh
-    from chunkpose.ops.render import make_renderer
-
-    return make_renderer(mesh if isinstance(mesh, Mesh) else mesh_from_trimesh(mesh), "cpu")
-
-
-def _export_model(mesh, folder: Path, obj_id: int, symmetries: dict | None) -> dict:
-    """Write obj_XXXXXX.ply in millimetres; return its models_info.json entry."""
-    import trimesh
-
-    from chunkpose.io.mesh import mesh_diameter
-
-    source = getattr(mesh, "trimesh", mesh)
-    if not isinstance(source, trimesh.Trimesh):
-        raise ValueError(f"meshes[{obj_id}]: expected a chunkpose Mesh or a trimesh.Trimesh")
-    model = source.copy()
-    model.apply_scale(1000.0)
-    if getattr(mesh, "vertex_colors", None) is not None and len(mesh.vertex_colors) == len(model.vertices):
-        colors = (np.clip(mesh.vertex_colors, 0, 1) * 255).round().astype(np.uint8)
-        model.visual = trimesh.visual.ColorVisuals(model, vertex_colors=colors)
-    model.export(folder / f"obj_{obj_id:06d}.ply")
-    lo, hi = model.bounds
-    info = {
-        "diameter": float(mesh_diameter(model.vertices)),
-        "min_x": float(lo[0]), "min_y": float(lo[1]), "min_z": float(lo[2]),
-        "size_x": float(hi[0] - lo[0]), "size_y": float(hi[1] - lo[1]), "size_z": float(hi[2] - lo[2]),
-    }
-    for key, value in (symmetries or {}).items():
-        if key not in ("symmetries_discrete", "symmetries_continuous"):
-            raise ValueError(f"symmetries[{obj_id}]: unknown key {key!r} (expected symmetries_discrete, "
-                             "symmetries_continuous as in models_info.json, translations in millimetres)")
-        info[key] = value
-    return info
-
-
-def _check_images(images, meshes) -> tuple[int, int]:
-    if not images:
-        raise ValueError("images: expected at least one BopImage")
-    height, width = np.asarray(images[0].rgb).shape[:2]
-    for i, image in enumerate(images):
-        rgb = np.asarray(image.rgb)
-        if rgb.shape != (height, width, 3) or rgb.dtype != np.uint8:
-            raise ValueError(f"images[{i}].rgb: expected uint8 ({height},{width},3), got {rgb.dtype} {rgb.shape}")
-        depth = np.asarray(image.depth)
-        if depth.shape != (height, width) or not np.isfinite(depth).all():
-            raise ValueError(f"images[{i}].depth: expected finite ({height},{width}) metres (0 = missing)")
-        if np.asarray(image.K).shape != (3, 3):
-            raise ValueError(f"images[{i}].K: expected (3,3), got {np.asarray(image.K).shape}")
-        for j, gt in enumerate(image.instances):
-            if int(gt.obj_id) not in meshes:
-                raise ValueError(f"images[{i}].instances[{j}]: obj_id {gt.obj_id} has no mesh (pass meshes[{gt.obj_id}])")
-            if np.asarray(gt.pose).shape != (4, 4):
-                raise ValueError(f"images[{i}].instances[{j}].pose: expected (4,4) metres")
-            for name in ("mask_visib", "mask_full"):
-                mask = getattr(gt, name)
-                if mask is not None and np.asarray(mask).shape != (height, width):
-                    raise ValueError(f"images[{i}].instances[{j}].{name}: expected ({height},{width})")
-    return height, width
-
-
-def write_bop_dataset(
-    path,
-    images,
-    meshes: dict,
-    *,
-    scene_id: int = 1,
-    split: str = "test",
-    depth_scale: float = 1.0,
-    ground_truth: bool = True,
-    symmetries: dict | None = None,
-    visib_delta_mm: float = 15.0,
-    renderer_factory=None,
-    overwrite: bool = False,
-) -> Path:
-    """Write a BOP dataset with one scene, in the layout and with the files BOP's own
-    datasets have (see the module docstring).
-
-    Args:
-        path: the dataset folder (written atomically).
-        images: [BopImage]; image i is im_id i.
-        meshes: {obj_id: chunkpose Mesh or trimesh in metres} (written in millimetres).
-        scene_id, split: where the images go (DATASET/<split>/<scene_id:06d>).
-        depth_scale: millimetres per raw depth unit.
-        ground_truth: False writes a test set with the ground truth withheld (no
-            scene_gt.json, scene_gt_info.json, mask/, mask_visib/), like BOP's test sets;
-            test_targets_bop19.json is written either way.
-        symmetries: {obj_id: {"symmetries_discrete": [...], "symmetries_continuous": [...]}}
-            added to models_info.json (BOP's format, millimetres).
-        visib_delta_mm: the visibility tolerance of calc_gt_info (15 mm; 5 for ITODD).
-        renderer_factory: mesh -> renderer used to render each instance at its pose
-            (default: chunkpose's OpenGL renderer on the CPU).
-        overwrite: replace an existing non-empty folder.
-    Returns:
-        The dataset folder.
-
-    scene_gt_info.json follows calc_gt_info exactly: the model is rendered at the
-    ground-truth pose and its visibility is taken from the written (quantised) depth, so
-    the fields exist with or without the caller's masks. test_targets_bop19.json lists,
-    per image and object, the instances with visib_fract >= 0.1 (BOP's rule).
-    """
-    from chunkpose.io.bop import Target, write_targets
-    from chunkpose.io.bop_gt import gt_info, render_model_depth_mm
-    from chunkpose.io.mesh import load_mesh
-
-    meshes = {int(k): v for k, v in meshes.items()}
-    height, width = _check_images(images, meshes)
-    if not depth_scale > 0:
-        raise ValueError(f"depth_scale: expected a positive number of millimetres per unit, got {depth_scale}")
-    factory = renderer_factory or _default_renderer
-    renderers, loaded = {}, {}
-    with atomic_folder(path, overwrite) as tmp:
-        infos = {}
-        for folder_name in ("models", "models_eval"):
-            folder = tmp / folder_name
-            folder.mkdir()
-            for obj_id, mesh in sorted(meshes.items()):
-                infos[str(obj_id)] = _export_model(mesh, folder, obj_id, (symmetries or {}).get(obj_id))
-            (folder / "models_info.json").write_text(json.dumps(infos, indent=2))
-        K0 = np.asarray(images[0].K, dtype=np.float64)
-        camera = {
-            "cx": float(K0[0, 2]), "cy": float(K0[1, 2]), "fx": float(K0[0, 0]), "fy": float(K0[1, 1]),
-            "height": int(height), "width": int(width), "depth_scale": float(depth_scale),
-        }
-        (tmp / "camera.json").write_text(json.dumps(camera, indent=2))
-        scene = tmp / split / f"{scene_id:06d}"
-        for sub in ("rgb", "depth") + (("mask", "mask_visib") if ground_truth else ()):
-            (scene / sub).mkdir(parents=True)
-        scene_camera, scene_gt, scene_gt_info, targets = {}, {}, {}, []
-        for im_id, image in enumerate(images):
-            K = np.asarray(image.K, dtype=np.float64)
-            raw = _depth_units(image.depth, 1000.0 / depth_scale, f"images[{im_id}].depth")
-            _imwrite(scene / "rgb" / f"{im_id:06d}.png", np.asarray(image.rgb))
-            _imwrite(scene / "depth" / f"{im_id:06d}.png", raw)
-            scene_camera[str(im_id)] = {"cam_K": K.reshape(-1).tolist(), "depth_scale": float(depth_scale)}
-            depth_mm = raw.astype(np.float32) * np.float32(depth_scale)  # what bop_toolkit reads back
-            gts, gt_infos, counts = [], [], {}
-            for gt_id, gt in enumerate(image.instances):
-                obj_id = int(gt.obj_id)
-                if obj_id not in renderers:
-                    loaded[obj_id] = load_mesh(meshes[obj_id])
-                    renderers[obj_id] = factory(loaded[obj_id])
-                pose = np.asarray(gt.pose, dtype=np.float64)
-                model_depth, offset = render_model_depth_mm(renderers[obj_id], loaded[obj_id].vertices, pose, K,
-                                                            width, height)
-                info, visib, silhouette = gt_info(depth_mm, K, model_depth, offset, visib_delta_mm)
-                gts.append({"cam_R_m2c": pose[:3, :3].reshape(-1).tolist(),
-                            "cam_t_m2c": (pose[:3, 3] * 1000.0).tolist(), "obj_id": obj_id})
-                gt_infos.append(info)
-                if info["visib_fract"] >= 0.1:
-                    counts[obj_id] = counts.get(obj_id, 0) + 1
-                if ground_truth:
-                    name = f"{im_id:06d}_{gt_id:06d}.png"
-                    full = silhouette if gt.mask_full is None else np.asarray(gt.mask_full, dtype=bool)
-                    shown = visib if gt.mask_visib is None else np.asarray(gt.mask_visib, dtype=bool)
-                    _imwrite(scene / "mask" / name, _mask_image(full))
-                    _imwrite(scene / "mask_visib" / name, _mask_image(shown))
-            scene_gt[str(im_id)] = gts
-            scene_gt_info[str(im_id)] = gt_infos
-            targets += [Target(int(scene_id), im_id, obj_id, n) for obj_id, n in counts.items()]
-        (scene / "scene_camera.json").write_text(json.dumps(scene_camera, indent=2))
-        if ground_truth:
-            (scene / "scene_gt.json").write_text(json.dumps(scene_gt, indent=2))
-            (scene / "scene_gt_info.json").write_text(json.dumps(scene_gt_info, indent=2))
-        write_targets(tmp / "test_targets_bop19.json", targets)
-    return Path(path)
-
-
-def write_bop(
-    path,
-    rgb,
-    depth,
-    K,
-    masks,
-    poses,
-    mesh,
-    full_masks=None,
-    obj_id: int = 1,
-    scene_id: int = 1,
-    split: str = "test",
-    depth_scale: float = 1.0,
-    overwrite: bool = False,
-    ground_truth: bool = True,
-    renderer_factory=None,
-) -> Path:
-    """Write a BOP dataset folder with one object and one instance per image.
-
-    rgb, depth (metres) and poses (4,4 metres) are per image; masks: visible masks (bool)
-    per image, or None to write BOP's depth-based visibility; mesh: a chunkpose Mesh or
-    trimesh in metres (written in millimetres); full_masks: optional unoccluded
-    silhouettes for mask/ (default: rendered); depth_scale: millimetres per raw depth
-    unit; ground_truth=False withholds scene_gt.json, scene_gt_info.json and the masks.
-    See write_bop_dataset for what is written.
-    """
-    _check_frames(rgb, depth, masks, poses)
-    if poses is None:
-        raise ValueError("poses: BOP needs the ground-truth pose of every image")
-    if masks is not None and len(masks) != len(rgb):
-        raise ValueError("masks: BOP needs a visible mask for every image (or masks=None)")
-    if full_masks is not None and len(full_masks) != len(rgb):
-        raise ValueError(f"full_masks: expected {len(rgb)} masks, got {len(full_masks)}")
-    images = [
-        BopImage(np.asarray(rgb[i]), np.asarray(depth[i]), np.asarray(K, dtype=np.float64), [
-            BopGt(int(obj_id), np.asarray(poses[i], dtype=np.float64),
-                  None if masks is None else np.asarray(masks[i], dtype=bool),
-                  None if full_masks is None else np.asarray(full_masks[i], dtype=bool))
-        ])
-        for i in range(len(rgb))
-    ]
-    return write_bop_dataset(path, images, {int(obj_id): mesh}, scene_id=scene_id, split=split,
-                             depth_scale=depth_scale, ground_truth=ground_truth, overwrite=overwrite,
-                             renderer_factory=renderer_factory)

@@ -73,8 +73,19 @@ SCORER_DEFAULTS = OFFICIAL_CONFIGS["scorer"]
 
 
 def official_config(kind: str, **overrides: Any) -> Dict[str, Any]:
-    """The official run's configuration of `kind` ("refiner" or "scorer"), updated with
-    `overrides` (e.g. input_resize=[32, 32] for small test crops)."""
+    """The official run's configuration of ``kind`` ("refiner" or "scorer"), updated with
+    ``overrides`` (e.g. input_resize=[32, 32] for small test crops).
+
+    Args:
+        kind: "refiner" or "scorer".
+        **overrides: config keys to set.
+
+    Returns:
+        dict: a deep copy of OFFICIAL_CONFIGS[kind] with the overrides.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
     if kind not in OFFICIAL_CONFIGS:
         raise ValueError(f"kind: expected 'refiner' or 'scorer', got {kind!r}")
     values = copy.deepcopy(OFFICIAL_CONFIGS[kind])
@@ -96,7 +107,18 @@ class CheckpointError(InputError):
 
 @dataclass
 class NetworkConfig:
-    """The config.yml of one run merged over the defaults; `raw` keeps the file's own keys."""
+    """The config.yml of one run merged over the defaults; ``raw`` keeps the file's own keys.
+
+    Indexing (``cfg["crop_ratio"]``) reads ``values``.
+
+    Attributes:
+        kind: "refiner" or "scorer".
+        values: dict of the settings the network runs with.
+        raw: dict of the file's own keys ({} when there was no file).
+        source: the config.yml path, or None.
+        crop_size: (property) the square input_resize side in pixels (CheckpointError when it is
+            not square, not a multiple of 8 or above 160).
+    """
 
     kind: str  # "refiner" | "scorer"
     values: Dict[str, Any]
@@ -107,6 +129,15 @@ class NetworkConfig:
         return self.values[key]
 
     def get(self, key: str, default: Any = None) -> Any:
+        """``values[key]``, or ``default`` when the key is not set.
+
+        Args:
+            key: a config key.
+            default: returned when absent (default None).
+
+        Returns:
+            The value.
+        """
         return self.values.get(key, default)
 
     @property
@@ -123,14 +154,26 @@ class NetworkConfig:
 
 
 def make_config(kind: str, raw: Optional[Dict[str, Any]] = None, source: Optional[Path] = None) -> NetworkConfig:
-    """The configuration a run of `kind` ("refiner" or "scorer") runs with.
+    """The configuration a run of ``kind`` ("refiner" or "scorer") runs with.
 
-    raw None (no config at all): the official run's values. A config (a config.yml's
-    contents or a dict): its keys, and for keys it does not set upstream's
-    backward-compatibility defaults (MISSING_KEY_DEFAULTS: use_BN False, c_in 4,
-    normalize_xyz False, crop_ratio 1.2, zfar 3 for the refiner and inf for the scorer),
-    then the official values of the keys upstream has no default for (input_resize,
-    rot_normalizer, trans_normalizer).
+    raw None (no config at all): the official run's values. A config (a config.yml's contents
+    or a dict): its keys, and for keys it does not set upstream's backward-compatibility
+    defaults (MISSING_KEY_DEFAULTS: use_BN False, c_in 4, normalize_xyz False, crop_ratio 1.2,
+    zfar 3 for the refiner and inf for the scorer), then the official values of the keys
+    upstream has no default for (input_resize, rot_normalizer, trans_normalizer).
+
+    Args:
+        kind: "refiner" or "scorer".
+        raw: a config dict, or None for the official run's values.
+        source: the config file, for messages (optional).
+
+    Returns:
+        NetworkConfig.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+        CheckpointError: (an InputError) unsupported rot_rep / trans_rep, normalize_xyz false
+            without trans_normalizer, or an unusable input_resize.
     """
     if kind not in OFFICIAL_CONFIGS:
         raise ValueError(f"kind: expected 'refiner' or 'scorer', got {kind!r}")
@@ -175,7 +218,19 @@ _LenientLoader.add_multi_constructor("", _construct_any)
 
 
 def read_config(path: Union[str, Path]) -> Dict[str, Any]:
-    """config.yml -> dict (empty if the file is missing or empty)."""
+    """config.yml -> dict (empty if the file is missing or empty).
+
+    Python-specific YAML tags (tuples, numpy scalars...) are read as plain data.
+
+    Args:
+        path: the config.yml file.
+
+    Returns:
+        dict of settings.
+
+    Raises:
+        CheckpointError: the file holds something other than a mapping.
+    """
     path = Path(path)
     if not path.is_file():
         return {}
@@ -195,6 +250,16 @@ def read_state_dict(path: Union[str, Path], allow_pickle: bool = True) -> Dict[s
 
     Loads with weights_only=True; a file that needs full unpickling is loaded that way only
     when allow_pickle (with a warning: only do this for files from a source you trust).
+
+    Args:
+        path: the .pth file.
+        allow_pickle: allow the full-unpickling fallback (default True).
+
+    Returns:
+        dict of key -> CPU tensor.
+
+    Raises:
+        CheckpointError: the file is missing, cannot be loaded, or holds no state dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -223,7 +288,14 @@ def read_state_dict(path: Union[str, Path], allow_pickle: bool = True) -> Dict[s
 
 
 def kind_of_state_dict(state: Dict[str, torch.Tensor]) -> Optional[str]:
-    """'refiner' for RefineNet keys (encodeA.*), 'scorer' for ScoreNetMultiPair keys (encoderA.*)."""
+    """'refiner' for RefineNet keys (encodeA.*), 'scorer' for ScoreNetMultiPair keys (encoderA.*).
+
+    Args:
+        state: a state dict.
+
+    Returns:
+        "refiner", "scorer" or None when the keys tell neither.
+    """
     if any(k.startswith("encodeA.") for k in state) or any(k.startswith("trans_head.") for k in state):
         return "refiner"
     if any(k.startswith("encoderA.") for k in state) or any(k.startswith("att_cross.") for k in state):
@@ -232,7 +304,14 @@ def kind_of_state_dict(state: Dict[str, torch.Tensor]) -> Optional[str]:
 
 
 def kind_of_config(cfg: Dict[str, Any]) -> Optional[str]:
-    """Guess refiner/scorer from a config dict (used when the state dict does not tell)."""
+    """Guess refiner/scorer from a config dict (used when the state dict does not tell).
+
+    Args:
+        cfg: a config dict (names such as exp_name, and refiner-only keys, are looked at).
+
+    Returns:
+        "refiner", "scorer" or None.
+    """
     text = " ".join(str(cfg.get(k, "")) for k in ("exp_name", "model_name", "model", "name", "task")).lower()
     if "score" in text:
         return "scorer"
@@ -246,7 +325,14 @@ def kind_of_config(cfg: Dict[str, Any]) -> Optional[str]:
 # --- building the modules -----------------------------------------------------------------
 
 def build_network(cfg: NetworkConfig) -> nn.Module:
-    """An untrained RefineNet or ScoreNetMultiPair shaped by the config (c_in, use_BN)."""
+    """An untrained RefineNet or ScoreNetMultiPair shaped by the config (c_in, use_BN).
+
+    Args:
+        cfg: a NetworkConfig.
+
+    Returns:
+        nn.Module (RefineNet for kind "refiner", else ScoreNetMultiPair) on the CPU.
+    """
     c_in = int(cfg["c_in"])
     use_bn = bool(cfg["use_BN"])
     if cfg.kind == "refiner":
@@ -255,7 +341,17 @@ def build_network(cfg: NetworkConfig) -> nn.Module:
 
 
 def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], source: Union[str, Path], kind: str) -> None:
-    """load_state_dict(strict) with one clear message naming every missing/unexpected/mis-shaped key."""
+    """load_state_dict(strict) with one clear message naming every missing/unexpected/mis-shaped key.
+
+    Args:
+        model: the network to load into.
+        state: the state dict.
+        source: the file it came from, for the message.
+        kind: "refiner" or "scorer", for the message.
+
+    Raises:
+        CheckpointError: any key is missing, unexpected or of another shape.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -286,6 +382,14 @@ def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], source: 
 
 @dataclass
 class RunFolder:
+    """One run folder's contents.
+
+    Attributes:
+        path: the run folder.
+        state: its state dict.
+        config: its config.yml as a dict.
+        kind: "refiner", "scorer" or None.
+    """
     path: Path
     state: Dict[str, torch.Tensor]
     config: Dict[str, Any]
@@ -305,7 +409,19 @@ def _candidate_roots(path: Path) -> List[Path]:
 
 
 def find_run_folders(path: Union[str, Path]) -> Dict[str, Path]:
-    """{'refiner': run folder, 'scorer': run folder} under `path` (see the module docstring)."""
+    """{'refiner': run folder, 'scorer': run folder} under ``path`` (see the module docstring).
+
+    Args:
+        path: a weights folder, its parent, a run folder or a run's model_best.pth (``~`` is
+            expanded).
+
+    Returns:
+        dict with keys "refiner" and "scorer", each a Path.
+
+    Raises:
+        CheckpointError: ``path`` is not a folder, no refiner + scorer pair is found, or there are
+            several runs of one kind.
+    """
     path = Path(os.path.expanduser(str(path)))
     if path.is_file() and path.name == WEIGHTS_FILE:  # a run's model_best.pth: look beside its run
         path = path.parent
@@ -343,10 +459,23 @@ def find_run_folders(path: Union[str, Path]) -> Dict[str, Path]:
 
 def load_network(run_dir: Union[str, Path], kind: Optional[str] = None, device: Union[str, torch.device] = "cpu",
                  allow_pickle: bool = True) -> Tuple[nn.Module, NetworkConfig]:
-    """One run folder (model_best.pth + config.yml) -> (network in eval mode on `device`, config).
+    """One run folder (model_best.pth + config.yml) -> (network in eval mode on ``device``, config).
 
-    The config is make_config of config.yml (upstream's defaults for missing keys); a run
-    folder without config.yml takes the official configuration, with a warning."""
+    The config is make_config of config.yml (upstream's defaults for missing keys); a run folder
+    without config.yml takes the official configuration, with a warning.
+
+    Args:
+        run_dir: the run folder.
+        kind: "refiner", "scorer", or None to tell from the state dict / config.
+        device: where the network goes (default "cpu").
+        allow_pickle: see read_state_dict (default True).
+
+    Returns:
+        (nn.Module in eval mode, NetworkConfig).
+
+    Raises:
+        CheckpointError: the weights or config cannot be used, or the kind cannot be told.
+    """
     run_dir = Path(run_dir)
     state = read_state_dict(run_dir / WEIGHTS_FILE, allow_pickle=allow_pickle)
     raw = read_config(run_dir / CONFIG_FILE)
@@ -365,7 +494,19 @@ def load_network(run_dir: Union[str, Path], kind: Optional[str] = None, device: 
 
 def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu", allow_pickle: bool = True
                  ) -> Tuple[RefineNet, ScoreNetMultiPair, Dict[str, NetworkConfig]]:
-    """A weights folder -> (RefineNet, ScoreNetMultiPair, {'refiner': cfg, 'scorer': cfg}), eval mode."""
+    """A weights folder -> (RefineNet, ScoreNetMultiPair, {'refiner': cfg, 'scorer': cfg}), eval mode.
+
+    Args:
+        path: anything find_run_folders accepts.
+        device: where the networks go (default "cpu").
+        allow_pickle: see read_state_dict (default True).
+
+    Returns:
+        (RefineNet, ScoreNetMultiPair, dict of NetworkConfig by kind).
+
+    Raises:
+        CheckpointError: the folder, a weights file or a config cannot be used.
+    """
     runs = find_run_folders(path)
     refiner, rcfg = load_network(runs["refiner"], "refiner", device, allow_pickle)
     scorer, scfg = load_network(runs["scorer"], "scorer", device, allow_pickle)
@@ -374,8 +515,16 @@ def load_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu
 
 def save_network(run_dir: Union[str, Path], model: nn.Module, config: Optional[Dict[str, Any]] = None) -> Path:
     """Write model_best.pth ({'model': state_dict}) and a complete config.yml in the upstream
-    layout: the official run's configuration updated with `config` (a dict of overrides or
-    a NetworkConfig)."""
+    layout: the official run's configuration updated with ``config``.
+
+    Args:
+        run_dir: the run folder (created if needed).
+        model: a RefineNet (kind refiner) or anything else (kind scorer).
+        config: a dict of overrides or a NetworkConfig (its values), or None.
+
+    Returns:
+        Path of the run folder.
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     kind = "refiner" if isinstance(model, RefineNet) else "scorer"
@@ -393,7 +542,18 @@ def save_network(run_dir: Union[str, Path], model: nn.Module, config: Optional[D
 
 def save_weights(path: Union[str, Path], refiner: RefineNet, scorer: ScoreNetMultiPair,
                  refiner_config: Optional[Dict[str, Any]] = None, scorer_config: Optional[Dict[str, Any]] = None) -> Path:
-    """Write both networks as path/<refiner run>/ and path/<scorer run>/ (the official names)."""
+    """Write both networks as path/<refiner run>/ and path/<scorer run>/ (the official names).
+
+    Args:
+        path: the weights folder (created if needed).
+        refiner: the RefineNet.
+        scorer: the ScoreNetMultiPair.
+        refiner_config: overrides of the refiner's config (see save_network), or None.
+        scorer_config: overrides of the scorer's config, or None.
+
+    Returns:
+        Path of the weights folder.
+    """
     path = Path(path)
     save_network(path / REFINER_RUN, refiner, refiner_config)
     save_network(path / SCORER_RUN, scorer, scorer_config)

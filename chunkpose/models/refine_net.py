@@ -24,18 +24,29 @@ from chunkpose.models.blocks import (
 
 
 def transformer_layer(d_model: int = 512, heads: int = 4) -> nn.TransformerEncoderLayer:
-    """The heads' transformer layer: 512 wide, 4 heads, feed-forward 512, tokens batch-first."""
+    """The heads' transformer layer: 512 wide, 4 heads, feed-forward 512, tokens batch-first.
+
+    Args:
+        d_model: token width (default 512).
+        heads: attention heads (default 4).
+
+    Returns:
+        nn.TransformerEncoderLayer.
+    """
     return nn.TransformerEncoderLayer(d_model=d_model, nhead=heads, dim_feedforward=512, batch_first=True)
 
 
 class RefineNet(nn.Module):
     """encodeA / encodeAB trunk, positional embedding, transformer trans_head and rot_head.
 
-    forward(A (N,c_in,h,w), B (N,c_in,h,w)) -> {"trans": (N,3), "rot": (N,rot_dim)}; each
-    head's per-token output is averaged over the h/8 * w/8 tokens.
+    Each head's per-token output is averaged over the h/8 * w/8 tokens (at most 400).
 
-    `checkpointing`: None (default) = gradient checkpointing of every block exactly when
-    autograd will need it; True/False force it on/off (off always under no_grad).
+    Args:
+        c_in: input channels per side (default 6: rgb and normalised xyz).
+        rot_dim: rotation output width (default 3: axis-angle).
+        use_bn: BatchNorm in the encoder blocks (default True).
+        checkpointing: None (default) = gradient checkpointing of every block exactly when
+            autograd will need it; True/False force it on/off (off always under no_grad).
     """
 
     def __init__(self, c_in: int = 6, rot_dim: int = 3, use_bn: bool = True, checkpointing: Optional[bool] = None):
@@ -49,6 +60,19 @@ class RefineNet(nn.Module):
         self.rot_head = nn.Sequential(transformer_layer(), nn.Linear(512, rot_dim))
 
     def forward(self, A: torch.Tensor, B: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Both heads' outputs for one batch of crop pairs.
+
+        Args:
+            A: (N,c_in,h,w) rendered side, h and w multiples of 8.
+            B: (N,c_in,h,w) observed side.
+
+        Returns:
+            dict: "trans" (N,3) translation step in radius units, "rot" (N,rot_dim) rotation output
+            before tanh scaling (see apply_update), in the network's dtype.
+
+        Raises:
+            ValueError: ``A`` is not (N,c_in,h,w).
+        """
         if A.ndim != 4 or A.shape[1] != self.c_in:
             raise ValueError(f"A must be (N,{self.c_in},h,w), got {tuple(A.shape)}")
         use_ckpt = checkpointing_active(self.checkpointing, A, self)
@@ -67,6 +91,13 @@ def rotation_step(rot: torch.Tensor, rot_normalizer: float) -> torch.Tensor:
 
     dR = so3_exp(tanh(rot) * rot_normalizer) transposed (each step at most rot_normalizer
     radians; 0.349 rad = 20 deg in the official configuration), with pytorch3d's angle clamp.
+
+    Args:
+        rot: (N,3) network rotation output.
+        rot_normalizer: largest step angle in radians.
+
+    Returns:
+        (N,3,3) rotations, rot's dtype and device.
     """
     return so3_exp(torch.tanh(rot) * rot_normalizer, eps=UPDATE_EXP_EPS).transpose(1, 2)
 
@@ -75,9 +106,22 @@ def translation_step(trans: torch.Tensor, *, diameter: float, normalize_xyz: boo
                      trans_normalizer=None) -> torch.Tensor:
     """Network translation output (N,3) -> the camera-frame step (N,3) in metres.
 
-    normalize_xyz (the official configuration): trans * diameter/2 (inputs are in units of
-    the radius). Otherwise, as upstream: tanh(trans) * trans_normalizer (metres, a scalar or
-    one value per axis), so no step exceeds trans_normalizer.
+    normalize_xyz (the official configuration): trans * diameter/2 (inputs are in units of the
+    radius). Otherwise, as upstream: tanh(trans) * trans_normalizer (metres, a scalar or one
+    value per axis), so no step exceeds trans_normalizer.
+
+    Args:
+        trans: (N,3) network translation output.
+        diameter: object diameter in metres.
+        normalize_xyz: the config's normalize_xyz (default True).
+        trans_normalizer: metres per output unit, a scalar or (3,); needed when normalize_xyz
+            is False.
+
+    Returns:
+        (N,3) float32 step in metres.
+
+    Raises:
+        ValueError: normalize_xyz is False and trans_normalizer is None.
     """
     trans = trans.to(torch.float32)
     if normalize_xyz:
@@ -95,6 +139,21 @@ def apply_update(poses: torch.Tensor, trans: torch.Tensor, rot: torch.Tensor, *,
 
     R_new = dR @ R_old (rotation about the camera axes, see rotation_step), t_new = t_old +
     translation_step(trans). Computed in float32 whatever the network's precision.
+
+    Args:
+        poses: (N,4,4) object-in-camera poses, metres.
+        trans: (N,3) network translation output.
+        rot: (N,3) network rotation output.
+        diameter: object diameter in metres.
+        rot_normalizer: largest step angle in radians (default 0.349 = 20 deg).
+        normalize_xyz: the config's normalize_xyz (default True).
+        trans_normalizer: metres per output unit when normalize_xyz is False.
+
+    Returns:
+        (N,4,4) float32 new poses.
+
+    Raises:
+        ValueError: normalize_xyz is False and trans_normalizer is None.
     """
     poses = poses.to(torch.float32)
     rot = rot.to(torch.float32)

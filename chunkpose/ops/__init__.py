@@ -8,7 +8,7 @@ chunkpose.ops.render and are imported from there.
 from ._ext import backend, load_error, torch_path
 from .crops import CropWindows, crop_roi, crop_windows, inverse_transforms
 from .depth import bilateral_filter_depth, depth_to_xyz, erode_depth
-from .warp import observed_crops, sample_positions, warp_crops, xyz_crops
+from .warp import sample_positions, warp_crops, xyz_crops
 
 __all__ = [
     "CropWindows",
@@ -20,7 +20,6 @@ __all__ = [
     "erode_depth",
     "inverse_transforms",
     "load_error",
-    "observed_crops",
     "sample_positions",
     "torch_path",
     "warp_crops",

@@ -25,11 +25,12 @@ import torch
 class CropWindows:
     """Crops of B hypotheses.
 
-    transforms (B,3,3) float32: full-image pixel -> crop pixel.
-    boxes (B,4) float32: left, top, right, bottom in full-image pixels (integers).
-    roi (x0, y0, x1, y1) ints: the full-image pixels any crop pixel can read (bilinear and
-        nearest, with a margin), clipped to the image when its size was given; x1, y1 exclusive.
-    size: crop side in pixels.
+    Attributes:
+        transforms: (B,3,3) float32: full-image pixel -> crop pixel, on the poses' device.
+        boxes: (B,4) float32: left, top, right, bottom in full-image pixels (integers).
+        roi: (x0, y0, x1, y1) ints: the full-image pixels any crop pixel can read (bilinear and
+            nearest, with a margin), clipped to the image when its size was given; x1, y1 exclusive.
+        size: crop side in pixels.
     """
 
     transforms: torch.Tensor
@@ -43,7 +44,11 @@ class CropWindows:
         return self.roi[0], self.roi[1]
 
     def roi_slices(self) -> tuple[slice, slice]:
-        """(rows, cols) slices that cut the ROI out of a full (H,W,...) image."""
+        """(rows, cols) slices that cut the ROI out of a full (H,W,...) image.
+
+        Returns:
+            (slice(y0, y1), slice(x0, x1)).
+        """
         x0, y0, x1, y1 = self.roi
         return slice(y0, y1), slice(x0, x1)
 
@@ -68,7 +73,23 @@ def crop_windows(poses, K, diameter: float, crop_ratio: float, size: int = 160,
     r = diameter * crop_ratio / 2) are projected; the half-size is the largest offset of those
     projections from the projected centre c along x or y; left/right/top/bottom = c -+ half,
     each rounded (half to even); T = scale(size/(right-left), size/(bottom-top)) @
-    translate(-left, -top). ``image_size=(H,W)`` clips the ROI to the image.
+    translate(-left, -top).
+
+    Args:
+        poses: (B,4,4) or (4,4) object-in-camera poses (tensor or numpy array), metres, t_z > 0.
+        K: (3,3) camera matrix in pixels (tensor or array).
+        diameter: object diameter in metres, > 0.
+        crop_ratio: crop side as a multiple of the diameter (> 0).
+        size: crop side in pixels (default 160).
+        image_size: (H, W) to clip the ROI to; None leaves it unclipped (except at 0).
+
+    Returns:
+        CropWindows: transforms (B,3,3) float32 and boxes (B,4) float32 on the poses' device, the
+        ROI and the size.
+
+    Raises:
+        ValueError: bad shapes of poses or K, a non-positive diameter, crop_ratio or size, an
+            object behind the camera, or a crop window without extent.
     """
     poses = _as_poses(poses)
     if not (diameter > 0 and math.isfinite(diameter)):
@@ -125,9 +146,21 @@ def _check_sampling(sampling: str) -> str:
 
 def kornia072_offset(source_size: tuple[int, int]) -> torch.Tensor:
     """The (3,3) float64 map p -> (p_x W/(W-1) - 0.5, p_y H/(H-1) - 0.5) of a source image of
-    ``source_size=(H, W)``: kornia 0.7.2 normalises the homography with the [0, W-1] pixel
-    convention but samples with grid_sample(align_corners=False), so the position it reads
-    for a target pixel is this map applied to the one T^-1 gives."""
+    ``source_size=(H, W)``.
+
+    kornia 0.7.2 normalises the homography with the [0, W-1] pixel convention but samples with
+    grid_sample(align_corners=False), so the position it reads for a target pixel is this map
+    applied to the one T^-1 gives.
+
+    Args:
+        source_size: (H, W) of the source image in pixels, each >= 2.
+
+    Returns:
+        (3,3) float64 CPU tensor.
+
+    Raises:
+        ValueError: the source is smaller than 2 x 2.
+    """
     H, W = int(source_size[0]), int(source_size[1])
     if H < 2 or W < 2:
         raise ValueError(f"source_size: expected (H, W) of at least 2 x 2 pixels, got {source_size}")
@@ -138,12 +171,23 @@ def sampling_maps(transforms: torch.Tensor, size: int, source_size: tuple[int, i
                   sampling: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
     """(forward, inverse) float64 (B,3,3) maps a crop op samples with.
 
-    inverse: crop pixel -> the source position it reads (exact: T^-1);
-    forward: source pixel -> the crop position a warp back from the crop reads (exact: T),
-    used by the scorer's crop -> frame -> crop round trip, where the crop is the source.
-    With "kornia_0.7.2" each direction carries kornia 0.7.2's offset for its own source:
-    inverse = offset(H, W) @ T^-1 (the full frame of ``source_size``), forward =
-    offset(size, size) @ T (the crop).
+    inverse: crop pixel -> the source position it reads (exact: T^-1); forward: source pixel ->
+    the crop position a warp back from the crop reads (exact: T), used by the scorer's
+    crop -> frame -> crop round trip, where the crop is the source. With "kornia_0.7.2" each
+    direction carries kornia 0.7.2's offset for its own source: inverse = offset(H, W) @ T^-1
+    (the full frame of ``source_size``), forward = offset(size, size) @ T (the crop).
+
+    Args:
+        transforms: (B,3,3) crop transforms T (full-image pixel -> crop pixel).
+        size: crop side in pixels.
+        source_size: (H, W) of the full frame; needed for "kornia_0.7.2", unused by "exact".
+        sampling: "exact" (default) or "kornia_0.7.2" (see SAMPLINGS).
+
+    Returns:
+        (forward, inverse): two (B,3,3) float64 tensors on the transforms' device.
+
+    Raises:
+        ValueError: an unknown ``sampling``, or "kornia_0.7.2" without ``source_size``.
     """
     _check_sampling(sampling)
     T = transforms.detach().to("cpu", torch.float64)
@@ -158,14 +202,24 @@ def sampling_maps(transforms: torch.Tensor, size: int, source_size: tuple[int, i
 
 
 def upstream_render_transforms(transforms: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop transforms (B,3,3) that make a renderer draw what FoundationPose's rasteriser
-    draws into a crop of ``size`` pixels.
+    """Crop transforms (B,3,3) that make a renderer draw what FoundationPose's rasteriser draws
+    into a crop of ``size`` pixels.
 
-    Upstream hands the rasteriser the crop box spanned by the inverse transforms of the
-    crop's pixel CENTRES 0 and size-1, over an OpenGL projection whose NDC spans pixel edges:
-    crop pixel j then shows the full-image point T^-1((j + 1/2) (size-1)/size). A renderer
-    that shows T_r^-1 j at pixel j (chunkpose's convention) does so for
-    T_r = C^-1 T with C^-1(x) = x size/(size-1) - 1/2. Returns float64.
+    Upstream hands the rasteriser the crop box spanned by the inverse transforms of the crop's
+    pixel CENTRES 0 and size-1, over an OpenGL projection whose NDC spans pixel edges: crop
+    pixel j then shows the full-image point T^-1((j + 1/2) (size-1)/size). A renderer that
+    shows T_r^-1 j at pixel j (chunkpose's convention) does so for T_r = C^-1 T with
+    C^-1(x) = x size/(size-1) - 1/2.
+
+    Args:
+        transforms: (B,3,3) crop transforms T (full-image pixel -> crop pixel).
+        size: crop side in pixels, >= 2.
+
+    Returns:
+        (B,3,3) float64 transforms T_r on the transforms' device.
+
+    Raises:
+        ValueError: ``size`` < 2.
     """
     size = int(size)
     if size < 2:
@@ -177,8 +231,19 @@ def upstream_render_transforms(transforms: torch.Tensor, size: int) -> torch.Ten
 
 
 def inverse_transforms(transforms: torch.Tensor) -> torch.Tensor:
-    """``transforms (B,3,3)`` -> their inverses in float64 (computed on the CPU, so every device
-    samples at the same positions)."""
+    """``transforms (B,3,3)`` -> their inverses in float64.
+
+    Computed on the CPU, so every device samples at the same positions.
+
+    Args:
+        transforms: (B,3,3) tensor (B may be 0).
+
+    Returns:
+        (B,3,3) float64 tensor on the transforms' device.
+
+    Raises:
+        ValueError: ``transforms`` is not (B,3,3).
+    """
     if transforms.dim() != 3 or transforms.shape[1:] != (3, 3):
         raise ValueError(f"transforms must be (B,3,3), got shape {tuple(transforms.shape)}")
     Td = transforms.detach().to("cpu", torch.float64)
@@ -190,8 +255,23 @@ def inverse_transforms(transforms: torch.Tensor) -> torch.Tensor:
 def crop_roi(transforms: torch.Tensor, size: int, image_size: tuple[int, int] | None = None,
              margin: int = 1) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1), x1/y1 exclusive: the full-image pixels that crop pixels 0..size-1 of all
-    ``transforms (B,3,3)`` can read with bilinear (floor, floor+1) or nearest (round) sampling,
-    plus ``margin`` pixels, clipped to ``image_size=(H,W)`` when given (always to >= 0)."""
+    ``transforms (B,3,3)`` can read.
+
+    With bilinear (floor, floor+1) or nearest (round) sampling, plus ``margin`` pixels, clipped
+    to ``image_size=(H,W)`` when given (always to >= 0).
+
+    Args:
+        transforms: (B,3,3) crop transforms (full-image pixel -> crop pixel).
+        size: crop side in pixels.
+        image_size: (H, W) to clip to; None clips only at 0.
+        margin: extra pixels on every side (default 1).
+
+    Returns:
+        (x0, y0, x1, y1) ints in full-image pixels; (0, 0, 0, 0) for B = 0.
+
+    Raises:
+        ValueError: a transform maps crop corners behind the image plane.
+    """
     Ti = inverse_transforms(transforms).cpu()
     B = Ti.shape[0]
     if B == 0:

@@ -27,6 +27,15 @@ class CleanUp:
     Both are local windows, so a pixel's cleaned depth depends on raw depth up to ``halo``
     pixels away: cleaning a window plus that halo, or cleaning just the pixels that crops
     sample (``xyz_crops(..., clean=OnDemandClean(...))``), gives exactly the full-frame result.
+
+    Attributes:
+        erode_radius: erosion window radius in pixels (window 2r+1 square).
+        depth_diff_thres: metres; a neighbour farther than this from the centre counts as bad.
+        ratio_thres: fraction of bad window pixels above which the centre is dropped.
+        bilateral_radius: bilateral window radius in pixels.
+        sigma_d: spatial sigma in pixels.
+        sigma_r: depth sigma in metres.
+        zfar: metres; depths >= zfar are invalid.
     """
 
     erode_radius: int = 2
@@ -42,15 +51,39 @@ class CleanUp:
         return self.erode_radius + self.bilateral_radius
 
     def erode(self, depth, engine=None) -> torch.Tensor:
-        """The first filter on a whole map ``depth (H,W)`` (row bands through ``engine``)."""
+        """The first filter on a whole map ``depth (H,W)`` (row bands through ``engine``).
+
+        Args:
+            depth: (H,W) float32 metres (tensor or numpy array).
+            engine: optional Engine; the row bands then run as its stage "depth.erode".
+
+        Returns:
+            (H,W) float32 eroded depth in metres on the depth's device.
+        """
         return erode_depth(depth, self.erode_radius, self.depth_diff_thres, self.ratio_thres, self.zfar, engine)
 
     def bilateral(self, depth, engine=None) -> torch.Tensor:
-        """The second filter on a whole (eroded) map ``depth (H,W)``."""
+        """The second filter on a whole (eroded) map ``depth (H,W)``.
+
+        Args:
+            depth: (H,W) float32 metres (tensor or numpy array).
+            engine: optional Engine; the row bands then run as its stage "depth.bilateral".
+
+        Returns:
+            (H,W) float32 filtered depth in metres on the depth's device.
+        """
         return bilateral_filter_depth(depth, self.bilateral_radius, self.sigma_d, self.sigma_r, self.zfar, engine)
 
     def dense(self, depth, engine=None) -> torch.Tensor:
-        """Cleaned depth (H,W) of a whole map ``depth (H,W)`` (row bands through ``engine``)."""
+        """Cleaned depth (H,W) of a whole map ``depth (H,W)`` (row bands through ``engine``).
+
+        Args:
+            depth: (H,W) float32 raw depth in metres (tensor or numpy array).
+            engine: optional Engine running both filters' row bands.
+
+        Returns:
+            (H,W) float32 cleaned depth in metres on the depth's device.
+        """
         return self.bilateral(self.erode(depth, engine), engine)
 
 
@@ -59,9 +92,14 @@ class OnDemandClean:
     """Raw depth cleaned at the sampled pixels only (tracking: one hypothesis reads a few
     thousand pixels of a frame of millions).
 
-    roi (x0, y0, x1, y1): the full-frame pixels crops may read (outside: no depth); the raw
-    window handed to xyz_crops (at its ``origin``) must hold the ROI and ``cleanup.halo``
-    pixels around it, clipped to the frame of ``full_size=(H, W)``.
+    The raw window handed to xyz_crops (at its ``origin``) must hold the ROI and
+    ``cleanup.halo`` pixels around it, clipped to the frame.
+
+    Attributes:
+        roi: (x0, y0, x1, y1) ints, end-exclusive: the full-frame pixels crops may read (outside:
+            no depth).
+        full_size: (H, W) of the full frame in pixels.
+        cleanup: the CleanUp parameters (default: FoundationPose's).
     """
 
     roi: tuple
@@ -71,7 +109,18 @@ class OnDemandClean:
 
 # ----------------------------------------------------------------------------- validation
 def as_depth_tensor(depth, name: str = "depth") -> torch.Tensor:
-    """``depth (H,W)`` float32 tensor (numpy arrays are wrapped without a copy when possible)."""
+    """``depth (H,W)`` float32 tensor (numpy arrays are wrapped without a copy when possible).
+
+    Args:
+        depth: (H,W) tensor or numpy array in metres; float dtypes other than float32 are converted.
+        name: the argument's name for error messages.
+
+    Returns:
+        (H,W) float32 tensor (same device as a tensor input).
+
+    Raises:
+        ValueError: not a tensor/array, not 2-D, or an integer dtype (raw sensor units).
+    """
     if isinstance(depth, np.ndarray):
         depth = torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32))
     if not isinstance(depth, torch.Tensor):
@@ -87,7 +136,17 @@ def as_depth_tensor(depth, name: str = "depth") -> torch.Tensor:
 
 def intrinsics(K) -> tuple[float, float, float, float]:
     """(fx, fy, cx, cy) of ``K (3,3)`` as Python floats holding float32 values: every
-    implementation then rounds them the same way."""
+    implementation then rounds them the same way.
+
+    Args:
+        K: (3,3) intrinsics in pixels (tensor or array-like).
+
+    Returns:
+        (fx, fy, cx, cy) floats in pixels.
+
+    Raises:
+        ValueError: K is not (3,3), not finite, or has a non-positive focal length.
+    """
     K = K.detach().cpu().double().numpy() if isinstance(K, torch.Tensor) else np.asarray(K, dtype=np.float64)
     if K.shape != (3, 3):
         raise ValueError(f"K must be a (3,3) intrinsics matrix, got shape {K.shape}")
@@ -173,7 +232,21 @@ def _bilateral_rows_torch(depth, row_start, row_end, radius, sigma_d, sigma_r, z
 def erode_rows(rows: torch.Tensor, *, depth: torch.Tensor, radius: int = 2, depth_diff_thres: float = 0.001,
                ratio_thres: float = 0.8, zfar: float = 100.0) -> torch.Tensor:
     """Eroded depth of the consecutive image rows ``rows (n,)`` of ``depth (H,W)`` -> (n,W).
-    The band reads its halo from the full ``depth``, so the result does not depend on banding."""
+
+    The band reads its halo from the full ``depth``, so the result does not depend on banding
+    (the op erode_depth maps over rows).
+
+    Args:
+        rows: (n,) int tensor of consecutive row indices (only the first and last are read).
+        depth: (H,W) float32 metres, the whole map.
+        radius: window radius in pixels.
+        depth_diff_thres: metres, see erode_depth.
+        ratio_thres: fraction, see erode_depth.
+        zfar: metres, see erode_depth.
+
+    Returns:
+        (n,W) float32 eroded depth in metres.
+    """
     if rows.numel() == 0:
         return depth.new_empty((0, depth.shape[1]))
     r0, r1 = int(rows[0]), int(rows[-1]) + 1
@@ -184,7 +257,19 @@ def erode_rows(rows: torch.Tensor, *, depth: torch.Tensor, radius: int = 2, dept
 
 def bilateral_rows(rows: torch.Tensor, *, depth: torch.Tensor, radius: int = 2, sigma_d: float = 2.0,
                    sigma_r: float = 1e5, zfar: float = 100.0) -> torch.Tensor:
-    """Bilateral-filtered depth of the consecutive rows ``rows (n,)`` of ``depth (H,W)`` -> (n,W)."""
+    """Bilateral-filtered depth of the consecutive rows ``rows (n,)`` of ``depth (H,W)`` -> (n,W).
+
+    Args:
+        rows: (n,) int tensor of consecutive row indices (only the first and last are read).
+        depth: (H,W) float32 metres, the whole map.
+        radius: window radius in pixels.
+        sigma_d: spatial sigma in pixels.
+        sigma_r: depth sigma in metres.
+        zfar: metres; depths >= zfar are invalid.
+
+    Returns:
+        (n,W) float32 filtered depth in metres.
+    """
     if rows.numel() == 0:
         return depth.new_empty((0, depth.shape[1]))
     r0, r1 = int(rows[0]), int(rows[-1]) + 1
@@ -194,9 +279,20 @@ def bilateral_rows(rows: torch.Tensor, *, depth: torch.Tensor, radius: int = 2, 
 
 
 def band_hints(width: int, radius: int, device="cpu") -> dict:
-    """Cost hints for engine.map over rows of a map ``width`` pixels wide: the csrc kernels
-    allocate just their output rows; the torch path keeps about a dozen (n,W) float32
-    temporaries per band plus a zero-padded halo of 2*radius rows."""
+    """Cost hints for engine.map over rows of a map ``width`` pixels wide.
+
+    The csrc kernels allocate just their output rows; the torch path keeps about a dozen (n,W)
+    float32 temporaries per band plus a zero-padded halo of 2*radius rows.
+
+    Args:
+        width: map width W in pixels.
+        radius: filter radius in pixels.
+        device: where the filter runs (decides csrc or torch path).
+
+    Returns:
+        dict of Engine.map keyword arguments: per_item_bytes, fixed_bytes and out_per_item_bytes
+        (bytes per row).
+    """
     out = {"out_per_item_bytes": 4 * int(width)}  # one float32 output row
     if _ext.use_ext(device):
         return {"per_item_bytes": 4 * int(width), "fixed_bytes": 0, **out}
@@ -214,9 +310,26 @@ def _run_rows(fn, depth, engine, name, **params):
 # ----------------------------------------------------------------------------- public API
 def erode_depth(depth, radius: int = 2, depth_diff_thres: float = 0.001, ratio_thres: float = 0.8,
                 zfar: float = 100.0, engine=None) -> torch.Tensor:
-    """Erode ``depth (H,W)`` metres -> (H,W): a pixel keeps its depth unless more than
-    ``ratio_thres`` of the pixels of its window inside the image are bad (depth < 0.001,
-    >= zfar, or farther than ``depth_diff_thres`` from the centre); invalid centres become 0."""
+    """Erode ``depth (H,W)`` metres -> (H,W).
+
+    A pixel keeps its depth unless more than ``ratio_thres`` of the pixels of its window inside
+    the image are bad (depth < 0.001, >= zfar, or farther than ``depth_diff_thres`` from the
+    centre); invalid centres become 0.
+
+    Args:
+        depth: (H,W) float32 metres (tensor or numpy array).
+        radius: window radius in pixels (default 2: a 5x5 window).
+        depth_diff_thres: metres (default 0.001).
+        ratio_thres: fraction of bad window pixels tolerated (default 0.8).
+        zfar: metres; depths >= zfar are invalid (default 100).
+        engine: optional Engine; the row bands then run as its stage "depth.erode".
+
+    Returns:
+        (H,W) float32 eroded depth in metres on the depth's device.
+
+    Raises:
+        ValueError: bad depth (see as_depth_tensor) or a negative / non-integer radius.
+    """
     depth = as_depth_tensor(depth).contiguous()
     radius = _check_radius(radius)
     return _run_rows(erode_rows, depth, engine, "depth.erode", radius=radius,
@@ -225,10 +338,26 @@ def erode_depth(depth, radius: int = 2, depth_diff_thres: float = 0.001, ratio_t
 
 def bilateral_filter_depth(depth, radius: int = 2, sigma_d: float = 2.0, sigma_r: float = 1e5,
                            zfar: float = 100.0, engine=None) -> torch.Tensor:
-    """Hole-filling bilateral filter of ``depth (H,W)`` -> (H,W): the mean of the valid window
-    depths (0.001 <= d < zfar), then the mean of the valid window depths within 0.01 m of it,
-    weighted by exp(-(du^2+dv^2)/(2 sigma_d^2) - (d_centre-d)^2/(2 sigma_r^2)); 0 where the
-    window holds no valid depth."""
+    """Hole-filling bilateral filter of ``depth (H,W)`` -> (H,W).
+
+    The mean of the valid window depths (0.001 <= d < zfar), then the mean of the valid window
+    depths within 0.01 m of it, weighted by exp(-(du^2+dv^2)/(2 sigma_d^2) -
+    (d_centre-d)^2/(2 sigma_r^2)); 0 where the window holds no valid depth.
+
+    Args:
+        depth: (H,W) float32 metres (tensor or numpy array).
+        radius: window radius in pixels (default 2).
+        sigma_d: spatial sigma in pixels (default 2).
+        sigma_r: depth sigma in metres (default 1e5: effectively no depth weighting).
+        zfar: metres; depths >= zfar are invalid (default 100).
+        engine: optional Engine; the row bands then run as its stage "depth.bilateral".
+
+    Returns:
+        (H,W) float32 filtered depth in metres on the depth's device.
+
+    Raises:
+        ValueError: bad depth (see as_depth_tensor) or a negative / non-integer radius.
+    """
     depth = as_depth_tensor(depth).contiguous()
     radius = _check_radius(radius)
     return _run_rows(bilateral_rows, depth, engine, "depth.bilateral", radius=radius,
@@ -238,9 +367,21 @@ def bilateral_filter_depth(depth, radius: int = 2, sigma_d: float = 2.0, sigma_r
 def depth_to_xyz(depth, K, out: torch.Tensor | None = None, row_offset: int = 0) -> torch.Tensor:
     """Point map of ``depth (h,W)`` -> ``out (h,W,3)`` camera-frame metres, written in place.
 
-    ``xyz = ((u - cx) z / fx, (v - cy) z / fy, z)``, zero where z < MIN_DEPTH. ``row_offset`` is the
-    full-frame row of depth's first row, so a band of rows can be written into the matching band
-    of a preallocated full-frame map: ``depth_to_xyz(depth[a:b], K, out=xyz[a:b], row_offset=a)``.
+    ``xyz = ((u - cx) z / fx, (v - cy) z / fy, z)``, zero where z < MIN_DEPTH. ``row_offset`` is
+    the full-frame row of depth's first row, so a band of rows can be written into the matching
+    band of a preallocated full-frame map: ``depth_to_xyz(depth[a:b], K, out=xyz[a:b], row_offset=a)``.
+
+    Args:
+        depth: (h,W) float32 metres (tensor or numpy array).
+        K: (3,3) full-frame intrinsics in pixels.
+        out: optional (h,W,3) float32 tensor on the depth's device; None allocates one.
+        row_offset: full-frame row index of depth's first row (default 0).
+
+    Returns:
+        ``out``: (h,W,3) float32 camera-frame points in metres.
+
+    Raises:
+        ValueError: bad depth or K, or ``out`` of the wrong shape, dtype or device.
     """
     depth = as_depth_tensor(depth)
     fx, fy, cx, cy = intrinsics(K)

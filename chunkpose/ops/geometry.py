@@ -29,10 +29,17 @@ def backproject_into(channels, u: torch.Tensor, v: torch.Tensor, z: torch.Tensor
 
     Args:
         channels: (X, Y, Z) tensors (views of one output, e.g. out[..., 0], out[:, 1]) of z's
-            shape, float32.
-        u, v: pixel coordinates broadcastable to z (float32; consumed: they may be changed).
-        z: depth in metres; pixels with z < MIN_DEPTH get (0, 0, 0).
-        fx, fy, cx, cy: intrinsics as Python floats holding float32 values.
+            shape, float32; written in place.
+        u: pixel x coordinates broadcastable to z (float32; consumed: it may be changed).
+        v: pixel y coordinates broadcastable to z (float32; consumed: it may be changed).
+        z: depth in metres, float32; pixels with z < MIN_DEPTH get (0, 0, 0).
+        fx: focal length in pixels, a Python float holding a float32 value (likewise fy).
+        fy: focal length in pixels.
+        cx: principal point x in pixels (likewise cy).
+        cy: principal point y in pixels.
+
+    Returns:
+        None; X = (u - cx) z / fx, Y = (v - cy) z / fy, Z = z in metres.
     """
     X, Y, Z = channels
     torch.mul(u - cx, z, out=X)
@@ -46,19 +53,47 @@ def backproject_into(channels, u: torch.Tensor, v: torch.Tensor, z: torch.Tensor
 
 
 def scaled_size(height: int, width: int, factor: float) -> tuple[int, int]:
-    """(h, w) of an image of (height, width) resized by ``factor``: truncated, at least 1."""
+    """(h, w) of an image of (height, width) resized by ``factor``: truncated, at least 1.
+
+    Args:
+        height: image height in pixels.
+        width: image width in pixels.
+        factor: resize factor (e.g. 0.5).
+
+    Returns:
+        (h, w) ints in pixels.
+    """
     return max(1, int(height * factor)), max(1, int(width * factor))
 
 
 def scale_intrinsics(K, factor: float) -> np.ndarray:
-    """K (3,3) of the image resized by ``factor``: the first two rows times the factor."""
+    """K (3,3) of the image resized by ``factor``: the first two rows times the factor.
+
+    Args:
+        K: (3,3) camera matrix in pixels (array-like).
+        factor: resize factor of both image axes.
+
+    Returns:
+        (3,3) float64 new array.
+    """
     K = np.asarray(K, dtype=np.float64).copy()
     K[:2] *= float(factor)
     return K
 
 
 def validate_intrinsics(K) -> np.ndarray:
-    """K (3,3) camera matrix -> float64 copy; ValueError when it is not a usable pinhole K."""
+    """K (3,3) camera matrix -> float64 copy, checked to be a usable pinhole K.
+
+    Args:
+        K: (3,3) numpy array, tensor or nested list [[fx,0,cx],[0,fy,cy],[0,0,1]] in pixels.
+
+    Returns:
+        (3,3) float64 numpy array.
+
+    Raises:
+        InputError: K is None, not (3,3), not numeric, not finite, has a non-positive focal length,
+            or its last row is not [0, 0, 1].
+    """
     if isinstance(K, torch.Tensor):
         K = K.detach().cpu().numpy()
     if K is None:
@@ -83,7 +118,14 @@ def validate_intrinsics(K) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- SO(3)
 def skew(v: torch.Tensor) -> torch.Tensor:
-    """v (B,3) -> (B,3,3) cross-product matrices, skew(v) @ x == v x x."""
+    """v (B,3) -> (B,3,3) cross-product matrices, skew(v) @ x == v x x.
+
+    Args:
+        v: (B,3) tensor, any float dtype.
+
+    Returns:
+        (B,3,3) tensor of v's dtype and device.
+    """
     zero = torch.zeros_like(v[:, 0])
     x, y, z = v.unbind(-1)
     return torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], dim=-1).reshape(-1, 3, 3)
@@ -92,10 +134,15 @@ def skew(v: torch.Tensor) -> torch.Tensor:
 def so3_exp(w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Axis-angle w (B,3) (angle = |w| radians) -> rotation matrices (B,3,3) (Rodrigues).
 
-    eps None: exact, with Taylor expansions near zero. eps given: pytorch3d's so3_exp_map,
-    whose angle is sqrt(max(|w|^2, eps)), so below sqrt(eps) rad the coefficients are those
-    of that angle; the upstream refiner's steps were trained and are applied that way
-    (eps 1e-4).
+    Args:
+        w: (B,3) axis-angle vectors in radians, float tensor.
+        eps: None: exact, with Taylor expansions near zero. Given: pytorch3d's so3_exp_map,
+            whose angle is sqrt(max(|w|^2, eps)), so below sqrt(eps) rad the coefficients are
+            those of that angle; the upstream refiner's steps were trained and are applied that
+            way (eps 1e-4).
+
+    Returns:
+        (B,3,3) rotation matrices of w's dtype and device.
     """
     theta2 = (w * w).sum(-1)
     W = skew(w)
@@ -113,7 +160,15 @@ def so3_exp(w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
 
 
 def so3_log(R: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices R (B,3,3) -> axis-angle (B,3), angle in [0, pi]."""
+    """Rotation matrices R (B,3,3) -> axis-angle (B,3), angle in [0, pi].
+
+    Args:
+        R: (B,3,3) rotation matrices, float tensor.
+
+    Returns:
+        (B,3) axis-angle vectors (norm = angle in radians) of R's dtype and device; near pi the
+        axis comes from the symmetric part of R.
+    """
     trace = R[:, 0, 0] + R[:, 1, 1] + R[:, 2, 2]
     cos = ((trace - 1) / 2).clamp(-1.0, 1.0)
     theta = torch.acos(cos)
@@ -138,13 +193,28 @@ def so3_log(R: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_angle(R: torch.Tensor) -> torch.Tensor:
-    """Geodesic angle (B,) in radians of rotations R (B,3,3)."""
+    """Geodesic angle (B,) in radians of rotations R (B,3,3).
+
+    Args:
+        R: (B,3,3) rotation matrices, float tensor.
+
+    Returns:
+        (B,) angles in [0, pi] radians, R's dtype and device.
+    """
     trace = R[:, 0, 0] + R[:, 1, 1] + R[:, 2, 2]
     return torch.acos(((trace - 1) / 2).clamp(-1.0, 1.0))
 
 
 def make_pose(R: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """R (B,3,3), t (B,3) -> homogeneous poses (B,4,4)."""
+    """R (B,3,3), t (B,3) -> homogeneous poses (B,4,4).
+
+    Args:
+        R: (B,3,3) rotations.
+        t: (B,3) translations (metres, by the package's convention).
+
+    Returns:
+        (B,4,4) tensor of R's dtype and device, last row [0, 0, 0, 1].
+    """
     T = torch.zeros(R.shape[0], 4, 4, dtype=R.dtype, device=R.device)
     T[:, :3, :3] = R
     T[:, :3, 3] = t
@@ -158,6 +228,12 @@ def look_at_rotations(eyes: torch.Tensor) -> torch.Tensor:
     The camera z axis points from the eye to the object centre (OpenCV: z forward); the up
     vector is the object's +z unless the view is (nearly) along it, then +y, so every view
     direction gets a well-defined frame.
+
+    Args:
+        eyes: (B,3) non-zero camera positions in the object frame (any scale), float tensor.
+
+    Returns:
+        (B,3,3) object-in-camera rotations of eyes' dtype and device.
     """
     forward = -eyes / eyes.norm(dim=-1, keepdim=True)
     up = torch.zeros_like(eyes)
@@ -173,7 +249,14 @@ def look_at_rotations(eyes: torch.Tensor) -> torch.Tensor:
 
 
 def rotation_about_z(angles: torch.Tensor) -> torch.Tensor:
-    """In-plane (camera z) rotations (N,3,3) for angles (N,) radians."""
+    """In-plane (camera z) rotations (N,3,3) for angles (N,) radians.
+
+    Args:
+        angles: (N,) angles in radians, float tensor.
+
+    Returns:
+        (N,3,3) rotations of angles' dtype and device.
+    """
     c, s = torch.cos(angles), torch.sin(angles)
     zero, one = torch.zeros_like(c), torch.ones_like(c)
     return torch.stack([c, -s, zero, s, c, zero, zero, zero, one], dim=-1).reshape(-1, 3, 3)

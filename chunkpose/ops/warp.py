@@ -90,7 +90,19 @@ def _nearest_index(M, x, y, x0: int, y0: int, w: int, h: int):
 
 
 def sample_positions(transforms: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-frame positions (px, py) (B,size,size) float64 that the crop pixels sample (unrounded)."""
+    """Full-frame positions (px, py) (B,size,size) float64 that the crop pixels sample (unrounded).
+
+    Args:
+        transforms: (B,3,3) or (3,3) full-image pixel -> crop pixel maps.
+        size: crop side in pixels.
+
+    Returns:
+        (px, py): two (B,size,size) float64 tensors of full-frame pixel coordinates (exact
+        sampling: crop pixel q reads T^-1 q), on the transforms' device.
+
+    Raises:
+        ValueError: bad transforms shape or size.
+    """
     transforms = _check_transforms(transforms)
     Ti = inverse_transforms(transforms)
     qx, qy = _crop_grid(_check_size(size), Ti.device)
@@ -184,25 +196,30 @@ def warp_crops(image: torch.Tensor, transforms, size: int, mode: str = "bilinear
                engine=None, sampling: str = "exact", source_size=None) -> torch.Tensor:
     """Crops of one image under many transforms, without B copies of it.
 
-    Args:
-        image: (C,H,W) (float, uint8 or bool), the full frame or its window starting at ``origin``.
-        transforms: (B,3,3) full-image pixel -> crop pixel.
-        size: crop side in pixels.
-        mode: "bilinear" or "nearest" (round half to even, as grid_sample).
-        origin: (x0, y0) full-frame pixel of ``image``'s first pixel.
-        engine: optional Engine; the crops then run as its stage "crops.warp_<mode>".
-        sampling: "exact" (crop pixel q reads T^-1 q) or "kornia_0.7.2" (the position kornia
-            0.7.2 reads, see chunkpose.ops.crops.sampling_maps); the latter needs
-            ``source_size=(H, W)`` of the full frame.
-
-    Returns:
-        (B,C,size,size): bilinear float32 (the image's dtype when autograd needs the image),
-        nearest in the image's dtype; zero outside the image.
-
     With "exact" this equals ``kornia.geometry.transform.warp_perspective(image.expand(B,C,H,W),
     transforms, (size,size), mode=mode, align_corners=False)`` of kornia >= 0.7.3 (bilinear to
     float rounding; nearest exactly except where kornia's float32 position lands on the other
     side of an exact .5 tie): the B sampling grids are folded into one grid over the batch-1 image.
+
+    Args:
+        image: (C,H,W) (float, uint8 or bool), the full frame or its window starting at ``origin``.
+        transforms: (B,3,3) (or (3,3)) full-image pixel -> crop pixel.
+        size: crop side in pixels.
+        mode: "bilinear" (default) or "nearest" (round half to even, as grid_sample).
+        origin: (x0, y0) integer full-frame pixel of ``image``'s first pixel (default (0, 0)).
+        engine: optional Engine; the crops then run as its stage "crops.warp_<mode>".
+        sampling: "exact" (crop pixel q reads T^-1 q) or "kornia_0.7.2" (the position kornia
+            0.7.2 reads, see chunkpose.ops.crops.sampling_maps); the latter needs
+            ``source_size``.
+        source_size: (H, W) of the full frame in pixels (for "kornia_0.7.2"); None otherwise.
+
+    Returns:
+        (B,C,size,size) on the image's device: bilinear float32 (the image's dtype when autograd
+        needs the image), nearest in the image's dtype; zero outside the image.
+
+    Raises:
+        ValueError: ``image`` is not (C,H,W), an unknown ``mode`` or ``sampling``, bad transforms,
+            size or origin.
     """
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
         raise ValueError(f"image must be a (C,H,W) tensor, got {getattr(image, 'shape', type(image))}")
@@ -278,31 +295,38 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
               ) -> torch.Tensor:
     """The observed point map inside each crop, camera-frame metres.
 
+    For axis-aligned crops (box_3d) and exact sampling the scorer's round trip returns to p, so
+    both semantics agree there except at exact .5 ties.
+
     Args:
-        depth: (H,W) float32 metres, the full frame or its window at ``origin=(x0,y0)``.
-        K: (3,3) full-frame intrinsics.
-        transforms: (B,3,3) full-image pixel -> crop pixel.
+        depth: (H,W) float32 metres (tensor or numpy array), the full frame or its window at
+            ``origin``.
+        K: (3,3) full-frame intrinsics in pixels.
+        transforms: (B,3,3) (or (3,3)) full-image pixel -> crop pixel.
         size: crop side in pixels.
         semantics: with p = nearest(T^-1 q),
-            "refiner": xyz_full[p] (the nearest warp of the full point map);
+            "refiner" (default): xyz_full[p] (the nearest warp of the full point map);
             "scorer": backproject(p, depth_crop[nearest(T p)]) where depth_crop is the
             nearest warp of the depth: the crop -> full frame -> crop round trip upstream
             makes through per-hypothesis full-resolution buffers, computed here per crop
             pixel (memory O(B*size*size), never O(B*H*W)).
+        origin: (x0, y0) integer full-frame pixel of ``depth``'s first pixel (default (0, 0)).
         engine: optional Engine (stage "crops.xyz_<semantics>").
         sampling: "exact" or "kornia_0.7.2" (each warp of the chain with kornia 0.7.2's
             offset for its own source, see chunkpose.ops.crops.sampling_maps); the latter
-            needs ``source_size=(H, W)`` of the full frame.
+            needs ``source_size``.
+        source_size: (H, W) of the full frame in pixels (for "kornia_0.7.2"); None otherwise.
         clean: None when ``depth`` is cleaned already; an OnDemandClean when ``depth`` is the
             RAW depth of a window (at ``origin``) holding its ROI and the filters' halo: each
             sampled depth is then cleaned on the spot, exactly as cleaning the frame first.
 
     Returns:
-        (B,3,size,size) float32, zero where the depth is < MIN_DEPTH or the position falls
-        outside the image.
+        (B,3,size,size) float32 camera-frame points in metres on the depth's device, zero where
+        the depth is < MIN_DEPTH or the position falls outside the image.
 
-    For axis-aligned crops (box_3d) and exact sampling the round trip returns to p, so both
-    semantics agree there except at exact .5 ties.
+    Raises:
+        ValueError: an unknown ``semantics`` or ``sampling``, bad depth, K, transforms, size or
+            origin.
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be 'refiner' or 'scorer', got {semantics!r}")
@@ -321,31 +345,3 @@ def xyz_crops(depth, K, transforms, size: int, semantics: str = "refiner", origi
     per_item = size * size * (12 if ext else 12 + 8 * 8)
     return engine.map(_xyz_crops_op, T64, Ti64, name=f"crops.xyz_{semantics}", per_item_bytes=per_item,
                       fixed_bytes=0, **kwargs)
-
-
-# ----------------------------------------------------------------------------- crop preparation
-def observed_crops(rgb, depth, K, windows, semantics: str = "refiner", device="cpu", engine=None):
-    """Observed rgb and xyz crops of ``windows`` (crops.CropWindows, built with image_size) with
-    only the ROI on ``device``: the full ``rgb (H,W,3)`` uint8 and ``depth (H,W)`` stay where
-    they are (numpy arrays on the host, or tensors) and just ``windows.roi`` is copied over.
-
-    Returns (rgb (B,3,s,s) float 0..255 bilinear, xyz (B,3,s,s) camera metres)."""
-    rows, cols = windows.roi_slices()
-    if rows.stop <= rows.start or cols.stop <= cols.start:
-        raise ValueError("windows.roi is empty: build the windows with image_size=(H,W) of this frame")
-
-    def roi_tensor(a):
-        part = a[rows, cols]
-        part = torch.from_numpy(part.copy()) if not isinstance(part, torch.Tensor) else part
-        return part.to(device)
-
-    rgb_roi = roi_tensor(rgb)
-    if rgb_roi.dim() != 3 or rgb_roi.shape[2] != 3:
-        raise ValueError(f"rgb must be (H,W,3), got ROI shape {tuple(rgb_roi.shape)}")
-    rgb_roi = rgb_roi.permute(2, 0, 1).float()
-    rgb_crops = warp_crops(rgb_roi, windows.transforms, windows.size, "bilinear", origin=windows.origin,
-                           engine=engine)
-    del rgb_roi
-    xyz = xyz_crops(roi_tensor(depth), K, windows.transforms, windows.size, semantics, origin=windows.origin,
-                    engine=engine)
-    return rgb_crops, xyz

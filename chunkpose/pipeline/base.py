@@ -21,15 +21,23 @@ from chunkpose.ops.warp import sample_positions, warp_crops, xyz_crops
 class ObservedFrame:
     """One RGB-D observation, with only the region crops can read on the device.
 
-    rgb (3,h,w) uint8 and mask (h,w) bool or None (None when tracking: no mask is given)
-    cover the ROI whose top-left full-frame pixel is `origin` = (x0, y0). depth holds
-    metres (0 invalid), either cleaned (eroded and bilateral-filtered) over the same ROI,
-    or, with `on_demand` set, RAW over the window at `depth_origin` that holds the ROI and
-    the filters' halo: each crop then cleans just the pixels it samples (the same values).
-    K (3,3) float32 is the full-frame intrinsics: crop transforms are full-frame and the
-    ops take the origins to index into the windows. `full_size` = (H, W) of the whole
-    frame. `diameter` is the object's diameter in metres (the scale of crops, thresholds
-    and xyz normalisation).
+    depth is either cleaned (eroded and bilateral-filtered) over the ROI, or, with
+    ``on_demand`` set, RAW over the window at ``depth_origin`` that holds the ROI and the
+    filters' halo: each crop then cleans just the pixels it samples (the same values).
+    Crop transforms are full-frame and the ops take the origins to index into the windows.
+
+    Attributes:
+        rgb: (3,h,w) uint8 colour of the ROI, whose top-left full-frame pixel is ``origin``.
+        depth: float32 metres (0 invalid): (h,w) cleaned over the ROI, or the raw window at
+            ``depth_origin`` when ``on_demand`` is set.
+        mask: (h,w) bool object mask over the ROI, or None (tracking: no mask is given).
+        K: (3,3) float32 full-frame intrinsics in pixels.
+        origin: (x0, y0) full-frame pixel of the ROI's first pixel.
+        full_size: (H, W) of the whole frame in pixels.
+        diameter: the object's diameter in metres (the scale of crops, thresholds and xyz
+            normalisation).
+        depth_origin: (x0, y0) of the raw depth window when cleaned on demand, else None.
+        on_demand: the OnDemandClean of a raw depth window, or None when depth is cleaned.
     """
 
     rgb: torch.Tensor
@@ -53,14 +61,23 @@ class ObservedFrame:
         return self.origin[0], self.origin[1], self.origin[0] + w, self.origin[1] + h
 
     def cost_signature(self) -> tuple:
-        """What the per-hypothesis cost of work on this frame depends on (the engine's plan
-        cache key): the tensors' kinds and whether depth is cleaned on demand, not the ROI's
-        size or place, which change every tracked frame."""
+        """What the per-hypothesis cost of work on this frame depends on (the engine's plan cache key).
+
+        The tensors' kinds and whether depth is cleaned on demand, not the ROI's size or place,
+        which change every tracked frame.
+
+        Returns:
+            tuple of (rgb dtype, depth dtype, has mask, on demand, device) as str/bool.
+        """
         return (str(self.rgb.dtype), str(self.depth.dtype), self.mask is not None, self.on_demand is not None,
                 str(self.device))
 
     def tensors(self) -> tuple:
-        """The device tensors the frame holds (what a call keeps resident)."""
+        """The device tensors the frame holds (what a call keeps resident).
+
+        Returns:
+            tuple of rgb, depth, mask (when present) and K.
+        """
         return tuple(t for t in (self.rgb, self.depth, self.mask, self.K) if t is not None)
 
     # Helpers so that every refiner/scorer prepares observed crops the same way.
@@ -69,8 +86,15 @@ class ObservedFrame:
     def rgb_crops(self, transforms: torch.Tensor, size: int, sampling: str = "exact") -> torch.Tensor:
         """Observed colour in each crop, bilinear: (B,3,size,size) float32 0..255.
 
-        sampling: "exact" or "kornia_0.7.2" (upstream's sub-pixel offset, see
-        chunkpose.ops.crops.sampling_maps)."""
+        Args:
+            transforms: (B,3,3) full-frame pixel -> crop pixel.
+            size: crop side in pixels.
+            sampling: "exact" (default) or "kornia_0.7.2" (upstream's sub-pixel offset, see
+                chunkpose.ops.crops.sampling_maps).
+
+        Returns:
+            (B,3,size,size) float32 in 0..255 on the frame's device; 0 outside the ROI.
+        """
         return warp_crops(self.rgb, transforms, size, mode="bilinear", origin=self.origin, sampling=sampling,
                           source_size=self.full_size)
 
@@ -78,23 +102,48 @@ class ObservedFrame:
                   sampling: str = "exact") -> torch.Tensor:
         """Observed camera-frame points in each crop: (B,3,size,size) float32.
 
-        semantics "refiner": nearest full-frame pixel; "scorer": FoundationPose's double
-        nearest round trip (see chunkpose.ops.warp.xyz_crops). sampling as rgb_crops.
+        Args:
+            transforms: (B,3,3) full-frame pixel -> crop pixel.
+            size: crop side in pixels.
+            semantics: "refiner" (default): nearest full-frame pixel; "scorer": FoundationPose's
+                double nearest round trip (see chunkpose.ops.warp.xyz_crops).
+            sampling: "exact" (default) or "kornia_0.7.2", as rgb_crops.
+
+        Returns:
+            (B,3,size,size) float32 camera-frame points in metres on the frame's device, 0 where there
+            is no valid depth.
         """
         origin = self.origin if self.on_demand is None else self.depth_origin
         return xyz_crops(self.depth, self.K, transforms, size, semantics=semantics, origin=origin,
                          sampling=sampling, source_size=self.full_size, clean=self.on_demand)
 
     def mask_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
-        """Observed object mask in each crop, nearest: (B,size,size) bool (all True if no mask)."""
+        """Observed object mask in each crop, nearest: (B,size,size) bool (all True if no mask).
+
+        Args:
+            transforms: (B,3,3) full-frame pixel -> crop pixel.
+            size: crop side in pixels.
+
+        Returns:
+            (B,size,size) bool on the transforms' device.
+        """
         if self.mask is None:
             return torch.ones(transforms.shape[0], size, size, dtype=torch.bool, device=transforms.device)
         return warp_crops(self.mask[None], transforms, size, mode="nearest", origin=self.origin)[:, 0]
 
     def inside_crops(self, transforms: torch.Tensor, size: int) -> torch.Tensor:
-        """Which crop pixels see the image at all (nearest position inside the full frame):
-        (B,size,size) bool. Outside it nothing is observed, so neither absence of mask nor
-        of depth there says anything about a hypothesis (objects cut off by the border)."""
+        """Which crop pixels see the image at all (nearest position inside the full frame).
+
+        Outside it nothing is observed, so neither absence of mask nor of depth there says anything
+        about a hypothesis (objects cut off by the border).
+
+        Args:
+            transforms: (B,3,3) full-frame pixel -> crop pixel.
+            size: crop side in pixels.
+
+        Returns:
+            (B,size,size) bool on the transforms' device.
+        """
         H, W = self.full_size
         Ti = inverse_transforms(transforms).cpu()
         q = torch.arange(size, dtype=torch.float64)
@@ -122,10 +171,15 @@ class _Stage:
 class Refiner(_Stage):
     """Improves pose hypotheses against one observed frame.
 
-    crop_ratio: crop window size as a multiple of the object diameter ("box_3d" windows).
-    refine(poses (B,4,4), frame, renderer, engine, iterations) -> (B,4,4): runs
-    `iterations` render-compare-update rounds; every stage that grows with B must go
-    through `engine.map` (no chunk sizes here).
+    Every stage that grows with B must go through ``engine.map`` (no chunk sizes here).
+
+    Attributes:
+        crop_ratio: crop window size as a multiple of the object diameter ("box_3d" windows).
+        crop_size: crop side in pixels.
+        polish_candidates: after scoring, the registration refines this many best-scored
+            hypotheses again with polish() and scores them once more (0: no second pass,
+            FoundationPose's algorithm).
+        stage_name: name of the engine stage of the per-hypothesis work (for the sizing).
     """
 
     crop_ratio: float = 1.2
@@ -135,23 +189,63 @@ class Refiner(_Stage):
     polish_candidates: int = 0
 
     def refine(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine, iterations: int) -> torch.Tensor:
+        """Run ``iterations`` render-compare-update rounds on every hypothesis.
+
+        Args:
+            poses: (B,4,4) float32 object-in-camera poses of the re-centred mesh, metres, on the
+                frame's device.
+            frame: the prepared ObservedFrame.
+            renderer: a Renderer of the re-centred mesh.
+            engine: the Engine that runs the per-hypothesis stages (None: unbudgeted, in one go).
+            iterations: number of rounds (0 returns the poses as they are).
+
+        Returns:
+            (B,4,4) float32 refined poses, same device.
+        """
         raise NotImplementedError
 
     def polish(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
-        """Extra refinement of a few already-good poses (B,4,4) -> (B,4,4)."""
+        """Extra refinement of a few already-good poses (B,4,4) -> (B,4,4).
+
+        The default returns the poses unchanged.
+
+        Args:
+            poses: (B,4,4) float32 poses of the re-centred mesh, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a Renderer of the re-centred mesh.
+            engine: the Engine (or None).
+
+        Returns:
+            (B,4,4) float32 poses.
+        """
         return poses
 
 
 class Scorer(_Stage):
     """Scores refined hypotheses; higher is better.
 
-    score(poses (B,4,4), frame, renderer, engine) -> (B,) float32. Per-hypothesis work
-    goes through `engine.map`; anything needing all hypotheses at once (e.g. cross
-    attention) runs once on the gathered per-hypothesis features.
+    Per-hypothesis work goes through ``engine.map``; anything needing all hypotheses at once
+    (e.g. cross attention) runs once on the gathered per-hypothesis features.
+
+    Attributes:
+        crop_ratio: crop window size as a multiple of the object diameter.
+        crop_size: crop side in pixels.
+        stage_name: name of the engine stage of the per-hypothesis work (for the sizing).
     """
 
     crop_ratio: float = 1.1
     crop_size: int = 160
 
     def score(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
+        """Score every hypothesis against the frame.
+
+        Args:
+            poses: (B,4,4) float32 object-in-camera poses of the re-centred mesh, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a Renderer of the re-centred mesh.
+            engine: the Engine that runs the per-hypothesis stages (None: unbudgeted).
+
+        Returns:
+            (B,) float32 scores, higher is better.
+        """
         raise NotImplementedError

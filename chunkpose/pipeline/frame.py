@@ -8,7 +8,6 @@ just the pixels crops sample (tracking).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,10 +34,25 @@ def _as_numpy(x, name: str) -> np.ndarray:
 
 
 def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
-    """Check user input and return it normalised: rgb uint8 (H,W,3), depth float32 (H,W)
-    metres with NaN/inf -> 0, K float64 (3,3), mask bool (H,W) or None.
+    """Check user input and return it normalised.
 
-    Every problem raises ValueError naming the argument and the fix.
+    Every problem raises an InputError (a ValueError) naming the argument and the fix.
+
+    Args:
+        rgb: (H,W,3) uint8 colour image (numpy array or tensor), H, W >= 2.
+        depth: (H,W) or (H,W,1) float depth in metres (0, NaN, inf = missing); a median valid
+            depth above MAX_PLAUSIBLE_DEPTH_M is taken as millimetres and refused.
+        K: (3,3) camera intrinsics in pixels.
+        mask: (H,W) bool or numeric (non-zero = object) mask, or None.
+        require_mask: whether a mask must be given (registration; default True).
+
+    Returns:
+        (rgb, depth, K, mask): rgb uint8 (H,W,3), depth float32 (H,W) metres (a copy, NaN/inf
+        -> 0), K float64 (3,3), mask bool (H,W) copy or None.
+
+    Raises:
+        InputError: wrong shapes, dtypes or units, images of different sizes, no valid depth, an
+            empty mask or one without valid depth, a missing required mask, or an unusable K.
     """
     rgb = _as_numpy(rgb, "rgb")
     if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -109,9 +123,22 @@ def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
 
 
 def resize_inputs(rgb, depth, K, mask, factor: float):
-    """Downscale by `factor` (< 1) as upstream's readers do: sizes truncated, nearest for
-    rgb, depth and mask, K's first two rows times the factor (chunkpose.ops.geometry).
-    Returns (rgb, depth, K, mask); the camera stays metric."""
+    """Downscale by ``factor`` (< 1) as upstream's readers do.
+
+    Sizes truncated (at least 2 pixels), nearest for rgb, depth and mask, K's first two rows
+    times the factor (chunkpose.ops.geometry); the camera stays metric.
+
+    Args:
+        rgb: (H,W,3) uint8.
+        depth: (H,W) float32 metres.
+        K: (3,3) intrinsics in pixels.
+        mask: (H,W) bool or None.
+        factor: scale of both image axes.
+
+    Returns:
+        (rgb, depth, K, mask) at (h,w) = (int(H*factor), int(W*factor)): rgb uint8 (h,w,3),
+        depth float32 (h,w), K float64 (3,3), mask bool (h,w) or None.
+    """
     import cv2
 
     h, w = scaled_size(*depth.shape, factor)
@@ -124,9 +151,17 @@ def resize_inputs(rgb, depth, K, mask, factor: float):
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:
-    """A device copy of a host array, made by torch ops (empty + copy_), so that the
-    engine's meter counts it on every device (a from_numpy tensor on the CPU would be the
-    host array itself, outside any count)."""
+    """A device copy of a host array, made by torch ops (empty + copy_), so that the engine's meter
+    counts it on every device (a from_numpy tensor on the CPU would be the host array itself,
+    outside any count).
+
+    Args:
+        array: numpy array of any shape and a torch-supported dtype.
+        device: target device.
+
+    Returns:
+        Tensor of the array's shape and dtype on ``device``.
+    """
     array = np.ascontiguousarray(array)
     out = torch.empty(array.shape, dtype=torch.from_numpy(array[:0]).dtype, device=device)
     out.copy_(torch.from_numpy(array))
@@ -136,11 +171,24 @@ def upload(array: np.ndarray, device) -> torch.Tensor:
 def prepare_frame(rgb, depth, K, mask, region: CallRegion, diameter: float, engine, device) -> ObservedFrame:
     """Upload a validated frame's region and clean its depth (or leave it for on-demand cleaning).
 
-    rgb uint8 (H,W,3), depth float32 (H,W), K float64 (3,3), mask bool (H,W) or None;
-    region: the call's CallRegion (chunkpose.pipeline.roi.call_region). Dense: the raw window
-    (ROI plus halo) is cleaned through ``engine`` (row bands) and cut to the ROI, which
-    equals full-frame cleaning there. On demand: the raw window stays, and crops clean the
-    pixels they sample. rgb and mask go up after the clean-up, so its peak does not hold them.
+    Dense: the raw window (ROI plus halo) is cleaned through ``engine`` (row bands) and cut to
+    the ROI, which equals full-frame cleaning there. On demand: the raw window stays, and crops
+    clean the pixels they sample. rgb and mask go up after the clean-up, so its peak does not
+    hold them.
+
+    Args:
+        rgb: (H,W,3) uint8, as validate_inputs returns it.
+        depth: (H,W) float32 metres.
+        K: (3,3) float64 full-frame intrinsics in pixels.
+        mask: (H,W) bool or None.
+        region: the call's CallRegion (chunkpose.pipeline.roi.call_region).
+        diameter: object diameter in metres.
+        engine: the Engine the dense clean-up runs through, or None (unbudgeted).
+        device: where the frame's tensors go.
+
+    Returns:
+        ObservedFrame with rgb (3,h,w) uint8, depth float32 (cleaned ROI or raw window), mask
+        (h,w) bool or None and K (3,3) float32 on ``device``.
     """
     H, W = depth.shape
     x0, y0, x1, y1 = region.roi

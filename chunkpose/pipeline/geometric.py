@@ -48,10 +48,19 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 def surface_normals(xyz: torch.Tensor, mask: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """Unit normals (b,3,s,s) from a rendered point map xyz (b,3,s,s) by central differences,
-    oriented towards the camera; `fallback` where a neighbour is off the object.
+    oriented towards the camera; ``fallback`` where a neighbour is off the object.
 
     Rendered vertex normals are interpolated across faces (wrong on boxes and other flat
     faced meshes); differences of the rendered points are the true surface direction.
+
+    Args:
+        xyz: (b,3,s,s) rendered camera-frame points in metres.
+        mask: (b,s,s) bool rendered silhouette.
+        fallback: (b,3,s,s) normals used where the differences are undefined (e.g. the rendered
+            vertex normals).
+
+    Returns:
+        (b,3,s,s) unit normals in xyz's dtype, facing the camera.
     """
     pad_xyz = torch.nn.functional.pad(xyz, (1, 1, 1, 1))
     pad_m = torch.nn.functional.pad(mask, (1, 1, 1, 1))
@@ -69,8 +78,15 @@ def surface_normals(xyz: torch.Tensor, mask: torch.Tensor, fallback: torch.Tenso
 
 
 def mask_centroid(frame: ObservedFrame):
-    """Full-frame pixel (u, v) of the observed mask's centroid (floats), from its row and
-    column counts (exact integer sums; no per-pixel index tensors beside the frame)."""
+    """Full-frame pixel (u, v) of the observed mask's centroid (floats), from its row and column
+    counts (exact integer sums; no per-pixel index tensors beside the frame).
+
+    Args:
+        frame: an ObservedFrame with a non-empty mask.
+
+    Returns:
+        (u, v) Python floats in full-frame pixels.
+    """
     mask = frame.mask
     count = int(mask.sum())
     cols = torch.arange(mask.shape[1], device=mask.device)
@@ -166,8 +182,16 @@ def _align_to_mask(P, M, pixel, poses, transforms, KT, Q, Qvalid, frame: Observe
 
 
 def window_offsets(radius: int, device) -> tuple:
-    """The (2k+1)^2 search window's pixel offsets, centre first (so that ties keep the
-    projective pair), as groups of (dx, dy) float tensors of SEARCH_GROUP offsets each."""
+    """The (2k+1)^2 search window's pixel offsets, centre first (so that ties keep the projective
+    pair), as groups of (dx, dy) float tensors of SEARCH_GROUP offsets each.
+
+    Args:
+        radius: k, the window's half side in pixels (0: the projective pixel alone).
+        device: device of the tensors.
+
+    Returns:
+        tuple of (dx, dy) pairs of (g,) float32 tensors, g <= SEARCH_GROUP.
+    """
     k = int(radius)
     pairs = [(0, 0)] + [(dx, dy) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if (dx, dy) != (0, 0)]
     table = torch.tensor(pairs, dtype=torch.float32, device=device)
@@ -256,21 +280,29 @@ def icp_step(
 ) -> torch.Tensor:
     """One render + several Gauss-Newton ICP steps for each hypothesis.
 
+    The model is rendered once (points p in the camera frame, normals n from the rendered
+    points); each inner step moves them by the current increment, pairs each with an observed
+    point (_associate) and solves the damped 6x6 normal equations of sum w (n.(p - q))^2
+    (_gauss_newton_step). The op GeometricRefiner maps over the hypotheses.
+
     Args:
-        poses: (b,4,4) re-centred object in camera. transforms: (b,3,3) full frame -> crop.
+        poses: (b,4,4) re-centred object-in-camera poses, metres.
+        transforms: (b,3,3) full frame pixel -> crop pixel.
+        frame: the prepared ObservedFrame.
+        renderer: a renderer of the re-centred mesh.
+        size: crop side in pixels.
+        thresholds: the distance gate of each inner step (metres).
         align_to: None, or the observed mask centroid (u, v) in full-frame pixels: first move
             each hypothesis so silhouettes and depths roughly agree (registration, first round).
-        thresholds: the distance gate of each inner step (metres).
-        damping, min_pairs, max_rotation, max_translation, search_radius: see
-            _gauss_newton_step and _associate.
+        damping: Levenberg damping relative to the mean diagonal of the normal equations.
+        min_pairs: fewest pairs for a hypothesis to move (fewer: no step).
+        max_rotation: trust region of one step, radians.
+        max_translation: trust region of one step, metres.
+        search_radius: half side k in pixels of the association's (2k+1)^2 window (default 0:
+            projective association).
 
     Returns:
-        The updated poses (b,4,4).
-
-    The model is rendered once (points p in the camera frame, normals n from the rendered
-    points); each inner step moves them by the current increment, pairs each with an
-    observed point (_associate) and solves the damped 6x6 normal equations of
-    sum w (n.(p - q))^2 (_gauss_newton_step).
+        (b,4,4) updated poses, poses' dtype and device.
     """
     b = poses.shape[0]
     dtype, device = poses.dtype, poses.device
@@ -308,15 +340,31 @@ def icp_step(
 
 
 class GeometricRefiner(Refiner):
-    """Batched projective point-to-plane ICP against the observed depth, re-rendering the
-    model each iteration.
+    """Batched projective point-to-plane ICP against the observed depth, re-rendering the model
+    each iteration.
 
-    Association: closest observed point within a small pixel window around each model
-    point's projection (pure projective association cannot correct sliding along flat
-    faces). Distance gates shrink geometrically over all steps, from `start_threshold` to
-    `end_threshold` (fractions of the diameter). Registration (mask given) starts wide and
-    aligns each hypothesis' depth first; tracking (no mask) starts narrower because the
-    last pose is close and the gate is what keeps the background out.
+    Association: closest observed point within a small pixel window around each model point's
+    projection (pure projective association cannot correct sliding along flat faces). Distance
+    gates shrink geometrically over all steps, from ``start_threshold`` to ``end_threshold``.
+    Registration (mask given) starts wide and aligns each hypothesis' depth first; tracking (no
+    mask) starts narrower because the last pose is close and the gate is what keeps the
+    background out.
+
+    Args:
+        crop_ratio: crop window side as a multiple of the diameter (default 1.2).
+        crop_size: crop side in pixels (default 96).
+        inner_steps: Gauss-Newton steps per render (default 3).
+        start_threshold: first distance gate at registration, fraction of the diameter.
+        end_threshold: last distance gate, fraction of the diameter.
+        track_start_threshold: first distance gate when tracking, fraction of the diameter.
+        damping: Levenberg damping relative to the normal equations' scale.
+        min_pairs: fewest point pairs for a hypothesis to move.
+        max_rotation_deg: largest rotation of one step, degrees.
+        max_translation: largest translation of one step, fraction of the diameter.
+        search_radius: association window half side in pixels.
+        polish_candidates: best-scored hypotheses refined again by polish() (0: none).
+        polish_iterations: iterations of polish().
+        polish_start_threshold: first distance gate of polish(), fraction of the diameter.
     """
 
     stage_name = "refine.geometric"
@@ -354,21 +402,54 @@ class GeometricRefiner(Refiner):
         self.polish_start_threshold = polish_start_threshold
 
     def thresholds(self, iterations: int, start: float) -> list:
-        """Distance gates (fractions of the diameter) shrinking geometrically from `start`
-        to end_threshold, one per inner step of every iteration."""
+        """Distance gates (fractions of the diameter) shrinking geometrically from ``start`` to
+        end_threshold, one per inner step of every iteration.
+
+        Args:
+            iterations: number of renders (iterations).
+            start: first gate, fraction of the diameter.
+
+        Returns:
+            list of max(1, iterations * inner_steps) floats.
+        """
         steps = max(1, iterations * self.inner_steps)
         ratio = self.end_threshold / start
         return [start * ratio ** (j / max(1, steps - 1)) for j in range(steps)]
 
     def refine(self, poses, frame: ObservedFrame, renderer, engine, iterations: int):
+        """``iterations`` rounds of ICP (stage "refine.geometric" per round).
+
+        With a mask (registration) the first round aligns each hypothesis to the mask centroid and
+        the gates start at start_threshold; without (tracking) at track_start_threshold.
+
+        Args:
+            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine that runs each round (required).
+            iterations: number of rounds.
+
+        Returns:
+            (B,4,4) refined poses.
+        """
         registration = frame.mask is not None
         target = mask_centroid(frame) if registration else None
         start = self.start_threshold if registration else self.track_start_threshold
         return self._run(poses, frame, renderer, engine, iterations, start, target)
 
     def polish(self, poses, frame: ObservedFrame, renderer, engine):
-        """polish_iterations more rounds from a narrow gate, no initial alignment: the
-        best-scored hypotheses are close already and only need to converge further."""
+        """polish_iterations more rounds from a narrow gate, no initial alignment: the best-scored
+        hypotheses are close already and only need to converge further.
+
+        Args:
+            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine (required).
+
+        Returns:
+            (B,4,4) refined poses.
+        """
         return self._run(poses, frame, renderer, engine, self.polish_iterations, self.polish_start_threshold, None)
 
     def _run(self, poses, frame, renderer, engine, iterations, start, target):
@@ -406,15 +487,28 @@ def score_step(
 ) -> torch.Tensor:
     """Agreement of each rendered hypothesis with the observation, (b,) higher is better.
 
-    Inside the crop: R = rendered mask (where the crop sees the image), O = observed
-    mask, V = valid observed depth,
-    e = rendered depth - observed depth.
-      fit       |R & O & V & |e| < tol| / |R | O|   (depth-consistent overlap)
-      iou       |R & O| / |R | O|                   (silhouette)
-      closeness mean of exp(-(e/tol)^2) over R & O & V, divided by |R| (precision)
-      violation |R & V & e < -3 tol| / |R|          (model in front of what the camera sees)
+    Inside the crop: R = rendered mask (where the crop sees the image), O = observed mask,
+    V = valid observed depth, e = rendered depth - observed depth::
+
+        fit       |R & O & V & |e| < tol| / |R | O|   (depth-consistent overlap)
+        iou       |R & O| / |R | O|                   (silhouette)
+        closeness mean of exp(-(e/tol)^2) over R & O & V, divided by |R| (precision)
+        violation |R & V & e < -3 tol| / |R|          (model in front of what the camera sees)
+
     score = w0 fit + w1 iou + w2 closeness - w3 violation. Poses that look the same
     (symmetries) render the same and get the same score.
+
+    Args:
+        poses: (b,4,4) re-centred object-in-camera poses, metres.
+        transforms: (b,3,3) full frame pixel -> crop pixel.
+        frame: the prepared ObservedFrame.
+        renderer: a renderer of the re-centred mesh.
+        size: crop side in pixels.
+        tolerance: tol, metres.
+        weights: (w0, w1, w2, w3).
+
+    Returns:
+        (b,) float32 scores; -1 for a hypothesis that renders nothing in its crop.
     """
     rendered = renderer.render_crops(poses, frame.K, transforms, size)
     # Outside the image nothing is observed: the rendered object there is neither right nor wrong.
@@ -440,7 +534,14 @@ def score_step(
 
 
 class GeometricScorer(Scorer):
-    """Weight-free scorer: depth agreement, silhouette IoU and a visibility penalty."""
+    """Weight-free scorer: depth agreement, silhouette IoU and a visibility penalty.
+
+    Args:
+        crop_ratio: crop window side as a multiple of the diameter (default 1.1).
+        crop_size: crop side in pixels (default 96).
+        tolerance: depth tolerance as a fraction of the diameter (default 0.02).
+        weights: (fit, iou, closeness, violation) weights of score_step.
+    """
 
     stage_name = "score.geometric"
 
@@ -452,6 +553,17 @@ class GeometricScorer(Scorer):
         self.weights = tuple(weights)
 
     def score(self, poses, frame: ObservedFrame, renderer, engine):
+        """Score every hypothesis with score_step (stage "score.geometric").
+
+        Args:
+            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine (required).
+
+        Returns:
+            (B,) float32 scores, higher is better.
+        """
         return _map_over_crops(engine, score_step, poses, frame, renderer, self.crop_ratio, self.crop_size,
                                name=self.stage_name, tolerance=self.tolerance * frame.diameter,
                                weights=self.weights)

@@ -11,7 +11,14 @@ from chunkpose.ops.geometry import MIN_DEPTH, look_at_rotations, make_pose, rota
 
 
 def icosphere_vertices(subdivisions: int = 1) -> np.ndarray:
-    """Unit-sphere vertices (N,3) of an icosphere: 12 at subdivision 0, 42 at 1, 162 at 2."""
+    """Unit-sphere vertices (N,3) of an icosphere: 12 at subdivision 0, 42 at 1, 162 at 2.
+
+    Args:
+        subdivisions: number of subdivisions of the icosahedron (default 1).
+
+    Returns:
+        (N,3) float64 numpy array of unit vectors.
+    """
     phi = (1 + 5 ** 0.5) / 2
     verts = [
         (-1, phi, 0), (1, phi, 0), (-1, -phi, 0), (1, -phi, 0),
@@ -97,6 +104,17 @@ def rotation_hypotheses(count: int = 252, device="cpu", dtype=torch.float32) -> 
     FoundationPose set. Other counts take an even farthest-point subset of such a
     views x in-plane grid (see _spread_rotations), so that a handful of hypotheses (tests,
     fast runs) still leaves no orientation far from every hypothesis.
+
+    Args:
+        count: number of rotations, >= 1 (default 252).
+        device: device of the result (default "cpu").
+        dtype: dtype of the result (default float32).
+
+    Returns:
+        (count,3,3) rotation matrices.
+
+    Raises:
+        ValueError: ``count`` < 1.
     """
     if count < 1:
         raise ValueError(f"hypotheses must be >= 1, got {count}")
@@ -111,7 +129,17 @@ CLUSTER_ANGLE_DEG = 30.0
 
 def symmetry_rotations(symmetry_tfs) -> torch.Tensor:
     """(S,3,3) float64 rotation parts of symmetry transforms (S,4,4) or (S,3,3) in the object
-    frame, with the identity first (added when missing). None or empty: the identity alone."""
+    frame, with the identity first (added when missing). None or empty: the identity alone.
+
+    Args:
+        symmetry_tfs: (S,4,4) or (S,3,3) array-like, or None.
+
+    Returns:
+        (S',3,3) float64 CPU tensor, identity first.
+
+    Raises:
+        ValueError: a wrong shape, or rotation parts that are not proper rotations.
+    """
     eye = torch.eye(3, dtype=torch.float64)[None]
     if symmetry_tfs is None or len(symmetry_tfs) == 0:
         return eye
@@ -133,7 +161,17 @@ def cluster_rotations(R: torch.Tensor, symmetry_tfs=None, min_angle_deg: float =
     Greedily, in order: a rotation is kept unless R_i S is within ``min_angle_deg`` of a kept
     rotation for some symmetry S (rotation parts of ``symmetry_tfs``, identity included).
     Without symmetries, rotations at least ``min_angle_deg`` apart (the 252 grid) all stay.
-    Returns the kept rotations (M,3,3), M <= N, in R's dtype and device.
+
+    Args:
+        R: (N,3,3) rotations (tensor).
+        symmetry_tfs: (S,4,4) or (S,3,3) object-frame symmetries, or None.
+        min_angle_deg: the clustering angle in degrees (default CLUSTER_ANGLE_DEG = 30).
+
+    Returns:
+        (M,3,3) kept rotations, M <= N, in R's dtype and device.
+
+    Raises:
+        ValueError: bad ``symmetry_tfs`` (see symmetry_rotations).
     """
     syms = symmetry_rotations(symmetry_tfs)
     Rd = R.detach().to("cpu", torch.float64)
@@ -153,8 +191,19 @@ def cluster_rotations(R: torch.Tensor, symmetry_tfs=None, min_angle_deg: float =
 def translation_guess(mask: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.ndarray:
     """Object centre guess (3,) in metres: mask bbox centre back-projected at the median depth.
 
-    mask (H,W) bool, depth (H,W) metres (0 invalid), K (3,3). The median is over mask
-    pixels with depth >= 1 mm; it lies on the visible surface, the refiner fixes the rest.
+    The median is over mask pixels with depth >= 1 mm; it lies on the visible surface, the
+    refiner fixes the rest.
+
+    Args:
+        mask: (H,W) bool object mask.
+        depth: (H,W) float depth in metres (0 invalid).
+        K: (3,3) intrinsics in pixels.
+
+    Returns:
+        (3,) float64 camera-frame point in metres.
+
+    Raises:
+        ValueError: the mask is empty, or no mask pixel has valid depth.
     """
     vs, us = np.nonzero(mask)
     if len(us) == 0:
@@ -173,8 +222,16 @@ def translation_guess(mask: np.ndarray, depth: np.ndarray, K: np.ndarray) -> np.
 def initial_poses(t: np.ndarray, count: int = 252, device="cpu", rotations: torch.Tensor | None = None) -> torch.Tensor:
     """Hypotheses (N,4,4) float32: every rotation at the shared translation guess t (3,).
 
-    rotations (N,3,3): the rotation set (e.g. clustered under symmetries); default the
-    `count` rotation_hypotheses."""
+    Args:
+        t: (3,) translation in metres.
+        count: number of rotation_hypotheses when ``rotations`` is None (default 252).
+        device: device of the result (default "cpu").
+        rotations: (N,3,3) rotation set (e.g. clustered under symmetries); None = the
+            ``count`` rotation_hypotheses.
+
+    Returns:
+        (N,4,4) float32 object-in-camera poses on ``device``.
+    """
     if rotations is None:
         R = rotation_hypotheses(count, device=device, dtype=torch.float32)
     else:

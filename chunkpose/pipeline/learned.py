@@ -42,16 +42,18 @@ def normalised_xyz(xyz: torch.Tensor, centers: torch.Tensor, diameter: float, mi
     """One side's xyz channels as the networks see them.
 
     Args:
-        xyz: (N,3,s,s) camera-frame points (0 where nothing was seen or rendered).
-        centers: (N,3) the hypotheses' translations (the re-centred mesh's origin in the camera).
+        xyz: (N,3,s,s) camera-frame points in metres (0 where nothing was seen or rendered).
+        centers: (N,3) the hypotheses' translations in metres (the re-centred mesh's origin in
+            the camera).
         diameter: object diameter in metres.
-        min_z: camera z below which a pixel is missing (0.001 refiner, 0.1 scorer).
-        normalize: the config's normalize_xyz.
+        min_z: camera z in metres below which a pixel is missing (0.001 refiner, 0.1 scorer).
+        normalize: the config's normalize_xyz (default True).
 
     Returns:
-        (N,3,s,s): with normalize, (xyz - centers) / (diameter/2) where each channel with
-        |value| >= 2 is 0 on its own (a far background pixel stays (x, y, 0)) and all three
-        are 0 where z < min_z; without, xyz - centers and no masking (as upstream).
+        (N,3,s,s) in xyz's dtype: with normalize, (xyz - centers) / (diameter/2) where each
+        channel with |value| >= 2 is 0 on its own (a far background pixel stays (x, y, 0)) and
+        all three are 0 where z < min_z; without, xyz - centers in metres and no masking (as
+        upstream).
     """
     rel = xyz - centers[:, :, None, None].to(xyz.dtype)
     if not normalize:
@@ -63,12 +65,32 @@ def normalised_xyz(xyz: torch.Tensor, centers: torch.Tensor, diameter: float, mi
 
 def network_input(rgb01: torch.Tensor, xyz: torch.Tensor, centers: torch.Tensor, diameter: float,
                   min_z: float, normalize: bool = True) -> torch.Tensor:
-    """One side's 6-channel input (N,6,s,s): rgb (N,3,s,s) in 0..1, then normalised_xyz."""
+    """One side's 6-channel input (N,6,s,s): rgb (N,3,s,s) in 0..1, then normalised_xyz.
+
+    Args:
+        rgb01: (N,3,s,s) colour in 0..1.
+        xyz: (N,3,s,s) camera-frame points in metres.
+        centers: (N,3) hypothesis translations in metres.
+        diameter: object diameter in metres.
+        min_z: camera z in metres below which a pixel is missing.
+        normalize: the config's normalize_xyz (default True).
+
+    Returns:
+        (N,6,s,s) float32 (rgb channels first, then xyz).
+    """
     return torch.cat([rgb01.to(torch.float32), normalised_xyz(xyz, centers, diameter, min_z, normalize)], dim=1)
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
-    """fp16 autocast on CUDA (as upstream); a no-op elsewhere (CPU stays float32)."""
+    """fp16 autocast on CUDA (as upstream); a no-op elsewhere (CPU stays float32).
+
+    Args:
+        device: the device the networks run on.
+        enabled: False always returns the no-op (default True).
+
+    Returns:
+        A context manager: torch.autocast(cuda, float16) or contextlib.nullcontext().
+    """
     if enabled and torch.device(device).type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return nullcontext()
@@ -78,20 +100,22 @@ def crop_pair(poses: torch.Tensor, frame: ObservedFrame, renderer, crop_ratio: f
               min_z: float, xyz_semantics: str, normalize: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both network inputs for poses on a prepared frame, as upstream prepares them.
 
+    The render uses upstream's crop box (crop pixel j shows T^-1((j + 1/2)(size-1)/size)); the
+    observed crops are sampled as kornia 0.7.2 samples them (chunkpose.ops.crops.sampling_maps).
+
     Args:
-        poses: (N,4,4) re-centred object in camera.
+        poses: (N,4,4) float32 re-centred object-in-camera poses, metres.
         frame: an ObservedFrame (chunkpose.pipeline.frame.prepare_frame).
         renderer: a chunkpose renderer of the re-centred mesh (headlight shading on).
-        crop_ratio, size: the run config's crop_ratio and input_resize.
-        min_z: 0.001 (refiner, REFINER_MIN_Z) or 0.1 (scorer, SCORER_MIN_Z).
+        crop_ratio: the run config's crop_ratio (crop side / diameter).
+        size: the run config's input_resize (crop side in pixels).
+        min_z: 0.001 (refiner, REFINER_MIN_Z) or 0.1 (scorer, SCORER_MIN_Z), metres.
         xyz_semantics: "refiner" or "scorer" (see chunkpose.ops.warp.xyz_crops).
-        normalize: the config's normalize_xyz.
+        normalize: the config's normalize_xyz (default True).
 
     Returns:
-        A (rendered) and B (observed), each (N,6,size,size) float32: rgb in 0..1, then the
-        xyz channels of normalised_xyz. The render uses upstream's crop box (crop pixel j
-        shows T^-1((j + 1/2)(size-1)/size)); the observed crops are sampled as kornia
-        0.7.2 samples them (chunkpose.ops.crops.sampling_maps).
+        (A, B): A rendered and B observed, each (N,6,size,size) float32 on the poses' device: rgb
+        in 0..1, then the xyz channels of normalised_xyz.
     """
     from chunkpose.ops.crops import crop_windows, upstream_render_transforms
 
@@ -117,10 +141,13 @@ def _resident(engine, *things):
 class LearnedRefiner(Refiner):
     """RefineNet render-and-compare refinement, one engine stage per iteration.
 
-    model: a RefineNet (its device is the engine's); config: the run's config.yml values
-    (NetworkConfig or dict, defaults of the official run for missing keys).
-    differentiable: False (default) runs under no_grad; True keeps autograd (gradients
-    flow to the poses and the weights, blocks checkpointed inside each chunk).
+    Args:
+        model: a RefineNet (its device is the engine's).
+        config: the run's config.yml values (NetworkConfig or dict; defaults of the official run
+            for missing keys; None = the defaults).
+        fp16: run the network under fp16 autocast on CUDA (default True; CPU stays float32).
+        differentiable: False (default) runs under no_grad; True keeps autograd (gradients flow
+            to the poses and the weights, blocks checkpointed inside each chunk).
     """
 
     stage_name = "refine.learned"
@@ -138,12 +165,33 @@ class LearnedRefiner(Refiner):
         self.differentiable = differentiable
 
     def prepare(self, poses: torch.Tensor, frame: ObservedFrame, renderer) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A, B (N,6,s,s) for poses (N,4,4): what the network sees."""
+        """A, B (N,6,s,s) for poses (N,4,4): what the network sees.
+
+        Args:
+            poses: (N,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+
+        Returns:
+            (A, B): rendered and observed inputs, each (N,6,s,s) float32 (s = crop_size).
+        """
         return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, REFINER_MIN_Z,
                          "refiner", self.normalize_xyz)
 
     def step(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: RefineNet) -> torch.Tensor:
-        """One iteration for a slice of hypotheses: poses (n,4,4) -> refined poses (n,4,4)."""
+        """One iteration for a slice of hypotheses: poses (n,4,4) -> refined poses (n,4,4).
+
+        The op the engine maps over the hypotheses.
+
+        Args:
+            poses: (n,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            model: the RefineNet.
+
+        Returns:
+            (n,4,4) float32 updated poses.
+        """
         A, B = self.prepare(poses, frame, renderer)
         with autocast_for(poses.device, self.fp16):
             out = model(A, B)
@@ -152,7 +200,22 @@ class LearnedRefiner(Refiner):
                             trans_normalizer=self.trans_normalizer)
 
     def refine(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine, iterations: int) -> torch.Tensor:
-        """poses (B,4,4) of the re-centred mesh -> (B,4,4) after `iterations` updates."""
+        """poses (B,4,4) of the re-centred mesh -> (B,4,4) after ``iterations`` updates.
+
+        Args:
+            poses: (B,4,4) re-centred object-in-camera poses, metres (moved to the frame's device,
+                float32).
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine (stage "refine.learned" per iteration), or None (one batch).
+            iterations: number of updates.
+
+        Returns:
+            (B,4,4) float32 refined poses on the frame's device.
+
+        Raises:
+            ValueError: ``poses`` is not (B,4,4).
+        """
         if poses.ndim != 3 or poses.shape[1:] != (4, 4):
             raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
         poses = poses.to(device=frame.device, dtype=torch.float32)
@@ -168,7 +231,14 @@ class LearnedRefiner(Refiner):
 
 
 class LearnedScorer(Scorer):
-    """ScoreNetMultiPair scoring: per-hypothesis features as an engine stage, att_cross once."""
+    """ScoreNetMultiPair scoring: per-hypothesis features as an engine stage, att_cross once.
+
+    Args:
+        model: a ScoreNetMultiPair (its device is the engine's).
+        config: the run's config.yml values (NetworkConfig or dict; None = the defaults).
+        fp16: run the network under fp16 autocast on CUDA (default True).
+        differentiable: False (default) runs under no_grad; True keeps autograd.
+    """
 
     stage_name = "score.learned.features"
 
@@ -183,19 +253,53 @@ class LearnedScorer(Scorer):
         self.differentiable = differentiable
 
     def prepare(self, poses: torch.Tensor, frame: ObservedFrame, renderer) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A, B (N,6,s,s) for poses (N,4,4), with the scorer's crops and xyz semantics."""
+        """A, B (N,6,s,s) for poses (N,4,4), with the scorer's crops and xyz semantics.
+
+        Args:
+            poses: (N,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+
+        Returns:
+            (A, B): rendered and observed inputs, each (N,6,s,s) float32 (s = crop_size).
+        """
         return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, SCORER_MIN_Z,
                          "scorer", self.normalize_xyz)
 
     def features(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: ScoreNetMultiPair) -> torch.Tensor:
-        """Per-hypothesis features (n,512) float32 for a slice of poses (n,4,4)."""
+        """Per-hypothesis features (n,512) float32 for a slice of poses (n,4,4).
+
+        The op the engine maps over the hypotheses.
+
+        Args:
+            poses: (n,4,4) float32 re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            model: the ScoreNetMultiPair.
+
+        Returns:
+            (n,512) float32 features.
+        """
         A, B = self.prepare(poses, frame, renderer)
         with autocast_for(poses.device, self.fp16):
             feats = model.features(A, B)
         return feats.float()
 
     def score(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
-        """poses (B,4,4) -> score logits (B,) float32 (higher is better)."""
+        """poses (B,4,4) -> score logits (B,) float32 (higher is better).
+
+        Args:
+            poses: (B,4,4) re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine (stage "score.learned.features"), or None (one batch).
+
+        Returns:
+            (B,) float32 logits on the frame's device.
+
+        Raises:
+            ValueError: ``poses`` is not (B,4,4).
+        """
         if poses.ndim != 3 or poses.shape[1:] != (4, 4):
             raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
         poses = poses.to(device=frame.device, dtype=torch.float32)
@@ -214,9 +318,20 @@ class LearnedScorer(Scorer):
 
 def load_learned(weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = True
                  ) -> Tuple[LearnedRefiner, LearnedScorer]:
-    """A FoundationPose weights folder -> (LearnedRefiner, LearnedScorer) on `device`.
+    """A FoundationPose weights folder -> (LearnedRefiner, LearnedScorer) on ``device``.
 
     See chunkpose.models.checkpoint for the accepted layouts and the error messages.
+
+    Args:
+        weights: path of the weights folder (str or Path).
+        device: where the networks go (default "cpu").
+        fp16: fp16 autocast on CUDA for both (default True).
+
+    Returns:
+        (LearnedRefiner, LearnedScorer) with their run configs.
+
+    Raises:
+        CheckpointError: (an InputError) the folder, a weights file or a config cannot be used.
     """
     refiner, scorer, configs = load_weights(weights, device=device)
     return (LearnedRefiner(refiner, configs["refiner"], fp16=fp16),

@@ -29,9 +29,21 @@ Box = Tuple[int, int, int, int]
 
 
 def box_around_point(center_cam, K, diameter: float, crop_ratio: float) -> Box:
-    """(x0, y0, x1, y1), unclipped and end-exclusive: the full-frame pixels a "box_3d" crop
-    window of ``crop_ratio`` x ``diameter`` centred on the camera point ``center_cam (3,)``
-    can read (chunkpose.ops.crops.crop_windows' own window, so the two never disagree)."""
+    """(x0, y0, x1, y1), unclipped and end-exclusive: the full-frame pixels a "box_3d" crop window
+    of ``crop_ratio`` x ``diameter`` centred on the camera point ``center_cam (3,)`` can read.
+
+    chunkpose.ops.crops.crop_windows' own window, so the two never disagree; a centre nearer
+    than 1 mm in z is moved to z = 1 mm.
+
+    Args:
+        center_cam: (3,) camera-frame point in metres.
+        K: (3,3) intrinsics in pixels.
+        diameter: object diameter in metres.
+        crop_ratio: window side as a multiple of the diameter.
+
+    Returns:
+        (x0, y0, x1, y1) ints in full-frame pixels (may lie outside the image).
+    """
     pose = torch.eye(4, dtype=torch.float64)
     pose[:3, 3] = torch.as_tensor(np.asarray(center_cam, dtype=np.float64))
     pose[2, 3] = max(float(pose[2, 3]), 1e-3)
@@ -39,7 +51,15 @@ def box_around_point(center_cam, K, diameter: float, crop_ratio: float) -> Box:
 
 
 def clip_box(box, size) -> Box:
-    """``box`` (x0,y0,x1,y1) end-exclusive, clipped to an image of ``size=(H,W)``; never empty."""
+    """``box`` (x0,y0,x1,y1) end-exclusive, clipped to an image of ``size=(H,W)``; never empty.
+
+    Args:
+        box: (x0, y0, x1, y1) pixels, end-exclusive.
+        size: (H, W) of the image in pixels.
+
+    Returns:
+        (x0, y0, x1, y1) ints with at least one pixel inside the image.
+    """
     H, W = size
     x0, y0, x1, y1 = (int(v) for v in box)
     x0, y0 = min(max(x0, 0), W - 1), min(max(y0, 0), H - 1)
@@ -48,26 +68,60 @@ def clip_box(box, size) -> Box:
 
 
 def union_box(a, b) -> Box:
+    """The smallest box holding boxes ``a`` and ``b``.
+
+    Args:
+        a: (x0, y0, x1, y1) end-exclusive.
+        b: (x0, y0, x1, y1) end-exclusive.
+
+    Returns:
+        (x0, y0, x1, y1).
+    """
     return min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])
 
 
 def mask_box(mask: np.ndarray) -> Box:
-    """(x0,y0,x1,y1) end-exclusive bounding box of a non-empty mask (H,W)."""
+    """(x0,y0,x1,y1) end-exclusive bounding box of a non-empty mask (H,W).
+
+    Args:
+        mask: (H,W) bool numpy array with at least one True pixel.
+
+    Returns:
+        (x0, y0, x1, y1) ints in pixels.
+    """
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def scale_box(box, factor_x: float, factor_y: float) -> Box:
-    """A full-frame box in an image resized by (factor_x, factor_y): floor of the start,
-    ceil of the end, so the resized box covers the resized pixels of the original."""
+    """A full-frame box in an image resized by (factor_x, factor_y): floor of the start, ceil of
+    the end, so the resized box covers the resized pixels of the original.
+
+    Args:
+        box: (x0, y0, x1, y1) pixels, end-exclusive.
+        factor_x: resize factor of the x axis.
+        factor_y: resize factor of the y axis.
+
+    Returns:
+        (x0, y0, x1, y1) ints in the resized image's pixels.
+    """
     x0, y0, x1, y1 = box
     return (int(np.floor(x0 * factor_x)), int(np.floor(y0 * factor_y)),
             int(np.ceil(x1 * factor_x)), int(np.ceil(y1 * factor_y)))
 
 
 def halo_box(box, size, halo: int) -> Box:
-    """``box`` grown by ``halo`` pixels, clipped to the image of ``size=(H,W)``."""
+    """``box`` grown by ``halo`` pixels, clipped to the image of ``size=(H,W)``.
+
+    Args:
+        box: (x0, y0, x1, y1) pixels, end-exclusive.
+        size: (H, W) of the image in pixels.
+        halo: pixels added on every side.
+
+    Returns:
+        (x0, y0, x1, y1) ints.
+    """
     H, W = size
     x0, y0, x1, y1 = box
     return max(0, x0 - halo), max(0, y0 - halo), min(W, x1 + halo), min(H, y1 + halo)
@@ -77,9 +131,13 @@ def halo_box(box, size, halo: int) -> Box:
 class CallRegion:
     """The device region of one register/track call on an image of ``size=(H,W)``.
 
-    roi: the pixels crops read (rgb, mask, depth); raw: the ROI plus the clean-up's halo,
-    the raw depth the clean-up reads. on_demand: the depth is cleaned at the sampled pixels
-    only (tracking), so the raw window stays on the device instead of a cleaned ROI.
+    Attributes:
+        roi: (x0, y0, x1, y1) end-exclusive: the pixels crops read (rgb, mask, depth).
+        raw: the ROI plus the clean-up's halo (clipped): the raw depth the clean-up reads.
+        size: (H, W) of the image in pixels.
+        has_mask: whether the frame carries a mask (registration).
+        on_demand: the depth is cleaned at the sampled pixels only (tracking), so the raw window
+            stays on the device instead of a cleaned ROI.
     """
 
     roi: Box
@@ -98,23 +156,46 @@ class CallRegion:
 
     @classmethod
     def of_box(cls, box, size, has_mask: bool, on_demand: bool = False, cleanup: CleanUp = CLEANUP) -> "CallRegion":
-        """The region of a given box (clipped to the image of ``size=(H,W)``) and its halo."""
+        """The region of a given box (clipped to the image of ``size=(H,W)``) and its halo.
+
+        Args:
+            box: (x0, y0, x1, y1) pixels, end-exclusive, possibly outside the image.
+            size: (H, W) of the image in pixels.
+            has_mask: whether the frame carries a mask.
+            on_demand: clean the depth at the sampled pixels only (default False).
+            cleanup: the CleanUp whose halo the raw window adds (default CLEANUP).
+
+        Returns:
+            CallRegion.
+        """
         roi = clip_box(box, size)
         return cls(roi=roi, raw=halo_box(roi, size, cleanup.halo), size=tuple(int(v) for v in size),
                    has_mask=bool(has_mask), on_demand=bool(on_demand))
 
     def frame_bytes(self) -> int:
-        """Bytes the prepared ObservedFrame holds: rgb uint8 (3 channels) and mask bool over
-        the ROI, float32 depth over the ROI (cleaned) or the raw window (on demand)."""
+        """Bytes the prepared ObservedFrame holds: rgb uint8 (3 channels) and mask bool over the ROI,
+        float32 depth over the ROI (cleaned) or the raw window (on demand).
+
+        Returns:
+            int bytes.
+        """
         rgb = 3 * torch.uint8.itemsize * self.roi_pixels
         mask = torch.bool.itemsize * self.roi_pixels if self.has_mask else 0
         depth = torch.float32.itemsize * (self.raw_pixels if self.on_demand else self.roi_pixels)
         return rgb + mask + depth
 
     def cleanup_peak_bytes(self, band_bytes: int = 0) -> int:
-        """Peak bytes of a dense clean-up of the raw window: the raw (or eroded) input and
-        the filter's output are alive together, plus one band of the filter's temporaries.
-        Zero when the depth is cleaned on demand."""
+        """Peak bytes of a dense clean-up of the raw window.
+
+        The raw (or eroded) input and the filter's output are alive together, plus one band of the
+        filter's temporaries. Zero when the depth is cleaned on demand.
+
+        Args:
+            band_bytes: bytes of one band of the filter's temporaries (default 0).
+
+        Returns:
+            int bytes.
+        """
         if self.on_demand:
             return 0
         return 2 * torch.float32.itemsize * self.raw_pixels + int(band_bytes)
@@ -123,9 +204,29 @@ class CallRegion:
 def call_region(mode: str, size, K, diameter: float, crop_ratio: float, center_cam,
                 mask: Optional[np.ndarray] = None, mask_bbox: Optional[Box] = None,
                 cleanup: CleanUp = CLEANUP) -> CallRegion:
-    """The CallRegion of a "register" call (around ``center_cam`` and the mask's box; give
-    ``mask`` or its ``mask_bbox``) or a "track" call (around the last pose's translation
-    ``center_cam``; depth cleaned on demand), on an image of ``size=(H,W)`` with ``K``."""
+    """The CallRegion of a "register" or "track" call on an image of ``size=(H,W)`` with ``K``.
+
+    Register: around ``center_cam`` and the mask's box (give ``mask`` or its ``mask_bbox``).
+    Track: around the last pose's translation ``center_cam``, depth cleaned on demand. The box
+    around the point spans REGISTER_ROI_MARGIN / TRACK_ROI_MARGIN crop windows.
+
+    Args:
+        mode: "register" or "track".
+        size: (H, W) of the image in pixels.
+        K: (3,3) intrinsics in pixels.
+        diameter: object diameter in metres.
+        crop_ratio: the largest crop ratio of the refiner and the scorer.
+        center_cam: (3,) camera-frame point in metres (translation guess or last pose).
+        mask: (H,W) bool mask (register, unless ``mask_bbox`` is given).
+        mask_bbox: (x0, y0, x1, y1) end-exclusive box of the mask, instead of ``mask``.
+        cleanup: the CleanUp whose halo the raw window adds (default CLEANUP).
+
+    Returns:
+        CallRegion.
+
+    Raises:
+        ValueError: an unknown ``mode``, or a register call without ``mask`` or ``mask_bbox``.
+    """
     if mode not in ("register", "track"):
         raise ValueError(f"mode: expected 'register' or 'track', got {mode!r}")
     margin = REGISTER_ROI_MARGIN if mode == "register" else TRACK_ROI_MARGIN

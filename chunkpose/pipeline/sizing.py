@@ -37,21 +37,45 @@ SLACK_BYTES = 256 * 1024
 
 def scaled_geometry(size, K, factor: float) -> Tuple[Tuple[int, int], np.ndarray]:
     """((h, w), K) of an image of ``size=(H, W)`` resized by ``factor``, the way
-    chunkpose.pipeline.frame.resize_inputs resizes it."""
+    chunkpose.pipeline.frame.resize_inputs resizes it.
+
+    Args:
+        size: (H, W) in pixels.
+        K: (3,3) intrinsics in pixels.
+        factor: scale of both image axes.
+
+    Returns:
+        ((h, w), K): the truncated size (at least 2 x 2) and the (3,3) float64 scaled K.
+    """
     h, w = scaled_size(int(size[0]), int(size[1]), factor)
     return (max(2, h), max(2, w)), scale_intrinsics(K, factor)
 
 
 def hypothesis_state_bytes(count: int) -> int:
-    """Bytes a stage's inputs hold per call besides the frame: the poses (4x4) and their
-    crop transforms (3x3), float32."""
+    """Bytes a stage's inputs hold per call besides the frame: the poses (4x4) and their crop
+    transforms (3x3), float32.
+
+    Args:
+        count: number of hypotheses.
+
+    Returns:
+        int bytes.
+    """
     return int(count) * (16 + 9) * torch.float32.itemsize
 
 
 @dataclass(frozen=True)
 class CallGeometry:
-    """What a call's footprint depends on: its mode, the image size, K, where the object is
-    expected (camera point) and, for a registration, the mask's box."""
+    """What a call's footprint depends on.
+
+    Attributes:
+        mode: "register" or "track".
+        size: (H, W) of the image in pixels.
+        K: (3,3) float64 intrinsics in pixels.
+        center: (3,) camera point in metres where the object is expected.
+        mask_bbox: (x0, y0, x1, y1) end-exclusive box of the mask (registration), else None.
+        hypotheses: number of pose hypotheses the call runs.
+    """
 
     mode: str
     size: Tuple[int, int]
@@ -64,9 +88,13 @@ class CallGeometry:
 class CallSizing:
     """Predicts a call's peak device bytes at any scale of its input.
 
-    static_bytes: bytes resident for the whole call (networks, renderer tensors, rotation
-    set) plus those held outside torch (renderer framebuffers); stages: the pipeline stage
-    names the call runs (their models are read from ``planner.by_name``).
+    Args:
+        planner: the engine's Planner (stage models are read from ``planner.by_name``).
+        diameter: object diameter in metres.
+        crop_ratio: the largest crop ratio of the refiner and the scorer.
+        static_bytes: bytes resident for the whole call (networks, renderer tensors, rotation
+            set) plus those held outside torch (renderer framebuffers).
+        stages: the pipeline stage names the call runs.
     """
 
     def __init__(self, planner: Planner, diameter: float, crop_ratio: float, static_bytes: int,
@@ -78,6 +106,15 @@ class CallSizing:
         self.stages = tuple(stages)
 
     def region(self, geometry: CallGeometry, factor: float = 1.0) -> CallRegion:
+        """The CallRegion the call would have on its input resized by ``factor``.
+
+        Args:
+            geometry: the call's CallGeometry (at full resolution).
+            factor: scale of both image axes (default 1.0).
+
+        Returns:
+            CallRegion on the resized image.
+        """
         size, K = scaled_geometry(geometry.size, geometry.K, factor)
         mask_bbox = None
         if geometry.mask_bbox is not None:
@@ -86,15 +123,30 @@ class CallSizing:
                            mask_bbox=mask_bbox)
 
     def models(self) -> Dict[str, CostModel]:
-        """The stage models the prediction uses (missing ones: not calibrated yet)."""
+        """The stage models the prediction uses (missing ones: not calibrated yet).
+
+        Returns:
+            dict of stage name -> CostModel.
+        """
         return {name: self.planner.by_name[name] for name in self.stages if name in self.planner.by_name}
 
     def peak_bytes(self, geometry: CallGeometry, factor: float = 1.0, usable: Optional[int] = None,
                    smallest: bool = False) -> int:
-        """Predicted peak of the call at ``factor``: the static bytes plus the larger of the
-        clean-up's peak and the frame, hypotheses and the largest stage. Chunks as the
-        planner would size them under ``usable`` bytes (None: whole batches), or of one item
-        with ``smallest`` (the minimum the call needs)."""
+        """Predicted peak of the call at ``factor``.
+
+        The static bytes plus the larger of the clean-up's peak and the frame, hypotheses and the
+        largest stage. Chunks as the planner would size them under ``usable`` bytes (None: whole
+        batches), or of one item with ``smallest`` (the minimum the call needs).
+
+        Args:
+            geometry: the call's CallGeometry (at full resolution).
+            factor: scale of both image axes (default 1.0).
+            usable: usable budget in bytes the planner sizes chunks under; None = whole batches.
+            smallest: chunks (and clean-up bands) of one item (default False).
+
+        Returns:
+            int bytes.
+        """
         region = self.region(geometry, factor)
         n = geometry.hypotheses
         base = self.static_bytes + region.frame_bytes() + hypothesis_state_bytes(n)
@@ -124,6 +176,14 @@ class CallSizing:
         return int(max(stage_peak, cleanup, base))
 
     def minimum_bytes(self, geometry: CallGeometry, factor: float = 1.0) -> int:
-        """The smallest device footprint of the call at ``factor`` (chunks of one item),
-        with SLACK_BYTES of headroom."""
+        """The smallest device footprint of the call at ``factor`` (chunks of one item), with
+        SLACK_BYTES of headroom.
+
+        Args:
+            geometry: the call's CallGeometry (at full resolution).
+            factor: scale of both image axes (default 1.0).
+
+        Returns:
+            int bytes.
+        """
         return self.peak_bytes(geometry, factor, smallest=True) + SLACK_BYTES

@@ -50,6 +50,35 @@ class _ObjectSpec:
     builtin: str | None  # the builtin shape's name, None for a user mesh
 
 
+@dataclass
+class _Plan:
+    """The checked arguments and what the seed decided before anything is placed."""
+
+    width: int
+    height: int
+    frames: int
+    outside: float
+    K: np.ndarray
+    specs: list  # [_ObjectSpec], the first object first
+    checked: list  # [(event, object index)]
+    footprints: list  # requested, one per object
+    shapes: dict  # the builtins, for the distractors
+    rng: np.random.Generator
+    objects_rng: np.random.Generator
+    events_rng: np.random.Generator
+
+
+@dataclass
+class _Layout:
+    """Everything placed, nothing rendered yet."""
+
+    tracks: list
+    boards: list  # per frame, [(object index, occluder texture)]
+    event_info: dict
+    plane: object
+    distractors: list  # [(mesh, pose)]
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -153,6 +182,36 @@ def _side_streams(rng):
     return np.random.default_rng(children[0]), np.random.default_rng(children[1])
 
 
+def _check_arguments(width, height, frames, footprint, outside, K):
+    """(width, height, frames, outside, K) checked, before any random draw."""
+    width, height, frames = _check_sizes(width, height, frames)
+    if footprint is not None and np.ndim(footprint) == 0:
+        _check_footprint(footprint)
+    if not (0.0 <= float(outside) <= 0.9):
+        raise InputError(f"outside: expected a fraction of the object's extent in [0, 0.9], got {outside!r}")
+    if K is not None:
+        from chunkpose.ops.geometry import validate_intrinsics
+
+        K = validate_intrinsics(K)
+    return width, height, frames, float(outside), K
+
+
+def _resolve_arguments(mesh, width, height, frames, footprint, seed, K, outside, objects, events) -> _Plan:
+    """Check the arguments and draw what they leave open: the objects, their footprints
+    and the intrinsics, in the main stream's order (see the module docstring)."""
+    width, height, frames, outside, K = _check_arguments(width, height, frames, footprint, outside, K)
+    rng = np.random.default_rng(seed)
+    objects_rng, events_rng = _side_streams(rng)
+    shapes = builtin_meshes()
+    specs = _resolve_objects(mesh, objects, shapes, rng, objects_rng)
+    checked = ev.check_events(events, frames, [s.name for s in specs])
+    crowded = len(specs) > 1 or any(isinstance(e, ev.Jump) for e, _ in checked)
+    footprints = _resolve_footprints(footprint, len(specs), crowded, rng, objects_rng)
+    drawn_K = draw_intrinsics(width, height, rng)  # drawn either way: the same seed, the same scene
+    return _Plan(width, height, frames, outside, drawn_K if K is None else K, specs, checked, footprints, shapes,
+                 rng, objects_rng, events_rng)
+
+
 # ----------------------------------------------------------------------------- steps
 
 
@@ -219,6 +278,57 @@ def _object_tracks(tracks, poses, specs, rendered, checked) -> list:
     return out
 
 
+def _lay_out(plan: _Plan, distractors: int, make_renderer) -> _Layout:
+    """Objects, events, plane, distractors: in this order, because the plane and the
+    distractors must clear the objects where the events moved them."""
+    K, width, height = plan.K, plan.width, plan.height
+    tracks = _place_objects(plan.specs, plan.footprints, K, width, height, plan.frames, plan.outside, plan.rng,
+                            plan.objects_rng, make_renderer)
+    boards, event_info = _apply_events(plan.checked, tracks, K, width, height, plan.events_rng)
+    plane = place_plane(tracks, K, width, height, plan.rng)
+    used = {s.builtin for s in plan.specs if s.builtin is not None}
+    placed = place_distractors(distractors, plan.shapes, used, tracks, plane, K, width, height, plan.rng)
+    return _Layout(tracks, boards, event_info, plane, placed)
+
+
+def _render_layout(plan: _Plan, layout: _Layout, noise: bool, make_renderer) -> list:
+    static = _static_layers(layout.plane, layout.distractors, plan.K, plan.width, plan.height, make_renderer)
+    poses = [track.poses for track in layout.tracks]
+    return _render_frames(layout.tracks, poses, layout.boards, static, plan.K, plan.width, plan.height, noise,
+                          plan.rng, make_renderer)
+
+
+def _scene_info(plan: _Plan, layout: _Layout, first: ObjectTrack, seed) -> dict:
+    return {
+        "seed": seed,
+        "object": plan.specs[0].builtin or "user mesh",
+        "requested_footprint": plan.footprints[0],
+        "distractors": len(layout.distractors),
+        "plane_point": layout.plane.point.tolist(),
+        "plane_normal": layout.plane.normal.tolist(),
+        "visible_fraction": first.visible_fraction,
+        "object_names": [s.name for s in plan.specs],
+        "requested_footprints": plan.footprints,
+        "events": [repr(e) for e, _ in plan.checked],
+        **layout.event_info,
+    }
+
+
+def _assemble_scene(plan: _Plan, layout: _Layout, rendered: list, seed) -> Scene:
+    """The Scene; its single-object fields are the first object's."""
+    poses = [track.poses for track in layout.tracks]
+    objects_out = _object_tracks(layout.tracks, poses, plan.specs, rendered, plan.checked)
+    first = objects_out[0]
+    # frames behind a board would pull the achieved footprint towards 0
+    achieved = float(np.mean([m.mean() for m, t in zip(first.full_masks, first.events) if ev.OCCLUDED not in t]))
+    return Scene(
+        rgb=[f.rgb for f in rendered], depth=[f.depth for f in rendered], masks=first.masks, K=plan.K,
+        poses=first.poses, mesh=first.mesh, depth_clean=[f.depth_clean for f in rendered],
+        full_masks=first.full_masks, footprint=achieved if math.isfinite(achieved) else 0.0,
+        info=_scene_info(plan, layout, first, seed), objects=objects_out,
+    )
+
+
 # ----------------------------------------------------------------------------- make_scene
 
 
@@ -271,57 +381,11 @@ def make_scene(
     """
     from chunkpose.ops.render import make_renderer
 
-    width, height, frames = _check_sizes(width, height, frames)
-    if footprint is not None and np.ndim(footprint) == 0:
-        _check_footprint(footprint)
-    if not (0.0 <= float(outside) <= 0.9):
-        raise InputError(f"outside: expected a fraction of the object's extent in [0, 0.9], got {outside!r}")
-    if K is not None:
-        from chunkpose.ops.geometry import validate_intrinsics
-
-        K = validate_intrinsics(K)
-    rng = np.random.default_rng(seed)
-    objects_rng, events_rng = _side_streams(rng)
-    shapes = builtin_meshes()
-    specs = _resolve_objects(mesh, objects, shapes, rng, objects_rng)
-    checked = ev.check_events(events, frames, [s.name for s in specs])
-    crowded = len(specs) > 1 or any(isinstance(e, ev.Jump) for e, _ in checked)
-    footprints = _resolve_footprints(footprint, len(specs), crowded, rng, objects_rng)
-
-    drawn_K = draw_intrinsics(width, height, rng)  # drawn either way: the same seed, the same scene
-    K = drawn_K if K is None else K
+    plan = _resolve_arguments(mesh, width, height, frames, footprint, seed, K, outside, objects, events)
 
     def renderer_of(m):
         return make_renderer(m, device, backend=backend)
 
-    tracks = _place_objects(specs, footprints, K, width, height, frames, float(outside), rng, objects_rng,
-                            renderer_of)
-    boards, event_info = _apply_events(checked, tracks, K, width, height, events_rng)
-    plane = place_plane(tracks, K, width, height, rng)
-    used = {s.builtin for s in specs if s.builtin is not None}
-    placed = place_distractors(distractors, shapes, used, tracks, plane, K, width, height, rng)
-    static = _static_layers(plane, placed, K, width, height, renderer_of)
-    poses = [track.poses for track in tracks]
-    rendered = _render_frames(tracks, poses, boards, static, K, width, height, noise, rng, renderer_of)
-    objects_out = _object_tracks(tracks, poses, specs, rendered, checked)
-    first = objects_out[0]
-    achieved = float(np.mean([m.mean() for m, t in zip(first.full_masks, first.events) if ev.OCCLUDED not in t]))
-    info = {
-        "seed": seed,
-        "object": specs[0].builtin or "user mesh",
-        "requested_footprint": footprints[0],
-        "distractors": len(placed),
-        "plane_point": plane.point.tolist(),
-        "plane_normal": plane.normal.tolist(),
-        "visible_fraction": first.visible_fraction,
-        "object_names": [s.name for s in specs],
-        "requested_footprints": footprints,
-        "events": [repr(e) for e, _ in checked],
-        **event_info,
-    }
-    return Scene(
-        rgb=[f.rgb for f in rendered], depth=[f.depth for f in rendered], masks=first.masks, K=K,
-        poses=first.poses, mesh=first.mesh, depth_clean=[f.depth_clean for f in rendered],
-        full_masks=first.full_masks, footprint=achieved if math.isfinite(achieved) else 0.0, info=info,
-        objects=objects_out,
-    )
+    layout = _lay_out(plan, distractors, renderer_of)
+    rendered = _render_layout(plan, layout, noise, renderer_of)
+    return _assemble_scene(plan, layout, rendered, seed)

@@ -50,10 +50,13 @@ OUT_OF_VIEW_RADII = 3.0
 class Jump:
     """An abrupt change of one object's pose between frame ``frame - 1`` and ``frame``.
 
-    frame: the first frame at the new pose (1 .. frames-1);
-    translation_diameters: the move parallel to the image, in object diameters;
-    rotation_deg: the turn about a random axis through the object's centre (0..180);
-    obj: the object (index into the scene's objects, or its name).
+    Attributes:
+        frame: the first frame at the new pose (1 .. frames-1).
+        translation_diameters: the move parallel to the image, in object diameters (>= 0,
+            default 1.2).
+        rotation_deg: the turn about a random axis through the object's centre, degrees in
+            [0, 180] (default 90).
+        obj: the object (index into the scene's objects, or its name; default 0).
     """
 
     frame: int
@@ -66,10 +69,13 @@ class Jump:
 class Occlusion:
     """One object completely hidden in frames ``start`` .. ``start + frames - 1``.
 
-    start: the first hidden frame (>= 1: frame 0 is where the object is registered);
-    frames: how many frames it stays hidden; it reappears at ``start + frames``, which
-    must be a frame of the scene; by: "occluder" (a board in front of it) or
-    "out_of_view" (it leaves the field of view); obj: index or name of the object.
+    Attributes:
+        start: the first hidden frame (>= 1: frame 0 is where the object is registered).
+        frames: how many frames it stays hidden (default 3); it reappears at ``start + frames``
+            (``stop``), which must be a frame of the scene.
+        obj: index or name of the object (default 0).
+        by: "occluder" (a board in front of it, default) or "out_of_view" (it leaves the field
+            of view).
     """
 
     start: int
@@ -132,8 +138,20 @@ def _check_occlusion(event: Occlusion, frames: int, where: str) -> None:
 
 
 def check_events(events, frames: int, names: list) -> list:
-    """Validate ``events`` for a scene of ``frames`` frames and objects ``names``;
-    returns [(event, object index)] in the given order. ValueError names the bad event."""
+    """Validate ``events`` for a scene of ``frames`` frames and objects ``names``.
+
+    Args:
+        events: a Jump or Occlusion, a list of them, or None.
+        frames: number of frames of the scene.
+        names: the objects' names, in order.
+
+    Returns:
+        [(event, object index)] in the given order.
+
+    Raises:
+        InputError: an event is not a Jump / Occlusion, is out of range, names an unknown object,
+            or conflicts with another event of the same object (the message names it).
+    """
     if isinstance(events, (Jump, Occlusion)):
         events = [events]
     checked = []
@@ -168,7 +186,16 @@ def _check_no_overlap(checked: list) -> None:
 
 
 def frame_tags(checked: list, object_index: int, frames: int) -> list:
-    """Per frame, the tuple of event tags of one object."""
+    """Per frame, the tuple of event tags of one object.
+
+    Args:
+        checked: check_events output.
+        object_index: the object's index.
+        frames: number of frames.
+
+    Returns:
+        list of ``frames`` tuples of "jump", "occluded", "reappeared".
+    """
     tags = [[] for _ in range(frames)]
     for event, index in checked:
         if index != object_index:
@@ -220,11 +247,29 @@ def _jumped_path(track, rotations, centers, jump: Jump, others: list, K, width, 
 
 
 def apply_jumps(track, jumps: list, others: list, K, width, height, rng, redraw) -> list:
-    """Apply one object's ``jumps`` (in frame order) to ``track`` in place; returns what
-    each did (for Scene.info). When a jump has no direction that keeps the object in view
-    and apart from ``others``, the object gets a new start position from ``redraw()``
-    (False: that one broke the placement rule) and all its jumps are tried again, up to
-    JUMP_PLACEMENT_TRIES times; then ValueError."""
+    """Apply one object's ``jumps`` (in frame order) to ``track`` in place; returns what each did
+    (for Scene.info).
+
+    When a jump has no direction that keeps the object in view and apart from ``others``, the
+    object gets a new start position from ``redraw()`` (False: that one broke the placement
+    rule) and all its jumps are tried again, up to JUMP_PLACEMENT_TRIES times.
+
+    Args:
+        track: the object's placement.Track (rotations and centres are replaced).
+        jumps: its Jump events.
+        others: the other objects' Tracks.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        rng: numpy Generator the axes and directions are drawn from.
+        redraw: ``() -> bool``, gives the track a new start (see placement.redraw_path).
+
+    Returns:
+        list of dicts (frame, object, translation_m, direction_camera, rotation_deg, axis).
+
+    Raises:
+        InputError: no start position tried lets the jumps fit the image.
+    """
     for attempt in range(JUMP_PLACEMENT_TRIES):
         if attempt > 0 and not redraw():
             continue
@@ -255,8 +300,16 @@ def _outside(outline: np.ndarray, width: int, height: int) -> bool:
 
 
 def move_out_of_view(track, occlusion: Occlusion, K, width, height) -> None:
-    """Move ``track`` sideways (at its depth) past the nearest image edge in the
-    occlusion's frames, until its silhouette hull is wholly outside (in place)."""
+    """Move ``track`` sideways (at its depth) past the nearest image edge in the occlusion's
+    frames, until its silhouette hull is wholly outside (in place); those frames become hidden.
+
+    Args:
+        track: the object's placement.Track.
+        occlusion: an Occlusion with by="out_of_view".
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+    """
     for k in range(occlusion.start, occlusion.stop):
         c = track.centers[k]
         u, v = project(K, c)
@@ -275,8 +328,16 @@ def move_out_of_view(track, occlusion: Occlusion, K, width, height) -> None:
 
 
 def occluder_texture(rng, size: int = 128) -> np.ndarray:
-    """(size,size,3) uint8: a bold check pattern in two random colours (a board or a
-    sleeve, clearly not the background)."""
+    """(size,size,3) uint8: a bold check pattern in two random colours (a board or a sleeve,
+    clearly not the background).
+
+    Args:
+        rng: numpy Generator.
+        size: side in pixels (default 128).
+
+    Returns:
+        (size,size,3) uint8 RGB.
+    """
     a, b = rng.uniform(0.1, 0.9, size=3), rng.uniform(0.1, 0.9, size=3)
     cells = max(2, int(rng.integers(3, 7)))
     y, x = np.mgrid[0:size, 0:size] * cells // size
@@ -285,11 +346,21 @@ def occluder_texture(rng, size: int = 128) -> np.ndarray:
 
 
 def occluder_patch(full_mask: np.ndarray, nearest_z: float, K, texture: np.ndarray) -> Mesh | None:
-    """A fronto-parallel textured board, in camera coordinates (render it at the identity
-    pose), shaped like the convex hull of ``full_mask`` (H,W) bool grown by
-    OCCLUDER_MARGIN_PX, at depth ``OCCLUDER_DEPTH_FRACTION * nearest_z``: it hides every
-    pixel of the silhouette and, being no wider than its hull, little of any neighbour.
-    None when the mask is empty."""
+    """A fronto-parallel textured board, in camera coordinates (render it at the identity pose).
+
+    Shaped like the convex hull of ``full_mask`` grown by OCCLUDER_MARGIN_PX, at depth
+    ``OCCLUDER_DEPTH_FRACTION * nearest_z``: it hides every pixel of the silhouette and, being
+    no wider than its hull, little of any neighbour.
+
+    Args:
+        full_mask: (H,W) bool full silhouette of the object.
+        nearest_z: the object's nearest camera z in metres.
+        K: (3,3) intrinsics in pixels.
+        texture: (h,w,3) uint8 texture (e.g. occluder_texture).
+
+    Returns:
+        Mesh in camera coordinates (metres), or None when the mask is empty.
+    """
     import cv2
     import trimesh
     from PIL import Image

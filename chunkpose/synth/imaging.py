@@ -28,8 +28,17 @@ def _shade(normals: np.ndarray) -> np.ndarray:
 
 
 class Canvas:
-    """A z-buffer of full-frame renders: rgb (H,W,3) float 0..1, depth (H,W) (inf where
-    empty until ``finish``), ids (H,W) int32 layer id (-1 = empty)."""
+    """A z-buffer of full-frame renders.
+
+    Args:
+        width: image width W in pixels.
+        height: image height H in pixels.
+
+    Attributes:
+        rgb: (H,W,3) float32 shaded colour in 0..1.
+        depth: (H,W) float32 metres, inf where empty until ``finish``.
+        ids: (H,W) int32 layer id (-1 = empty).
+    """
 
     def __init__(self, width: int, height: int):
         self.depth = np.full((height, width), np.inf, dtype=np.float32)
@@ -37,8 +46,17 @@ class Canvas:
         self.ids = np.full((height, width), -1, dtype=np.int32)
 
     def add(self, index: int, out: dict) -> dict:
-        """Fold one render (a renderer's render_full dict) in; a pixel is taken where it is
-        strictly nearer. Returns the render as numpy arrays without the batch axis."""
+        """Fold one render (a renderer's render_full dict) in; a pixel is taken where it is strictly
+        nearer.
+
+        Args:
+            index: the layer id written to ``ids``.
+            out: a render_full dict (rgb (1,3,H,W), depth (1,H,W) metres, normals (1,3,H,W),
+                mask (1,H,W), ...).
+
+        Returns:
+            The render as numpy arrays without the batch axis.
+        """
         out = {key: value[0].cpu().numpy() for key, value in out.items()}
         d = out["depth"]
         hit = out["mask"] & (d < self.depth)
@@ -51,14 +69,27 @@ class Canvas:
         return out
 
     def finish(self):
-        """(rgb, depth with 0 where empty, ids)."""
+        """(rgb, depth with 0 where empty, ids).
+
+        Returns:
+            (rgb (H,W,3) float32 0..1, depth (H,W) float32 metres, ids (H,W) int32); the canvas's
+            own arrays.
+        """
         self.depth[~np.isfinite(self.depth)] = 0.0
         return self.rgb, self.depth, self.ids
 
 
 def composite(layers, width, height):
-    """Z-buffer composite of ``layers`` [(id, render dict)]: (rgb (H,W,3) float, depth (H,W)
-    with 0 = empty, ids (H,W))."""
+    """Z-buffer composite of ``layers`` [(id, render dict)].
+
+    Args:
+        layers: iterable of (layer id, render_full dict).
+        width: image width W in pixels.
+        height: image height H in pixels.
+
+    Returns:
+        (rgb (H,W,3) float32 0..1, depth (H,W) float32 metres with 0 = empty, ids (H,W) int32).
+    """
     canvas = Canvas(width, height)
     for index, out in layers:
         canvas.add(index, out)
@@ -66,9 +97,19 @@ def composite(layers, width, height):
 
 
 def sensor_depth(depth: np.ndarray, rng, scale: int = 1) -> np.ndarray:
-    """Depth sensor model on a noise-free depth (H,W) in metres: Gaussian noise with sigma
-    = 0.5 mm + 1.5 mm * z^2, 1 mm quantisation, most pixels at depth edges missing (the
-    band is ``scale`` pixels wide), and a few random dropouts."""
+    """Depth sensor model on a noise-free depth (H,W) in metres.
+
+    Gaussian noise with sigma = 0.5 mm + 1.5 mm * z^2, 1 mm quantisation, most pixels at depth
+    edges missing (the band is ``scale`` pixels wide), and a few random dropouts.
+
+    Args:
+        depth: (H,W) float metres, 0 = empty.
+        rng: numpy Generator the noise is drawn from.
+        scale: width in pixels of the missing band at edges (default 1).
+
+    Returns:
+        (H,W) float32 metres, 0 = missing.
+    """
     valid = depth > 0
     noisy = depth + rng.normal(size=depth.shape).astype(np.float32) * (DEPTH_NOISE_A + DEPTH_NOISE_B * depth**2)
     noisy = np.round(noisy * 1000.0) / 1000.0
@@ -85,8 +126,15 @@ def sensor_depth(depth: np.ndarray, rng, scale: int = 1) -> np.ndarray:
 
 @dataclass
 class RenderedFrame:
-    """One frame: rgb (H,W,3) uint8, depth (H,W) float32 metres (sensor model), clean
-    depth (H,W) float32, and per object visible masks and full silhouettes (H,W) bool."""
+    """One frame of a synthetic scene.
+
+    Attributes:
+        rgb: (H,W,3) uint8.
+        depth: (H,W) float32 metres (sensor model, 0 = missing).
+        depth_clean: (H,W) float32 noise-free depth in metres.
+        masks: per object (H,W) bool visible mask.
+        full_masks: per object (H,W) bool full silhouette.
+    """
 
     rgb: np.ndarray
     depth: np.ndarray
@@ -116,12 +164,27 @@ def _draw_dynamic(index: int, objects: list, behind_board: list, K, width, heigh
 
 def render_frame(index: int, objects: list, behind_board: list, static, K, width, height, noise: bool, rng,
                  make_renderer) -> RenderedFrame:
-    """Frame ``index`` of the scene over the static layers ``static`` = (rgb, depth) of the
-    plane and distractors. objects: [(renderer, poses [(4,4)] per frame)] in layer order;
-    make_renderer: Mesh -> renderer (for the occluders); behind_board: [(object index,
-    occluder texture)] of the
-    objects hidden behind a board in this frame. Noise is drawn from ``rng``: RGB first,
-    then depth."""
+    """Frame ``index`` of the scene over the static layers ``static`` = (rgb, depth) of the plane
+    and distractors.
+
+    Noise is drawn from ``rng``: RGB first, then depth.
+
+    Args:
+        index: the frame number.
+        objects: [(renderer, poses [(4,4)] per frame)] in layer order.
+        behind_board: [(object index, occluder texture)] of the objects hidden behind a board
+            in this frame.
+        static: (rgb (H,W,3) float 0..1, depth (H,W) metres, 0 = empty) of the static layers.
+        K: (3,3) intrinsics in pixels.
+        width: image width W in pixels.
+        height: image height H in pixels.
+        noise: add RGB noise and the depth sensor model.
+        rng: numpy Generator.
+        make_renderer: Mesh -> renderer (for the occluders).
+
+    Returns:
+        RenderedFrame.
+    """
     static_rgb, static_depth = static
     canvas, full_masks = _draw_dynamic(index, objects, behind_board, K, width, height, make_renderer)
     dyn_rgb, dyn_depth, ids = canvas.finish()

@@ -39,8 +39,21 @@ FIT_RENDER_SIDE = 400.0
 
 @dataclass
 class Track:
-    """An object being placed: its per-frame rotation (3,3) and bounding-box centre (3,)
-    in the camera frame, and the frames in which it is moved out of the view (hidden)."""
+    """An object being placed: its per-frame rotation and bounding-box centre in the camera
+    frame, and the frames in which it is moved out of the view (hidden).
+
+    Attributes:
+        name: the object's name.
+        mesh: its Mesh (metres).
+        renderer: a renderer of the mesh.
+        footprint: target image fraction of its silhouette.
+        rotations: [(3,3)] per frame.
+        centers: [(3,)] bounding-box centre per frame, camera frame, metres.
+        room: (du, dv) free pixels about the start position for the motion.
+        hidden: frames in which it is moved out of view.
+        fit: the DistanceFit of its distance (to draw another start), or None.
+        outside: fraction of its extent placed past an image edge (0 = wholly inside).
+    """
 
     name: str
     mesh: Mesh
@@ -62,19 +75,33 @@ class Track:
         return [object_pose(R, c, self.mesh.center) for R, c in zip(self.rotations, self.centers)]
 
     def shown_centers(self) -> list:
-        """Centres of the frames in which the object is in its place (not moved out of view)."""
+        """Centres of the frames in which the object is in its place (not moved out of view).
+
+        Returns:
+            list of (3,) camera-frame centres, metres.
+        """
         return [c for k, c in enumerate(self.centers) if k not in self.hidden]
 
     @functools.cached_property
     def shape(self) -> "Shape":
+        """The Shape of the track's mesh (computed once).
+
+        Returns:
+            Shape.
+        """
         return Shape.of(self.mesh)
 
 
 @dataclass(frozen=True)
 class Shape:
-    """What the placement rules need of a mesh: its convex-hull vertices (P,3) relative to
-    the bounding-box centre (they bound the silhouette's extent from any view), the
-    bounding box's half sizes (3,) and the hull's radius about the centre."""
+    """What the placement rules need of a mesh.
+
+    Attributes:
+        hull: (P,3) convex-hull vertices relative to the bounding-box centre, metres (they bound
+            the silhouette's extent from any view).
+        half: (3,) half sizes of the bounding box, metres.
+        radius: the hull's radius about the centre, metres.
+    """
 
     hull: np.ndarray
     half: np.ndarray
@@ -82,6 +109,14 @@ class Shape:
 
     @classmethod
     def of(cls, mesh: Mesh) -> "Shape":
+        """The Shape of ``mesh`` (all vertices for a flat mesh without a 3D hull).
+
+        Args:
+            mesh: a Mesh.
+
+        Returns:
+            Shape.
+        """
         from scipy.spatial import ConvexHull
 
         vertices = np.asarray(mesh.vertices, np.float64) - mesh.center
@@ -93,11 +128,28 @@ class Shape:
                    float(np.linalg.norm(hull, axis=1).max()))
 
     def points(self, rotation, center) -> np.ndarray:
-        """(P,3) hull vertices at this pose (camera frame)."""
+        """(P,3) hull vertices at this pose (camera frame).
+
+        Args:
+            rotation: (3,3) rotation.
+            center: (3,) bounding-box centre in the camera frame, metres.
+
+        Returns:
+            (P,3) float64 metres.
+        """
         return self.hull @ np.asarray(rotation).T + center
 
     def outline(self, K, rotation, center) -> np.ndarray:
-        """(P,2) float32 convex polygon (pixels) holding the silhouette at this pose."""
+        """(P,2) float32 convex polygon (pixels) holding the silhouette at this pose.
+
+        Args:
+            K: (3,3) intrinsics in pixels.
+            rotation: (3,3) rotation.
+            center: (3,) bounding-box centre in the camera frame, metres (in front of the camera).
+
+        Returns:
+            (Q,2) float32 hull polygon in pixels.
+        """
         import cv2
 
         points = self.points(rotation, center)
@@ -109,7 +161,16 @@ class Shape:
 
 
 def draw_intrinsics(width: int, height: int, rng) -> np.ndarray:
-    """K (3,3): focal ~0.8 width, principal point within 1% of the centre."""
+    """K (3,3): focal ~0.8 width, principal point within 1% of the centre.
+
+    Args:
+        width: image width in pixels.
+        height: image height in pixels.
+        rng: numpy Generator.
+
+    Returns:
+        (3,3) float64 in pixels.
+    """
     focal = 0.8 * width * (1.0 + rng.uniform(-0.05, 0.05))
     return np.array(
         [
@@ -121,7 +182,15 @@ def draw_intrinsics(width: int, height: int, rng) -> np.ndarray:
 
 
 def scaled_intrinsics(K: np.ndarray, factor: float) -> np.ndarray:
-    """K for an image resized by ``factor`` with pixel centres at integers."""
+    """K for an image resized by ``factor`` with pixel centres at integers.
+
+    Args:
+        K: (3,3) intrinsics in pixels.
+        factor: resize factor.
+
+    Returns:
+        (3,3) new array: focal lengths times factor, c' = (c + 0.5) factor - 0.5.
+    """
     scaled = K.copy()
     scaled[0, 0] *= factor
     scaled[1, 1] *= factor
@@ -131,7 +200,16 @@ def scaled_intrinsics(K: np.ndarray, factor: float) -> np.ndarray:
 
 
 def object_pose(rotation: np.ndarray, center_cam: np.ndarray, mesh_center: np.ndarray) -> np.ndarray:
-    """(4,4) pose whose mesh bounding-box centre lands at ``center_cam`` (camera frame)."""
+    """(4,4) pose whose mesh bounding-box centre lands at ``center_cam`` (camera frame).
+
+    Args:
+        rotation: (3,3) rotation.
+        center_cam: (3,) camera-frame point, metres.
+        mesh_center: (3,) the mesh's bounding-box centre in its own frame, metres.
+
+    Returns:
+        (4,4) float64 object-in-camera pose, metres.
+    """
     pose = np.eye(4)
     pose[:3, :3] = rotation
     pose[:3, 3] = center_cam - rotation @ mesh_center
@@ -139,17 +217,43 @@ def object_pose(rotation: np.ndarray, center_cam: np.ndarray, mesh_center: np.nd
 
 
 def ray(K: np.ndarray, u: float, v: float) -> np.ndarray:
-    """Camera-frame direction with z = 1 through pixel (u, v)."""
+    """Camera-frame direction with z = 1 through pixel (u, v).
+
+    Args:
+        K: (3,3) intrinsics in pixels.
+        u: pixel x.
+        v: pixel y.
+
+    Returns:
+        (3,) float64.
+    """
     return np.linalg.solve(K, np.array([u, v, 1.0]))
 
 
 def project(K: np.ndarray, point: np.ndarray) -> np.ndarray:
-    """(u, v) pixel of a camera-frame point."""
+    """(u, v) pixel of a camera-frame point.
+
+    Args:
+        K: (3,3) intrinsics in pixels.
+        point: (3,) camera-frame point with z > 0.
+
+    Returns:
+        (2,) float64 pixels.
+    """
     return (K @ point)[:2] / point[2]
 
 
 def circle_radius_px(K: np.ndarray, center: np.ndarray, radius: float) -> float:
-    """Image radius (pixels, approximately) of a sphere of ``radius`` at ``center``."""
+    """Image radius (pixels, approximately) of a sphere of ``radius`` at ``center``.
+
+    Args:
+        K: (3,3) intrinsics in pixels.
+        center: (3,) camera-frame centre, metres.
+        radius: sphere radius, metres.
+
+    Returns:
+        float pixels (fx * radius / z).
+    """
     return float(K[0, 0] * radius / center[2])
 
 
@@ -158,8 +262,19 @@ def circle_radius_px(K: np.ndarray, center: np.ndarray, radius: float) -> float:
 
 @dataclass
 class DistanceFit:
-    """An object's distance for a footprint and its silhouette's extent about the
-    projected centre (full-resolution pixels), measured on a small render."""
+    """An object's distance for a footprint and its silhouette's extent about the projected
+    centre (full-resolution pixels), measured on a small render.
+
+    Attributes:
+        z: distance (camera z) in metres.
+        left: silhouette extent left of the projected centre, pixels.
+        right: extent to the right, pixels.
+        top: extent above, pixels.
+        bottom: extent below, pixels.
+        K_small: (3,3) intrinsics of the small render.
+        small_w: the small render's width in pixels.
+        small_h: the small render's height in pixels.
+    """
 
     z: float
     left: float
@@ -181,9 +296,27 @@ def _silhouette(renderer, pose, K, width, height):
 
 
 def fit_distance(renderer, mesh: Mesh, rotation, K, width, height, footprint) -> DistanceFit:
-    """The distance at which the object at ``rotation`` covers ``footprint`` of the image
-    when centred. Measured on a small render: the area fraction does not depend on the
-    resolution, and scales as 1/z^2."""
+    """The distance at which the object at ``rotation`` covers ``footprint`` of the image when
+    centred.
+
+    Measured on a small render (at most FIT_RENDER_SIDE pixels wide): the area fraction does
+    not depend on the resolution, and scales as 1/z^2.
+
+    Args:
+        renderer: a renderer of the mesh.
+        mesh: the Mesh.
+        rotation: (3,3) rotation.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        footprint: target image fraction in (0, 1).
+
+    Returns:
+        DistanceFit.
+
+    Raises:
+        RuntimeError: the object is not visible at any distance tried.
+    """
     factor = min(1.0, FIT_RENDER_SIDE / max(width, height))
     small_w, small_h = max(8, round(width * factor)), max(8, round(height * factor))
     factor_x = small_w / width
@@ -210,9 +343,25 @@ def fit_distance(renderer, mesh: Mesh, rotation, K, width, height, footprint) ->
 
 def position_object(fit: DistanceFit, renderer, mesh: Mesh, rotation, K, width, height, footprint, rng,
                     outside: float = 0.0):
-    """Draw the object's image position (wholly inside with a 3% margin, or with
-    ``outside`` of its extent past a random edge); returns (centre (3,) camera frame,
-    room (du, dv): free pixels about it for the motion)."""
+    """Draw the object's image position: wholly inside with a 3% margin, or with ``outside`` of
+    its extent past a random edge.
+
+    Args:
+        fit: the object's DistanceFit.
+        renderer: a renderer of the mesh.
+        mesh: the Mesh.
+        rotation: (3,3) rotation.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        footprint: target image fraction.
+        rng: numpy Generator.
+        outside: fraction of its extent past an edge (default 0: inside).
+
+    Returns:
+        (centre, room): (3,) camera-frame centre in metres and (du, dv) free pixels about it for
+        the motion.
+    """
     u0, v0 = K[0, 2], K[1, 2]
     left, right, top, bottom = fit.left, fit.right, fit.top, fit.bottom
     margin = 0.03 * min(width, height)
@@ -241,9 +390,20 @@ def position_object(fit: DistanceFit, renderer, mesh: Mesh, rotation, K, width, 
 
 
 def trajectory(rotation0, center0, room, K, frames: int, rng):
-    """Smooth motion: a slow rotation about a random axis and a gentle sinusoidal drift
-    that stays inside the image (``room`` = free pixels around the start position).
-    Returns (rotations [(3,3)], centres [(3,)]), one per frame."""
+    """Smooth motion: a slow rotation about a random axis and a gentle sinusoidal drift that
+    stays inside the image.
+
+    Args:
+        rotation0: (3,3) start rotation.
+        center0: (3,) start centre, camera frame, metres.
+        room: (du, dv) free pixels around the start position.
+        K: (3,3) intrinsics in pixels.
+        frames: number of frames.
+        rng: numpy Generator.
+
+    Returns:
+        (rotations, centres): lists of (3,3) and (3,), one per frame.
+    """
     if frames == 1:
         return [rotation0], [center0]
     z0 = center0[2]
@@ -266,8 +426,24 @@ def trajectory(rotation0, center0, room, K, frames: int, rng):
 
 
 def place_first_object(name, mesh, renderer, footprint, K, width, height, frames, outside, rng) -> Track:
-    """The scene's first object: a random rotation, anywhere in the image (or partly past
-    an edge with ``outside``), moving smoothly."""
+    """The scene's first object: a random rotation, anywhere in the image (or partly past an edge
+    with ``outside``), moving smoothly.
+
+    Args:
+        name: the object's name.
+        mesh: its Mesh.
+        renderer: a renderer of the mesh.
+        footprint: target image fraction.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        frames: number of frames.
+        outside: fraction of its extent past an edge (0: inside).
+        rng: numpy Generator.
+
+    Returns:
+        Track.
+    """
     rotation0 = Rotation.random(random_state=rng).as_matrix()
     fit = fit_distance(renderer, mesh, rotation0, K, width, height, footprint)
     center0, room = position_object(fit, renderer, mesh, rotation0, K, width, height, footprint, rng, outside)
@@ -276,9 +452,21 @@ def place_first_object(name, mesh, renderer, footprint, K, width, height, frames
 
 
 def redraw_path(track: Track, others: list, K, width, height, rng) -> bool:
-    """Give ``track`` a new start position and motion (same rotation, distance and number
-    of frames). Returns False, leaving it unchanged, when the new path breaks the
-    placement rule with one of ``others``."""
+    """Give ``track`` a new start position and motion (same rotation, distance and number of
+    frames).
+
+    Args:
+        track: the Track to move.
+        others: the other objects' Tracks.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        rng: numpy Generator.
+
+    Returns:
+        bool: False, leaving the track unchanged, when the new path breaks the placement rule
+        with one of ``others``.
+    """
     rotation0 = track.rotations[0]
     center0, room = position_object(track.fit, track.renderer, track.mesh, rotation0, K, width, height,
                                     track.footprint, rng, track.outside)
@@ -290,8 +478,19 @@ def redraw_path(track: Track, others: list, K, width, height, rng) -> bool:
 
 
 def boxes_intersect(rot_a, center_a, half_a, rot_b, center_b, half_b) -> bool:
-    """Whether two oriented boxes (rotation (3,3) whose columns are the box axes, centre
-    (3,), half sizes (3,)) intersect: no separating axis among the 15 candidates."""
+    """Whether two oriented boxes intersect: no separating axis among the 15 candidates.
+
+    Args:
+        rot_a: (3,3) rotation whose columns are box a's axes.
+        center_a: (3,) centre of box a.
+        half_a: (3,) half sizes of box a.
+        rot_b: (3,3) axes of box b.
+        center_b: (3,) centre of box b.
+        half_b: (3,) half sizes of box b.
+
+    Returns:
+        bool.
+    """
     axes = [rot_a[:, i] for i in range(3)] + [rot_b[:, i] for i in range(3)]
     axes += [np.cross(rot_a[:, i], rot_b[:, j]) for i in range(3) for j in range(3)]
     offset = center_b - center_a
@@ -308,9 +507,18 @@ def boxes_intersect(rot_a, center_a, half_a, rot_b, center_b, half_b) -> bool:
 
 
 def separable(points_a: np.ndarray, points_b: np.ndarray) -> bool:
-    """Whether a plane separates two point sets (P,3), (Q,3), i.e. their convex hulls are
-    disjoint: a feasibility linear program for w, b with w.p >= b + 1 on one side and
-    w.q <= b - 1 on the other."""
+    """Whether a plane separates two point sets, i.e. their convex hulls are disjoint.
+
+    A feasibility linear program for w, b with w.p >= b + 1 on one side and w.q <= b - 1 on the
+    other.
+
+    Args:
+        points_a: (P,3) points.
+        points_b: (Q,3) points.
+
+    Returns:
+        bool.
+    """
     from scipy.optimize import linprog
 
     middle = (points_a.mean(axis=0) + points_b.mean(axis=0)) / 2.0
@@ -322,8 +530,20 @@ def separable(points_a: np.ndarray, points_b: np.ndarray) -> bool:
 
 
 def solids_apart(a: "Shape", rot_a, center_a, b: "Shape", rot_b, center_b) -> bool:
-    """Whether two objects' convex hulls are disjoint at these poses: bounding spheres,
-    then oriented boxes, then (only when those cannot tell) a separating plane."""
+    """Whether two objects' convex hulls are disjoint at these poses: bounding spheres, then
+    oriented boxes, then (only when those cannot tell) a separating plane.
+
+    Args:
+        a: Shape of the first object.
+        rot_a: (3,3) its rotation.
+        center_a: (3,) its centre, metres.
+        b: Shape of the second object.
+        rot_b: (3,3) its rotation.
+        center_b: (3,) its centre, metres.
+
+    Returns:
+        bool.
+    """
     if np.linalg.norm(center_a - center_b) >= a.radius + b.radius:
         return True
     if not boxes_intersect(rot_a, center_a, a.half, rot_b, center_b, b.half):
@@ -332,8 +552,17 @@ def solids_apart(a: "Shape", rot_a, center_a, b: "Shape", rot_b, center_b) -> bo
 
 
 def outlines_overlap(outline_a, outline_b, overlap: float = MAX_OBJECT_OVERLAP) -> bool:
-    """Whether two silhouette hulls (convex polygons, pixels) overlap by more than
-    ``overlap`` of the smaller one's area."""
+    """Whether two silhouette hulls (convex polygons, pixels) overlap by more than ``overlap`` of
+    the smaller one's area.
+
+    Args:
+        outline_a: (P,2) float32 convex polygon, pixels.
+        outline_b: (Q,2) float32 convex polygon, pixels.
+        overlap: allowed fraction (default MAX_OBJECT_OVERLAP).
+
+    Returns:
+        bool.
+    """
     import cv2
 
     area, _ = cv2.intersectConvexConvex(outline_a, outline_b)
@@ -342,9 +571,22 @@ def outlines_overlap(outline_a, outline_b, overlap: float = MAX_OBJECT_OVERLAP) 
 
 
 def apart(a: Track, a_rotations, a_centers, b: Track, K, frames=None) -> bool:
-    """Whether object ``a`` on the path (a_rotations, a_centers) and object ``b`` on its
-    own path keep the placement rule (see the module docstring) in ``frames`` (default
-    all)."""
+    """Whether object ``a`` on the path (a_rotations, a_centers) and object ``b`` on its own path
+    keep the placement rule (see the module docstring) in ``frames``.
+
+    Frames in which either object is hidden are skipped.
+
+    Args:
+        a: the first object's Track (its shape and hidden frames are used).
+        a_rotations: [(3,3)] per frame for ``a``.
+        a_centers: [(3,)] per frame for ``a``, metres.
+        b: the other Track (its own rotations and centres).
+        K: (3,3) intrinsics in pixels.
+        frames: frame indices to check (default all).
+
+    Returns:
+        bool.
+    """
     frames = range(len(a_centers)) if frames is None else frames
     for k in frames:
         if k in a.hidden or k in b.hidden:
@@ -358,8 +600,27 @@ def apart(a: Track, a_rotations, a_centers, b: Track, K, frames=None) -> bool:
 
 
 def place_further_object(name, mesh, renderer, footprint, placed: list, K, width, height, frames, rng) -> Track:
-    """Another object of the scene, kept apart from the ``placed`` tracks in every frame
-    (see the module docstring). ValueError when no position works."""
+    """Another object of the scene, kept apart from the ``placed`` tracks in every frame (see the
+    module docstring).
+
+    Args:
+        name: the object's name.
+        mesh: its Mesh.
+        renderer: a renderer of the mesh.
+        footprint: target image fraction.
+        placed: the Tracks placed so far.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        frames: number of frames.
+        rng: numpy Generator.
+
+    Returns:
+        Track.
+
+    Raises:
+        InputError: no position among PLACEMENT_TRIES works.
+    """
     rotation0 = Rotation.random(random_state=rng).as_matrix()
     fit = fit_distance(renderer, mesh, rotation0, K, width, height, footprint)
     track = Track(name, mesh, renderer, footprint, [], [], fit=fit)
@@ -380,7 +641,15 @@ def place_further_object(name, mesh, renderer, footprint, placed: list, K, width
 
 def background_texture(rng, size: int = 512) -> np.ndarray:
     """A tileable (size,size,3) uint8 texture: colour noise with a 1/f spectrum (periodic by
-    construction, so repeats show no seams), planks and a few dark lines."""
+    construction, so repeats show no seams), planks and a few dark lines.
+
+    Args:
+        rng: numpy Generator.
+        size: side in pixels (default 512).
+
+    Returns:
+        (size,size,3) uint8 RGB.
+    """
     freq = np.fft.fftfreq(size)
     radius = np.sqrt(freq[:, None] ** 2 + freq[None, :] ** 2)
     falloff = 1.0 / np.maximum(radius * size, 1.0) ** 1.2
@@ -427,7 +696,14 @@ def _background_quad(K, width, height, point, normal, rng) -> Mesh:
 
 @dataclass
 class Plane:
-    """The background: a textured quad through ``point`` facing the camera along ``normal``."""
+    """The background: a textured quad through ``point`` facing the camera along ``normal``.
+
+    Attributes:
+        mesh: the quad's Mesh (camera frame, metres).
+        point: (3,) a point of the plane, metres.
+        normal: (3,) unit normal facing the camera.
+        z_far_object: the farthest any object surface gets (camera z, metres).
+    """
 
     mesh: Mesh
     point: np.ndarray
@@ -436,7 +712,18 @@ class Plane:
 
 
 def place_plane(tracks: list, K, width, height, rng) -> Plane:
-    """The background plane behind every object position, tilted by up to 25 degrees."""
+    """The background plane behind every object position, tilted by up to 25 degrees.
+
+    Args:
+        tracks: the objects' Tracks.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        rng: numpy Generator.
+
+    Returns:
+        Plane.
+    """
     first = tracks[0]
     z_far_object = max(c[2] + t.radius for t in tracks for c in t.shown_centers())
     tilt = Rotation.from_rotvec(np.append(rng.normal(size=2), 0.0) / np.sqrt(2) * np.radians(rng.uniform(0, 25)))
@@ -463,8 +750,23 @@ def _distractor_source(shapes: dict, used: set, rng):
 
 
 def place_distractors(count: int, shapes: dict, used: set, tracks: list, plane: Plane, K, width, height, rng) -> list:
-    """Up to ``count`` distractors between the objects and the plane or beside them
-    (see the module docstring for the rules); returns [(Mesh, pose (4,4))]."""
+    """Up to ``count`` distractors between the objects and the plane or beside them (see the
+    module docstring for the rules).
+
+    Args:
+        count: most distractors placed.
+        shapes: {name: trimesh} of builtin shapes to draw from.
+        used: names of the scene's own objects (not used as distractors).
+        tracks: the objects' Tracks.
+        plane: the background Plane.
+        K: (3,3) intrinsics in pixels.
+        width: image width in pixels.
+        height: image height in pixels.
+        rng: numpy Generator.
+
+    Returns:
+        [(Mesh, pose (4,4) metres)].
+    """
     first_z = min(t.centers[0][2] for t in tracks)
     views = []  # (image centres, circle radius in pixels, 3D centres, radius) per object
     for track in tracks:

@@ -27,7 +27,14 @@ def _nvdiffrast_importable() -> bool:
 
 
 def available_backends(device="cpu") -> list[str]:
-    """Backends that can run on ``device`` here, preferred first."""
+    """Backends that can run on ``device`` here, preferred first.
+
+    Args:
+        device: "cpu", "cuda", "cuda:N" or a torch.device (default "cpu").
+
+    Returns:
+        list of backend names, e.g. ["nvdiffrast", "gl"]; empty when none can run.
+    """
     device = torch.device(device)
     found = []
     if device.type == "cuda" and torch.cuda.is_available() and _nvdiffrast_importable():
@@ -47,15 +54,19 @@ def make_renderer(mesh, device="cpu", backend: str | None = None, shading: bool 
     """A renderer for ``mesh`` on ``device``.
 
     Args:
-        mesh: a chunkpose Mesh (chunkpose.load_mesh makes one from a file or a trimesh).
-        device: "cpu", "cuda" or "cuda:N".
-        backend: None picks nvdiffrast on a CUDA device when it imports, else "gl".
-        shading: the headlight of FoundationPose's renders (base.HEADLIGHT); False returns
-            the albedo.
+        mesh: a chunkpose Mesh (chunkpose.load_mesh makes one from a file or a trimesh), in metres.
+        device: "cpu" (default), "cuda", "cuda:N" or a torch.device.
+        backend: "gl", "nvdiffrast", or None: nvdiffrast on a CUDA device when it imports, else "gl".
+        shading: the headlight of FoundationPose's renders (base.HEADLIGHT, default True); False
+            returns the albedo.
 
     Returns:
-        A Renderer (see base.Renderer). Forcing a backend that cannot run raises
-        RuntimeError saying what is missing.
+        A Renderer (see base.Renderer) whose outputs live on ``device``.
+
+    Raises:
+        ValueError: ``mesh`` lacks the fields of a chunkpose Mesh, or ``backend`` is unknown.
+        RuntimeError: CUDA is requested but not available, or a forced backend cannot run (the
+            message says what is missing).
     """
     missing = [name for name in MESH_FIELDS if not hasattr(mesh, name)]
     if missing:
