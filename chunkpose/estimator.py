@@ -13,6 +13,9 @@ stays a host array and only the region the crops read goes on the device. Only w
 chunk size 1 does not fit the budget is the input downscaled (and the report says so); that
 decision comes from chunkpose.pipeline.sizing, i.e. from the engine's own cost models of
 the stages, calibrated once on a small copy of the first frame.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ crop_pair), so training sees what the refiner sees: `ScenePairs` (the default) u
 chunkpose.synth RGB-D scenes (background, distractors, sensor noise); `RenderedPairs` a
 clean render of one mesh (by default a built-in one) at a random pose. `random_pairs` gives
 random tensors (tests, smoke runs).
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

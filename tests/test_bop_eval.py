@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+
+from bop_synthetic import TARGETS, make_scenes, wrong_mask, write_sets
 import trimesh
 from scipy.spatial.transform import Rotation
 
@@ -175,11 +177,7 @@ def test_average_recall_by_hand():
 
 @pytest.fixture(scope="module")
 def scenes():
-    from chunkpose.synth import make_scene
-
-    kwargs = dict(width=160, height=120, footprint=0.08, distractors=1)
-    return [make_scene(mesh="mug", seed=1, **kwargs), make_scene(mesh="mug", seed=2, **kwargs),
-            make_scene(mesh="duck", seed=3, **kwargs), make_scene(mesh="duck", seed=4, **kwargs)]
+    return make_scenes()
 
 
 @pytest.mark.gl
@@ -193,29 +191,11 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
     from chunkpose.bop_eval import evaluate, format_table, plot
     from chunkpose.io import bop, bop_results
     from chunkpose.io.bop_reader import BOPReader
-    from chunkpose.io.bop_writer import BopGt, BopImage, write_bop_dataset
     from chunkpose.io.results import bop_csv_row, write_bop_csv
 
-    obj_ids = [1, 1, 2, 2]
-    images = [BopImage(s.rgb[0], s.depth[0], s.K, [BopGt(o, s.poses[0], s.masks[0], s.full_masks[0])])
-              for s, o in zip(scenes, obj_ids)]
-    meshes = {1: scenes[0].mesh, 2: scenes[2].mesh}
-    gt_root = write_bop_dataset(tmp_path / "gt" / "ycbv", images, meshes)
-    run_root = write_bop_dataset(tmp_path / "run" / "ycbv", images, meshes, ground_truth=False)
-    assert [t.inst_count for t in bop.read_targets(gt_root / "test_targets_bop19.json")] == [1, 1, 1, 1]
-    targets = [bop.Target(1, 0, 1, 1), bop.Target(1, 1, 1, 1), bop.Target(1, 2, 2, 1)]
-    for root in (gt_root, run_root):
-        bop.write_targets(root / "test_targets_bop19.json", targets)
-
-    wrong_mask = np.roll(scenes[1].masks[0], 40, axis=1)
-    dets = [
-        bop.detection_from_mask(1, 0, 1, 0.9, scenes[0].masks[0], time=0.2),
-        bop.detection_from_mask(1, 0, 2, 0.95, scenes[0].masks[0], time=0.2),
-        bop.detection_from_mask(1, 1, 1, 0.8, wrong_mask, time=0.2),
-        bop.detection_from_mask(1, 1, 1, 0.1, scenes[1].masks[0], time=0.2),
-        bop.detection_from_mask(1, 3, 2, 0.9, scenes[3].masks[0], time=0.2),
-    ]
-    det_path = bop.write_detections(tmp_path / "detections.json", dets)
+    gt_root, run_root, det_path = write_sets(scenes, tmp_path)
+    targets = TARGETS
+    wrong = wrong_mask(scenes)
 
     # the run side: no ground truth, targets from the dataset, masks from the detections
     reader = BOPReader(run_root, scene_id=1)
@@ -231,7 +211,7 @@ def test_run_and_evaluate_a_synthetic_bop_set(scenes, tmp_path):
         frame = reader.image(reader.index_of(im_id))
         masks[im_id] = [inst.mask for inst in reader.detection_instances(frame, dets_of_image)]
     np.testing.assert_array_equal(masks[0][0], scenes[0].masks[0])
-    np.testing.assert_array_equal(masks[1][0], wrong_mask)
+    np.testing.assert_array_equal(masks[1][0], wrong)
     assert masks[2] == []
 
     # the estimates (as registration from those masks would give them), time = pose + detection

@@ -1,15 +1,15 @@
 """`chunkpose run --bop` on a BOP test set (no ground truth) from detections, then
 `chunkpose eval` of its CSV against the ground truth: targets honoured, BOP19's top-N of
 the detections, detection time added, a results name bop_toolkit parses, hand-computed
-recalls."""
+recalls. The set: tests/bop_synthetic.py."""
 import json
 
 import numpy as np
 import pytest
 
 from chunkpose import cli
-from chunkpose.io import bop, bop_results
-from chunkpose.io.bop_writer import BopGt, BopImage, write_bop_dataset
+from bop_synthetic import DETECTION_TIME_S, make_scenes, wrong_mask, write_sets
+from chunkpose.io import bop_results
 from chunkpose.io.results import read_bop_csv
 from test_cli import FakeResult
 
@@ -18,37 +18,12 @@ pytestmark = pytest.mark.gl
 
 @pytest.fixture(scope="module")
 def scenes():
-    from chunkpose.synth import make_scene
-
-    kwargs = dict(width=160, height=120, footprint=0.08, distractors=1)
-    return [make_scene(mesh="mug", seed=1, **kwargs), make_scene(mesh="mug", seed=2, **kwargs),
-            make_scene(mesh="duck", seed=3, **kwargs), make_scene(mesh="duck", seed=4, **kwargs)]
+    return make_scenes()
 
 
 @pytest.fixture(scope="module")
 def dataset(scenes, tmp_path_factory):
-    """Images 0, 1 (mug, object 1), 2, 3 (duck, object 2); the ground truth is withheld from
-    the run's copy. Targets: images 0, 1 (object 1) and 2 (object 2); image 3 is not one.
-    Detections: image 0 right (and a duck no target asks for), image 1 a wrong mask scored
-    0.8 and the right one scored 0.1, image 2 none, image 3 right."""
-    tmp = tmp_path_factory.mktemp("bopcli")
-    images = [BopImage(s.rgb[0], s.depth[0], s.K, [BopGt(o, s.poses[0], s.masks[0], s.full_masks[0])])
-              for s, o in zip(scenes, [1, 1, 2, 2])]
-    meshes = {1: scenes[0].mesh, 2: scenes[2].mesh}
-    gt_root = write_bop_dataset(tmp / "gt" / "ycbv", images, meshes)
-    run_root = write_bop_dataset(tmp / "run" / "ycbv", images, meshes, ground_truth=False)
-    targets = [bop.Target(1, 0, 1, 1), bop.Target(1, 1, 1, 1), bop.Target(1, 2, 2, 1)]
-    for root in (gt_root, run_root):
-        bop.write_targets(root / "test_targets_bop19.json", targets)
-    wrong = np.roll(scenes[1].masks[0], 40, axis=1)
-    dets = [
-        bop.detection_from_mask(1, 0, 1, 0.9, scenes[0].masks[0], time=0.2),
-        bop.detection_from_mask(1, 0, 2, 0.95, scenes[0].masks[0], time=0.2),
-        bop.detection_from_mask(1, 1, 1, 0.8, wrong, time=0.2),
-        bop.detection_from_mask(1, 1, 1, 0.1, scenes[1].masks[0], time=0.2),
-        bop.detection_from_mask(1, 3, 2, 0.9, scenes[3].masks[0], time=0.2),
-    ]
-    return gt_root, run_root, bop.write_detections(tmp / "detections.json.gz", dets)
+    return write_sets(scenes, tmp_path_factory.mktemp("bopcli"))
 
 
 def oracle(scenes):
@@ -89,8 +64,8 @@ def test_run_from_detections_then_eval(scenes, dataset, tmp_path, capsys):
     # targets honoured: image 3 and image 0's duck are not registered; image 2 has no detection
     assert [(r["im_id"], r["obj_id"]) for r in rows] == [(0, 1), (1, 1)]
     # top-1 of image 1 is the wrong mask scored 0.8, not the right one scored 0.1
-    assert len(seen) == 2 and np.array_equal(seen[1], np.roll(scenes[1].masks[0], 40, axis=1))
-    assert all(r["time"] >= 0.2 for r in rows)  # the detection time is in the image's time
+    assert len(seen) == 2 and np.array_equal(seen[1], wrong_mask(scenes))
+    assert all(r["time"] >= DETECTION_TIME_S for r in rows)  # the detection time is in the image's time
     np.testing.assert_allclose(rows[0]["t"], scenes[0].poses[0][:3, 3] * 1000, atol=1e-3)
     report = json.loads((out / "report.json").read_text())
     assert report["masks"] == "detections" and report["images_total"] == 3 and report["method"] == "chunk-pose"

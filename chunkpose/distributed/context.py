@@ -25,6 +25,9 @@ group's under ``default_pg/attempt_<n>``) because the agent's store outlives a w
 with torch 2.13 a key set by the workers of attempt 0 is still there for attempt 1, so after
 ``--max-restarts`` brings the workers back they must not see the failed attempt's counters
 or its peers' addresses.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

@@ -16,6 +16,9 @@ inputs are kept for backward.
 CUDA allocator tip: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before the first
 CUDA allocation to cut the reserved-minus-allocated overhead that the budget margin covers
 (``torch.backends.cuda.max_split_size_mb`` is not an API; the env var is the real knob).
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .budget import GIB, MIB, Budget, BudgetTooSmall, gib_ceil
 from .meter import Meter, tensors_in
-from .planner import CostModel, Planner, stage_signature, tracing_fake
+from .chunks import ChunkLoop
+from .planner import CostModel, Planner, output_bytes, stage_signature, tracing_fake
 from .report import RunReport
 
 #: nvdiffrast reports its own failed allocations as a plain RuntimeError "Cuda error: 2[cudaMalloc ..."
@@ -61,10 +65,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _output_bytes(leaves) -> int:
-    return sum(t.numel() * t.element_size() for t in leaves)
 
 
 class Engine:
@@ -416,7 +416,7 @@ class Engine:
     def _probe(self, op, mapped, kwargs, checkpointed, indices):
         """Run the real op on the items ``indices``; (transient, output, kept) bytes measured."""
         out, transient, kept = self._measured(op, mapped, kwargs, checkpointed, indices=indices)
-        out_bytes = _output_bytes(self._check_output(out, len(indices)))
+        out_bytes = output_bytes(self._check_output(out, len(indices)))
         del out
         return transient, out_bytes, kept
 
@@ -440,7 +440,7 @@ class Engine:
         with self.meter.span(name):
             self.meter.track(mapped, kwargs, scope="span")
             out, transient, kept = self._measured(op, mapped, kwargs, checkpointed, 0, n)
-            out_bytes = _output_bytes(self._check_output(out, n))
+            out_bytes = output_bytes(self._check_output(out, n))
             self.planner.calibrated(key, name, n, transient, out_bytes, kept)
         return out
 
@@ -469,7 +469,7 @@ class Engine:
             self._check_output(out, 0)
             stage.chunk_sizes.append(0)
             return out
-        return _ChunkLoop(self, op, mapped, kwargs, name, stage, model, checkpointed).run(chunk)
+        return ChunkLoop(self, op, mapped, kwargs, name, stage, model, checkpointed).run(chunk)
 
     def _model(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes):
         """The stage's cost model (cached, hinted, faked or probed); a probe that runs out of
@@ -518,118 +518,3 @@ class Engine:
         gc.collect()
         if self.meter.is_cuda:
             torch.cuda.empty_cache()
-
-
-class _ChunkLoop:
-    """The chunks of one map call: run, measure, correct the model, store, plan the next;
-    halve on out-of-memory (bounded or not) and never grow back past a size that failed."""
-
-    def __init__(self, engine: Engine, op, mapped, kwargs, name, stage, model, checkpointed):
-        self.engine, self.op, self.mapped, self.kwargs = engine, op, mapped, kwargs
-        self.name, self.stage, self.model, self.checkpointed = name, stage, model, checkpointed
-        self.n = mapped[0].shape[0]
-        self.outputs = None  # (buffers, spec) of the preallocated outputs
-        self.ceiling = engine.max_chunk
-
-    def run(self, chunk: int):
-        engine, stage, model = self.engine, self.stage, self.model
-        done, first = 0, True
-        while True:
-            chunk = max(1, min(chunk, self.n - done))
-            found, failure = engine._attempt(lambda: engine._measured(
-                self.op, self.mapped, self.kwargs, self.checkpointed, done, done + chunk))
-            if failure is not None:
-                chunk = self._shrink(chunk, failure)
-                continue
-            out, transient, kept = found
-            del found
-            leaves = engine._check_output(out, chunk)
-            if model is not None:
-                engine.planner.note_success(model, chunk)
-                if first:
-                    if engine.planner.correct(model, chunk, transient, _output_bytes(leaves), kept, name=self.name):
-                        stage.corrections += 1
-                    stage.per_item_bytes, stage.fixed_bytes = model.per_item_bytes, model.fixed_bytes
-                self._cap_overshoot(chunk)
-            first = False
-            if done == 0 and chunk == self.n:
-                stage.chunk_sizes.append(chunk)
-                stage.n_chunks += 1
-                stage.items += self.n
-                engine._notify("chunk", stage)
-                return out  # one chunk: the op's own result, nothing copied
-            self._store(out, leaves, done, chunk)
-            del out, leaves
-            stage.chunk_sizes.append(chunk)
-            stage.n_chunks += 1
-            done += chunk
-            engine._notify("chunk", stage)
-            if done >= self.n:
-                stage.items += self.n
-                return pytree.tree_unflatten(self.outputs[0], self.outputs[1])
-            chunk = self._next(chunk, done)
-
-    def _shrink(self, chunk: int, failure) -> int:
-        """Record an out-of-memory chunk and return the halved size (or raise at one item)."""
-        engine, stage = self.engine, self.stage
-        stage.retries += 1
-        stage.oom_errors.append(failure[0])
-        if self.model is not None:
-            engine.planner.note_failure(self.model, chunk)
-        if chunk == 1:
-            if self.model is None:  # unbounded: nothing smaller to try
-                raise torch.OutOfMemoryError(f"stage '{self.name}': one item ran out of memory: {failure[0]}")
-            raise engine._too_small(self.name, self.model, self.n, engine.meter.live_bytes(),
-                                    attempted=failure[1] or (engine.budget_bytes + 1),
-                                    detail=f"; one item ran out of memory: {failure[0]}")
-        chunk //= 2
-        self.ceiling = chunk if self.ceiling is None else min(self.ceiling, chunk)
-        return chunk
-
-    def _cap_overshoot(self, chunk: int) -> None:
-        """CUDA: a chunk whose reserved peak passed the usable budget (allocator overhead
-        beyond the margin) caps the later chunks at three quarters of it."""
-        engine = self.engine
-        usable = engine.planner.usable_bytes
-        if engine.meter.is_cuda and usable is not None and chunk > 1 and engine.meter.reserved_bytes() > usable:
-            smaller = max(1, (chunk * 3) // 4)
-            self.ceiling = smaller if self.ceiling is None else min(self.ceiling, smaller)
-            torch.cuda.empty_cache()
-
-    def _store(self, out, leaves, start: int, chunk: int) -> None:
-        """Copy one chunk's outputs into the preallocated outputs (allocated at the first)."""
-        engine = self.engine
-        if self.outputs is None:
-            spec = pytree.tree_structure(out)
-            buffers, failure = engine._attempt(lambda: [
-                torch.empty((self.n,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device) for t in leaves])
-            if failure is not None:
-                if self.model is None:
-                    raise torch.OutOfMemoryError(f"stage '{self.name}': the full outputs did not fit: {failure[0]}")
-                raise engine._too_small(self.name, self.model, self.n, engine.meter.live_bytes(), attempted=failure[1],
-                                        detail="; the full outputs did not fit")
-            self.outputs = (buffers, spec)
-        for buffer, leaf in zip(self.outputs[0], leaves):
-            if buffer.shape[1:] != leaf.shape[1:] or buffer.dtype != leaf.dtype:
-                raise ValueError(
-                    f"op returned {tuple(leaf.shape[1:])} {leaf.dtype} per item for items {start}..{start + chunk - 1} "
-                    f"but {tuple(buffer.shape[1:])} {buffer.dtype} before; ops must not depend on the slicing"
-                )
-            buffer[start: start + chunk].copy_(leaf)
-
-    def _next(self, chunk: int, done: int) -> int:
-        """The next chunk's size: the plan under the budget, or (unbounded) the rest up to
-        the ceiling an out-of-memory error left."""
-        engine, model, stage = self.engine, self.model, self.stage
-        remaining = self.n - done
-        if model is None:
-            return remaining if self.ceiling is None else min(remaining, self.ceiling)
-        live = engine.meter.live_bytes()
-        pending = model.pending_bytes(self.n, done, self.outputs is not None)
-        next_chunk = engine.planner.chunk_size(model, live, pending, remaining, self.ceiling)
-        if next_chunk < 1:
-            next_chunk = 1
-            stage.over_budget = True
-        stage.predicted_peak_bytes = max(
-            stage.predicted_peak_bytes, engine.planner.predicted_peak(model, live, pending, min(next_chunk, remaining)))
-        return next_chunk

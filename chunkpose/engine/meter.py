@@ -24,6 +24,9 @@ instead of letting live bytes pass the cap, so the out-of-memory path can be exe
 a GPU; the failed op's outputs are never counted, like a failed cudaMalloc. On CUDA the cap is
 ``torch.cuda.set_per_process_memory_fraction`` while the outermost span is open (restored
 afterwards).
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

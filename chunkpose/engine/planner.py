@@ -137,7 +137,8 @@ def _tensor_leaves(out):
     return [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
 
 
-def _output_bytes(out) -> int:
+def output_bytes(out) -> int:
+    """Bytes of the tensors in a (nested) op output."""
     return sum(leaf.numel() * leaf.element_size() for leaf in _tensor_leaves(out))
 
 
@@ -255,7 +256,7 @@ class Planner:
                     grad = torch.enable_grad() if trace_grad else torch.no_grad()
                     with fake_mode, meter.span() as span, grad:
                         out = op(*args, **fake_kwargs)
-                        out_bytes = _output_bytes(out)
+                        out_bytes = output_bytes(out)
                         kept = meter.live_bytes() - span.start_bytes
                     points.append((n, span.peak_bytes - span.start_bytes, out_bytes, kept))
                     del out, args

@@ -10,6 +10,9 @@ first two rows of K; depth at or beyond ``zfar`` becomes 0.
 
 Every problem with the input raises :class:`SceneError`, whose message says what is wrong
 and how to fix it; the command line prints it as one line.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ hold one refiner and one scorer model_best.pth
 (which one is the refiner is read from the state dict's keys, then the config, then the
 known run names). The .pth is {'model': state_dict} or a plain state dict; 'module.'
 prefixes (DataParallel) are stripped; keys are checked strictly.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ pixels make them several times faster on a CPU). Everything that grows with the 
 hypotheses is one fused `engine.map` per iteration: render the chunk, sample the observed
 crops, solve, return only the small result ((b,4,4) poses or (b,) scores). No
 (B x H x W) tensor and no chunk size here.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 

@@ -138,29 +138,20 @@ def _resident(engine, *things):
     return engine.resident(*things)
 
 
-class LearnedRefiner(Refiner):
-    """RefineNet render-and-compare refinement, one engine stage per iteration.
+class _NetworkStage:
+    """What the learned refiner and scorer share: their run config and how they prepare the
+    network's inputs (crop_pair with their own crop ratio, size, depth floor and xyz
+    semantics). A subclass sets ``kind`` ("refiner" or "scorer") and ``min_z``."""
 
-    Args:
-        model: a RefineNet (its device is the engine's).
-        config: the run's config.yml values (NetworkConfig or dict; defaults of the official run
-            for missing keys; None = the defaults).
-        fp16: run the network under fp16 autocast on CUDA (default True; CPU stays float32).
-        differentiable: False (default) runs under no_grad; True keeps autograd (gradients flow
-            to the poses and the weights, blocks checkpointed inside each chunk).
-    """
+    kind: str
+    min_z: float
 
-    stage_name = "refine.learned"
-
-    def __init__(self, model: RefineNet, config: Union[NetworkConfig, Dict[str, Any], None] = None,
-                 fp16: bool = True, differentiable: bool = False):
+    def __init__(self, model, config=None, fp16: bool = True, differentiable: bool = False):
         self.model = model
-        self.config = config if isinstance(config, NetworkConfig) else make_config("refiner", config)
+        self.config = config if isinstance(config, NetworkConfig) else make_config(self.kind, config)
         self.crop_ratio = float(self.config["crop_ratio"])
         self.crop_size = self.config.crop_size
-        self.rot_normalizer = float(self.config["rot_normalizer"])
         self.normalize_xyz = bool(self.config["normalize_xyz"])
-        self.trans_normalizer = self.config.get("trans_normalizer")
         self.fp16 = fp16
         self.differentiable = differentiable
 
@@ -175,8 +166,30 @@ class LearnedRefiner(Refiner):
         Returns:
             (A, B): rendered and observed inputs, each (N,6,s,s) float32 (s = crop_size).
         """
-        return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, REFINER_MIN_Z,
-                         "refiner", self.normalize_xyz)
+        return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, self.min_z, self.kind,
+                         self.normalize_xyz)
+
+
+class LearnedRefiner(_NetworkStage, Refiner):
+    """RefineNet render-and-compare refinement, one engine stage per iteration.
+
+    Args:
+        model: a RefineNet (its device is the engine's).
+        config: the run's config.yml values (NetworkConfig or dict; defaults of the official run
+            for missing keys; None = the defaults).
+        fp16: run the network under fp16 autocast on CUDA (default True; CPU stays float32).
+        differentiable: False (default) runs under no_grad; True keeps autograd (gradients flow
+            to the poses and the weights, blocks checkpointed inside each chunk).
+    """
+
+    stage_name = "refine.learned"
+    kind, min_z = "refiner", REFINER_MIN_Z
+
+    def __init__(self, model: RefineNet, config: Union[NetworkConfig, Dict[str, Any], None] = None,
+                 fp16: bool = True, differentiable: bool = False):
+        super().__init__(model, config, fp16, differentiable)
+        self.rot_normalizer = float(self.config["rot_normalizer"])
+        self.trans_normalizer = self.config.get("trans_normalizer")
 
     def step(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: RefineNet) -> torch.Tensor:
         """One iteration for a slice of hypotheses: poses (n,4,4) -> refined poses (n,4,4).
@@ -230,7 +243,7 @@ class LearnedRefiner(Refiner):
         return poses
 
 
-class LearnedScorer(Scorer):
+class LearnedScorer(_NetworkStage, Scorer):
     """ScoreNetMultiPair scoring: per-hypothesis features as an engine stage, att_cross once.
 
     Args:
@@ -241,30 +254,7 @@ class LearnedScorer(Scorer):
     """
 
     stage_name = "score.learned.features"
-
-    def __init__(self, model: ScoreNetMultiPair, config: Union[NetworkConfig, Dict[str, Any], None] = None,
-                 fp16: bool = True, differentiable: bool = False):
-        self.model = model
-        self.config = config if isinstance(config, NetworkConfig) else make_config("scorer", config)
-        self.crop_ratio = float(self.config["crop_ratio"])
-        self.crop_size = self.config.crop_size
-        self.normalize_xyz = bool(self.config["normalize_xyz"])
-        self.fp16 = fp16
-        self.differentiable = differentiable
-
-    def prepare(self, poses: torch.Tensor, frame: ObservedFrame, renderer) -> Tuple[torch.Tensor, torch.Tensor]:
-        """A, B (N,6,s,s) for poses (N,4,4), with the scorer's crops and xyz semantics.
-
-        Args:
-            poses: (N,4,4) float32 re-centred object-in-camera poses, metres.
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
-
-        Returns:
-            (A, B): rendered and observed inputs, each (N,6,s,s) float32 (s = crop_size).
-        """
-        return crop_pair(poses, frame, renderer, self.crop_ratio, self.crop_size, SCORER_MIN_Z,
-                         "scorer", self.normalize_xyz)
+    kind, min_z = "scorer", SCORER_MIN_Z
 
     def features(self, poses: torch.Tensor, *, frame: ObservedFrame, renderer, model: ScoreNetMultiPair) -> torch.Tensor:
         """Per-hypothesis features (n,512) float32 for a slice of poses (n,4,4).

@@ -15,17 +15,19 @@ jumps and full occlusions with reappearance (tagged per frame). Everything is dr
     scene.objects[2].masks, scene.objects[2].events, scene.event_frames("jump")
     scene.save("out/scene", layout="ycbineoat")   # or layout="bop"
 
-Modules: builder (make_scene), placement (camera, objects, plane, distractors and their
-rules), events (Jump, Occlusion), imaging (compositing, sensor model), scene (Scene,
-ObjectTrack, saving).
+Modules: builder (make_scene), placement (camera, objects' distances and motion),
+separation (the rule keeping objects apart), backdrop (plane, distractors and their rules),
+events (Jump, Occlusion), imaging (compositing, sensor model), scene (Scene, ObjectTrack,
+saving).
 """
 from chunkpose.shapes import builtin_meshes
 
+from .backdrop import MAX_OCCLUSION_OVERLAP
 from .builder import DEFAULT_FOOTPRINT, FOOTPRINT_RANGE, MAX_OBJECTS, make_scene
 from .events import JUMP, OCCLUDED, REAPPEARED, Jump, Occlusion
 from .imaging import DEPTH_NOISE_A, DEPTH_NOISE_B, LIGHT, RGB_NOISE_SIGMA, sensor_depth
-from .placement import MAX_OBJECT_OVERLAP, MAX_OCCLUSION_OVERLAP
 from .scene import ObjectTrack, Scene
+from .separation import MAX_OBJECT_OVERLAP
 
 __all__ = [
     "DEFAULT_FOOTPRINT", "DEPTH_NOISE_A", "DEPTH_NOISE_B", "FOOTPRINT_RANGE", "JUMP", "Jump", "LIGHT",

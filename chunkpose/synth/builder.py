@@ -22,15 +22,9 @@ from chunkpose.io.mesh import Mesh, load_mesh
 from chunkpose.shapes import builtin_meshes
 
 from . import events as ev
+from .backdrop import place_distractors, place_plane
 from .imaging import composite, render_frame
-from .placement import (
-    draw_intrinsics,
-    place_distractors,
-    place_first_object,
-    place_further_object,
-    place_plane,
-    redraw_path,
-)
+from .placement import draw_intrinsics, place_first_object, place_further_object, redraw_path
 from .scene import ObjectTrack, Scene
 
 FOOTPRINT_RANGE = (0.001, 0.5)
@@ -372,7 +366,7 @@ def make_scene(
         objects: several objects instead of ``mesh``: a list (or dict name -> mesh) of 1..4
             builtin names, paths, Mesh or trimesh, or (name, mesh) pairs; or a number of
             distinct builtins chosen by seed. They are placed apart (see
-            chunkpose.synth.placement) and each moves on its own.
+            chunkpose.synth.separation) and each moves on its own.
         events: Jump and Occlusion events (chunkpose.synth.events), each naming its object
             by index or name (default the first).
     Returns:

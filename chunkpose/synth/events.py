@@ -28,7 +28,8 @@ from scipy.spatial.transform import Rotation
 from chunkpose.errors import InputError
 from chunkpose.io.mesh import Mesh, mesh_from_trimesh
 
-from .placement import apart, circle_radius_px, project, ray
+from .placement import circle_radius_px, project, ray
+from .separation import apart
 
 JUMP = "jump"
 OCCLUDED = "occluded"

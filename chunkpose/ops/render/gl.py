@@ -13,6 +13,9 @@ Shading is FoundationPose's headlight (chunkpose.ops.render.base.HEADLIGHT): a p
 diffuse term clip(n_cam . (0,0,-1), 0, 1), interpolated over the triangle, and
 rgb = clip(albedo * 0.8 + d * albedo * 0.5, 0, 1); ``shading=False`` returns the albedo.
 Colour is rendered and read back as float32, like nvdiffrast's, not quantised to 8 bits.
+
+Over 400 lines mostly because of the Args/Returns documentation of its public API; the code
+is one concern and splitting it would scatter it.
 """
 from __future__ import annotations
 
