@@ -25,6 +25,9 @@ from chunkpose.distributed.merge import build_summary, ordered_records, publish
 from chunkpose.distributed.shards import RankShard, check_run_key, is_finished, parts_dir_for, read_records
 from chunkpose.io.results import OutputDir, to_jsonable
 
+#: How long rank 0 waits, after publishing the merge, for the other ranks to read it.
+READ_WAIT_S = 60.0
+
 ProcessFn = Callable[[str, Path, "object"], dict]
 MergeFn = Callable[[list, Path, dict], None]
 
@@ -70,6 +73,19 @@ def _peak_read(device, result: dict) -> int | None:
     return None
 
 
+def _tell_the_others(ctx: RankContext, key: str, verdict: dict) -> None:
+    """Rank 0: publish a verdict the others end on, and stay until they have read it (each
+    adds 1 to ``<key>/read``). Without torchrun's agent rank 0's process hosts the store, so
+    a rank still reading when rank 0 exits would see its connection reset. A rank that died
+    meanwhile is not waited for past READ_WAIT_S."""
+    ctx.publish(key, verdict)
+    deadline = time.monotonic() + READ_WAIT_S
+    while ctx.world_size > 1 and time.monotonic() < deadline:
+        if ctx.store.add(f"{key}/read", 0) >= ctx.world_size - 1:
+            return
+        time.sleep(0.05)
+
+
 def _start(ctx: RankContext, ns: str, units: list[str], out_dir: Path, parts: Path, run_key) -> str:
     """Rank 0 checks that all ranks agree and that the folders are usable; returns the session id.
 
@@ -92,12 +108,12 @@ def _start(ctx: RankContext, ns: str, units: list[str], out_dir: Path, parts: Pa
             OutputDir(out_dir)  # refuses an unusable --out before any work is done
             check_run_key(parts, run_key)
         except Exception as e:
-            verdict = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            ctx.publish(f"{ns}/start", verdict)
+            _tell_the_others(ctx, f"{ns}/start", {"ok": False, "error": f"{type(e).__name__}: {e}"})
             raise
-        ctx.publish(f"{ns}/start", verdict)
+        ctx.publish(f"{ns}/start", verdict)  # the others go on working: nothing to wait for
         return verdict["session"]
     verdict = ctx.wait_for([f"{ns}/start"], what="rank 0 to start the run")[0]
+    ctx.store.add(f"{ns}/start/read", 1)
     if not verdict["ok"]:
         raise RunAborted(f"rank 0 refused to start: {verdict['error']}")
     return verdict["session"]
@@ -294,15 +310,16 @@ class _UnitRun:
             if not self.keep_parts:
                 shutil.rmtree(self.parts, ignore_errors=True)
         except BaseException as e:
-            ctx.publish(f"{self.ns}/merged", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+            _tell_the_others(ctx, f"{self.ns}/merged", {"ok": False, "error": f"{type(e).__name__}: {e}"})
             raise
-        ctx.publish(f"{self.ns}/merged", {"ok": True, "summary": summary})
+        _tell_the_others(ctx, f"{self.ns}/merged", {"ok": True, "summary": summary})
         return summary
 
     def wait_for_merge(self) -> dict:
         """Other ranks: wait for rank 0's merge and return its summary (or raise its error)."""
         verdict = self.ctx.wait_for({0: f"{self.ns}/merged"}, self.timeout_s, what="rank 0 to merge the shards",
                                     heartbeats={0: self.beat_key(0)}, stall_s=self.stall_s)[0]
+        self.ctx.store.add(f"{self.ns}/merged/read", 1)
         if not verdict["ok"]:
             raise RunAborted(f"rank 0 failed to merge the shards: {verdict['error']}")
         return verdict["summary"]
