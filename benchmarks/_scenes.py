@@ -36,17 +36,35 @@ class Frames:
         return int(self.rgb[0].shape[1])
 
 
+def learned_pair(device: str, crop: int = 160):
+    """The learned refiner and scorer with random weights in the upstream layout (seed 0):
+    FoundationPose's compute and memory without its licensed checkpoints."""
+    import torch
+
+    from chunkpose.models import RefineNet, ScoreNetMultiPair, official_config
+    from chunkpose.pipeline.learned import LearnedRefiner, LearnedScorer
+
+    torch.manual_seed(0)
+    size = [crop, crop]
+    refiner = LearnedRefiner(RefineNet().eval().to(device), official_config("refiner", input_resize=size))
+    scorer = LearnedScorer(ScoreNetMultiPair().eval().to(device), official_config("scorer", input_resize=size))
+    return refiner, scorer
+
+
 def make_estimator(mesh, budget_gb, device: str, args):
     """PoseEstimator with the benchmark's settings: args.hypotheses, args.refine_iters,
-    args.track_iters (if any) and args.no_polish (skip the geometric refiner's polish pass)."""
+    args.track_iters (if any), args.no_polish (skip the geometric refiner's polish pass) and
+    args.path ("geometric", or "learned": random upstream-layout weights, learned_pair)."""
     import chunkpose
 
-    refiner = None
-    if getattr(args, "no_polish", False):
+    refiner = scorer = None
+    if getattr(args, "path", "geometric") == "learned":
+        refiner, scorer = learned_pair(device, getattr(args, "learned_crop", 160))
+    elif getattr(args, "no_polish", False):
         from chunkpose.pipeline.geometric import GeometricRefiner
 
         refiner = GeometricRefiner(polish_candidates=0)
-    return chunkpose.PoseEstimator(mesh, budget_gb=budget_gb, device=device, refiner=refiner,
+    return chunkpose.PoseEstimator(mesh, budget_gb=budget_gb, device=device, refiner=refiner, scorer=scorer,
                                    refine_iterations=args.refine_iters,
                                    track_iterations=getattr(args, "track_iters", 2), hypotheses=args.hypotheses)
 

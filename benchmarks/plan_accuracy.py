@@ -17,13 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_common_args, apply_quick, environment, header_lines, markdown_table,  # noqa: E402
                     measure_and_report, write_markdown)
-from _scenes import synthetic_frames  # noqa: E402
+from _scenes import learned_pair, synthetic_frames  # noqa: E402
 
 import chunkpose  # noqa: E402
 
@@ -35,13 +34,7 @@ def make_estimator(path: str, frames, budget_gb, args):
     if path == "geometric":
         return chunkpose.PoseEstimator(frames.mesh, budget_gb=budget_gb, device=args.device, hypotheses=args.hypotheses,
                                        refine_iterations=args.refine_iters)
-    from chunkpose.models import RefineNet, ScoreNetMultiPair, official_config
-    from chunkpose.pipeline.learned import LearnedRefiner, LearnedScorer
-
-    torch.manual_seed(0)
-    size = [args.learned_crop, args.learned_crop]
-    refiner = LearnedRefiner(RefineNet().eval().to(args.device), official_config("refiner", input_resize=size))
-    scorer = LearnedScorer(ScoreNetMultiPair().eval().to(args.device), official_config("scorer", input_resize=size))
+    refiner, scorer = learned_pair(args.device, args.learned_crop)
     return chunkpose.PoseEstimator(frames.mesh, budget_gb=budget_gb, device=args.device, refiner=refiner, scorer=scorer,
                                    hypotheses=args.learned_hypotheses, refine_iterations=args.learned_iters)
 

@@ -70,9 +70,19 @@ def below_full_resolution_minimum(frames: Frames, device: str, args, scale: floa
 
 
 def _stage_plan(report: dict) -> dict:
-    """Per stage of a RunReport dict: chunk sizes, number of chunks, wall seconds."""
-    return {name: {"sizes": s["chunk_sizes"], "n_chunks": s["n_chunks"], "wall_s": s["wall_s"]}
+    """Per stage of a RunReport dict: chunk sizes, number of chunks, wall seconds (and on
+    CUDA the device seconds from CUDA events)."""
+    return {name: {"sizes": s["chunk_sizes"], "n_chunks": s["n_chunks"], "wall_s": s["wall_s"],
+                   "gpu_s": s.get("gpu_s")}
             for name, s in report["stages"].items()}
+
+
+def _alloc_retries(device: str) -> int | None:
+    """The CUDA caching allocator's num_alloc_retries so far (cudaMalloc failures it recovered
+    from by freeing its cache: a sign the budget margin is thin); None on the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
 def run_case(frames: Frames, budget_gb, device, args, label: str) -> dict:
@@ -82,6 +92,7 @@ def run_case(frames: Frames, budget_gb, device, args, label: str) -> dict:
     record = {"case": label, "budget_gb": budget_gb, "width": frames.width, "height": frames.height}
     if device.startswith("cuda"):
         torch.cuda.empty_cache()  # so that NVML's reading after the case is this case's footprint
+    retries_before = _alloc_retries(device)
     try:
         reg_times = []
         for _ in range(args.repeats):
@@ -117,6 +128,7 @@ def run_case(frames: Frames, budget_gb, device, args, label: str) -> dict:
         external_bytes=max(r.external_bytes for r in reports),
         peak_allocated_bytes=max(r.peak_allocated_bytes for r in reports),
         nvml_process_bytes=_nvml_process_bytes() if device.startswith("cuda") else None,
+        alloc_retries=None if retries_before is None else _alloc_retries(device) - retries_before,
         downscale_factor=register_report["downscale_factor"],
         downscale_reason=register_report["downscale_reason"],
         register_peak_bytes=reports[0].total_peak_bytes,
@@ -305,10 +317,14 @@ def parse_args(argv=None):
     p.add_argument("--mesh", help="the mesh file for --scene; without --scene a builtin mesh name (default drill, "
                                   "as the demo: not symmetric, so ADD is meaningful)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--path", choices=("geometric", "learned"), default="geometric",
+                   help="refiner/scorer pair: weight-free geometric, or learned (random upstream-layout weights)")
+    p.add_argument("--learned-crop", type=int, default=160, help="learned pair's input_resize")
     args = p.parse_args(argv)
     apply_quick(args)
     if args.quick:
         args.frames, args.track_iters, args.budgets = 2, 1, "none,0.06"
+        args.learned_crop = 32
     if args.scene and not args.mesh:
         p.error("--scene needs --mesh (the object's mesh file)")
     return args
@@ -367,8 +383,8 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
     """The markdown table and the plot of ``payload``; returns the cases over their budget."""
     env, settings, records = payload["environment"], payload["settings"], payload["records"]
     width, height = records[0]["width"], records[0]["height"]
-    title = (f"{width}x{height}, {settings['hypotheses']} hypotheses, {settings['refine_iters']} iterations "
-             f"on {env.get('gpu', env['cpu'])}")
+    title = (f"{width}x{height}, {settings['hypotheses']} hypotheses, {settings['refine_iters']} iterations, "
+             f"{settings.get('path', 'geometric')} pair on {env.get('gpu', env['cpu'])}")
     plot(records, out / f"{stem}.png", title, env)
     md = [f"# VRAM versus speed: {title}", "", *header_lines(env), f"- scene: {payload['scene']}", "",
           table(records, env["device"].startswith("cuda")), "",
@@ -386,7 +402,8 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    failures = measure_and_report("vram_vs_speed", args, measure, write_reports)
+    name = "vram_vs_speed" if args.path == "geometric" else f"vram_vs_speed_{args.path}"
+    failures = measure_and_report(name, args, measure, write_reports)
     if failures:
         print(f"BUDGET EXCEEDED in {len(failures)} case(s): " + ", ".join(r["case"] for r in failures), file=sys.stderr)
         return 1

@@ -1,6 +1,8 @@
 """The ``chunkpose`` command: run on a YCBInEOAT or BOP scene, a synthetic demo, benchmarks.
 
-    chunkpose run --scene DIR --mesh FILE [--budget-gb G] [--device cpu|cuda] ...
+    chunkpose run --scene DIR [--mesh FILE] [--budget-gb G] [--device cpu|cuda] ...
+    chunkpose run --scenes DIR [--mesh FILE] ...     (every scene folder in DIR)
+    torchrun --nproc-per-node N -m chunkpose run ...   (BOP images / videos spread over the ranks)
     chunkpose run --bop DATASET_DIR [--split test] [--scene-id N] [--detections FILE] [--targets FILE]
                   [--method NAME] [--mesh FILE] ...
     chunkpose eval --bop DATASET_DIR --results METHOD_DATASET-SPLIT.csv [--split test] [--targets FILE]
@@ -65,12 +67,17 @@ def _dispatch(argv, estimator_factory) -> int:
 
         return run_eval(args)
     if args.command == "run":
-        if (args.scene is None) == (args.bop is None):
-            raise UserError("give exactly one of --scene DIR (YCBInEOAT) or --bop DATASET_DIR (BOP)")
+        if sum(x is not None for x in (args.scene, args.scenes, args.bop)) != 1:
+            raise UserError("give exactly one of --scene DIR (YCBInEOAT), --scenes DIR (a folder of them) "
+                            "or --bop DATASET_DIR (BOP)")
         if args.bop is not None:
             from chunkpose.cli.bop import run_bop
 
             return run_bop(args, factory)
+        if args.scenes is not None:
+            from chunkpose.cli.scene import run_scenes
+
+            return run_scenes(args, factory)
         from chunkpose.cli.scene import run_ycbineoat
 
         return run_ycbineoat(args, factory)

@@ -11,7 +11,9 @@ of the scene(s) and every annotated instance (or every detected object once).
 
 The work is a list of images (``<scene:06d>_<im:06d>``), each registered whole and its
 files written to a scratch folder that is moved into the output only when the image is
-done, so an interrupted run keeps finished images only.
+done, so an interrupted run keeps finished images only. Under torchrun the images are the
+units the ranks claim (chunkpose.cli.ranks); the merged folder is the one a single
+process writes.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class BopRun:
     """What a ``run --bop`` needs before its first image: the dataset's scenes, targets,
     detections and object models, all checked so that bad input fails before any output."""
 
-    def __init__(self, args, factory):
+    def __init__(self, args, factory, device=None):
         from chunkpose.io import bop
         from chunkpose.io.bop_results import results_filename
 
@@ -95,7 +97,7 @@ class BopRun:
             raise UserError(f"no target images in scene(s) {self.scene_ids} of {args.bop} (check --scene-id, --targets)")
         first = self.readers[self.scene_ids[0]]
         first.image(0)  # validates the first image before anything is written
-        self.device = calls.resolve_device(args.device)
+        self.device = calls.resolve_device(args.device) if device is None else str(device)
         self.objects = _Objects(args, first, factory, self.device)
         for obj_id in sorted(self._object_ids()):  # a bad model fails before any output
             self.objects.mesh(obj_id)
@@ -239,6 +241,20 @@ def _move_into(scratch: Path, tmp: Path) -> None:
 
 
 def run_bop(args, estimator_factory) -> int:
+    from chunkpose.cli.ranks import rank_context
+
+    ctx = rank_context(args)
+    if ctx is not None:
+        return _run_bop_on_ranks(args, estimator_factory, ctx)
+    return _run_bop_here(args, estimator_factory)
+
+
+def _title(run: BopRun) -> str:
+    scenes = ", ".join(str(s) for s in run.scene_ids)
+    return f"chunkpose run: BOP {Path(run.args.bop).resolve().name} {run.args.split} scene {scenes}"
+
+
+def _run_bop_here(args, estimator_factory) -> int:
     from chunkpose.io.results import OutputDir, write_bop_csv
 
     run = BopRun(args, estimator_factory)
@@ -265,7 +281,26 @@ def run_bop(args, estimator_factory) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
         write_bop_csv(tmp / run.csv_name, csv_rows)
         report_head = summary.head(args, "run", run.device, **run.report_fields())
-        scenes = ", ".join(str(s) for s in run.scene_ids)
-        return summary.finish(args, od, tmp, "run", state, report_head,
-                              f"chunkpose run: BOP {Path(args.bop).resolve().name} {args.split} scene {scenes}", plan,
+        return summary.finish(args, od, tmp, "run", state, report_head, _title(run), plan,
                               extra_json={"results_csv": str(Path(od.final) / run.csv_name)})
+
+
+def _run_bop_on_ranks(args, estimator_factory, ctx) -> int:
+    """Every rank registers whole images it claims, under its own budget on its own device."""
+    from chunkpose.cli.ranks import UnitWork, run_on_ranks
+    from chunkpose.io.results import write_bop_csv
+
+    run = BopRun(args, estimator_factory, device=ctx.device)
+    units = {unit.name: unit for unit in run.units}
+    first = run.units[0].name
+
+    def process(name, scratch):
+        (scratch / "ob_in_cam").mkdir(parents=True, exist_ok=True)
+        (scratch / "vis").mkdir(exist_ok=True)
+        return run.process(units[name], scratch, name == first)
+
+    def write_outputs(folder, results):
+        write_bop_csv(folder / run.csv_name, [row for result in results for row in result["rows"]])
+
+    head = summary.head(args, "run", str(ctx.device), **run.report_fields())
+    return run_on_ranks(args, ctx, UnitWork(list(units), process, write_outputs, head, _title(run)))

@@ -84,6 +84,8 @@ def _run_parser(sub):
     src = run.add_argument_group("input")
     src.add_argument("--scene", "--test_scene_dir", type=Path, metavar="DIR",
                      help="YCBInEOAT folder: rgb/, depth/ (uint16 mm), masks/, cam_K.txt")
+    src.add_argument("--scenes", type=Path, metavar="DIR",
+                     help="a folder of YCBInEOAT scene folders: every video, outputs in OUT/<scene>/")
     src.add_argument("--bop", type=Path, metavar="DATASET_DIR", help="BOP dataset folder (models/, <split>/)")
     src.add_argument("--split", default="test", metavar="NAME", help="BOP split folder (default test)")
     src.add_argument("--scene-id", type=non_negative_int, metavar="N",
@@ -96,7 +98,8 @@ def _run_parser(sub):
     src.add_argument("--method", default="chunkpose", metavar="NAME",
                      help="BOP: method name of the results file METHOD_DATASET-SPLIT.csv (no '_' or '.'; default chunkpose)")
     src.add_argument("--obj-id", type=positive_int, metavar="ID", action="append", help="BOP: only these object ids (repeatable)")
-    src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE", help="object mesh in metres (BOP: default models/obj_XXXXXX.ply)")
+    src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE",
+                     help="object mesh in metres (default: the scene's mesh/ folder; BOP: models/obj_XXXXXX.ply)")
     src.add_argument("--mesh-scale", type=positive_float, metavar="S", default=None,
                      help="multiply mesh coordinates by this (0.001 for a mesh in millimetres)")
     size = src.add_mutually_exclusive_group()

@@ -394,6 +394,8 @@ class Engine:
             stage.calls += 1
             if span is not None:
                 stage.wall_s += span.wall_s
+                if span.gpu_s is not None:
+                    stage.gpu_s = (stage.gpu_s or 0.0) + span.gpu_s
                 stage.peak_bytes = max(stage.peak_bytes, span.peak_bytes)
                 stage.peak_allocated_bytes = max(stage.peak_allocated_bytes, span.peak_allocated_bytes)
                 self.report.see_peak(span.peak_bytes, span.peak_allocated_bytes)

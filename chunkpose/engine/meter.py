@@ -66,6 +66,17 @@ class Span:
     end_allocated_bytes: int = 0
     wall_s: float = 0.0
     _t0: float = field(default=0.0, repr=False)
+    _events: tuple | None = field(default=None, repr=False)  # CUDA: (start, end) timing events
+
+    @property
+    def gpu_s(self) -> float | None:
+        """CUDA: seconds between the span's start and end on the device's stream, from CUDA
+        events (waits for the end event); None on the CPU."""
+        if self._events is None:
+            return None
+        start, end = self._events
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
 
     def _see(self, reserved: int, allocated: int) -> None:
         if reserved > self.peak_bytes:
@@ -262,6 +273,9 @@ class Meter:
             reserved = allocated = self._live
         span.start_bytes, span.start_allocated_bytes = reserved, allocated
         span.peak_bytes, span.peak_allocated_bytes = reserved, allocated
+        if self.is_cuda:
+            span._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            span._events[0].record()
         span._t0 = time.perf_counter()
         self._open.append(span)
         try:
@@ -271,6 +285,8 @@ class Meter:
                 self._fold_cuda_peaks()
             span.end_bytes, span.end_allocated_bytes = self.reserved_bytes(), self.live_bytes()
             span.wall_s = time.perf_counter() - span._t0
+            if span._events is not None:
+                span._events[1].record()
             position = self._open.index(span)
             self._open.remove(span)
             if not self.is_cuda:

@@ -25,7 +25,8 @@ class StageReport:
         predicted_peak_bytes: the planner's prediction for the chunks it chose (max).
         retries: chunks retried smaller after an out-of-memory error.
         oom_errors: first line of each out-of-memory error, for the record.
-        wall_s: seconds spent in the stage.
+        wall_s: seconds spent in the stage (host clock).
+        gpu_s: CUDA only: the stage's device time from CUDA events (None on the CPU).
         estimate_source: where the cost model came from: "hint", "fake", "probe", "cache:<src>"
             or "none".
         estimate_note: e.g. why fake tracing fell back to a probe.
@@ -48,6 +49,7 @@ class StageReport:
     retries: int = 0  # chunks retried smaller after an out-of-memory error
     oom_errors: list[str] = field(default_factory=list)  # first line of each, for the record
     wall_s: float = 0.0
+    gpu_s: float | None = None  # CUDA: device time between the stage's CUDA events; None on the CPU
     estimate_source: str | None = None  # "hint" | "fake" | "probe" | "cache:<src>" | "none"
     estimate_note: str | None = None  # e.g. why fake tracing fell back to a probe
     estimations: int = 0  # cost-model estimations run for this stage (cache misses)
