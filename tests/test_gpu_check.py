@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gl  # the synthetic scenes are drawn with OpenGL
+# OpenGL draws the synthetic scenes; slow (about a minute): it runs every benchmark step again,
+# so it belongs to `make test-all`, which is run before a GPU session
+pytestmark = [pytest.mark.gl, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 
