@@ -35,6 +35,7 @@ from chunkpose.ops.render import make_renderer
 from chunkpose.pipeline import frame as observation
 from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
 from chunkpose.ops.crops import crop_windows
+from chunkpose.pipeline.base import stage_modules
 from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
 from chunkpose.pipeline.sizing import CallGeometry, CallSizing
 
@@ -76,15 +77,30 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _device_list(devices, device) -> list:
+    """The checked devices= list (empty when not given)."""
+    if devices is None:
+        return []
+    if isinstance(devices, (str, torch.device)) or len(devices) < 2:
+        raise InputError(f"devices: expected a list of two or more devices, e.g. ['cuda:0', 'cuda:1'], got {devices!r}"
+                         " (for one device use device=)")
+    try:
+        devices = [torch.device(d) for d in devices]
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"devices: {exc}") from None
+    if device is not None and torch.device(device) != devices[0]:
+        raise InputError(f"device={device!r} and devices={[str(d) for d in devices]}: the first of devices is the "
+                         "primary device; give one of them")
+    for d in devices:
+        if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+            raise InputError(f"devices: {d} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    return devices
+
+
 def _translate(offset) -> np.ndarray:
     T = np.eye(4)
     T[:3, 3] = offset
     return T
-
-
-def _modules_of(stage) -> list:
-    """The torch modules a refiner or scorer holds (the networks of a learned pair)."""
-    return [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]
 
 
 class PoseEstimator:
@@ -97,7 +113,7 @@ class PoseEstimator:
 
     def __init__(self, mesh, budget_gb: Optional[float] = 4.0, device=None, weights=None,
                  refine_iterations: int = 5, track_iterations: int = 2, renderer=None,
-                 hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None):
+                 hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None, devices=None):
         """Load the mesh, the refiner/scorer pair and the rotation hypotheses.
 
         Args:
@@ -117,6 +133,11 @@ class PoseEstimator:
                 models_info.json, translations in metres); hypotheses that coincide modulo a symmetry
                 (within 30 degrees) are clustered away, as upstream does, so fewer than ``hypotheses``
                 may run.
+            devices: optional list of two or more devices ("cuda:0", "cuda:1", ...) to split each
+                registration's hypotheses over (chunkpose.pipeline.shards): the first is the primary
+                (``device`` must be None or the same), every device gets its own replica of the pair,
+                a renderer and an Engine with ``budget_gb``; the pose equals the one-device pose.
+                Tracking (one hypothesis) runs on the primary.
 
         Raises:
             InputError: an iteration count or ``hypotheses`` is not a valid integer, the mesh cannot be
@@ -124,6 +145,8 @@ class PoseEstimator:
                 folder.
             ValueError: ``budget_gb`` is not a positive number or None, or ``device`` is unusable.
         """
+        devices = _device_list(devices, device)
+        device = devices[0] if devices else device
         for name, value in (("refine_iterations", refine_iterations), ("track_iterations", track_iterations),
                             ("hypotheses", hypotheses)):
             if int(value) != value or value < (1 if name == "hypotheses" else 0):
@@ -158,6 +181,7 @@ class PoseEstimator:
         if symmetry_tfs is not None:
             rotations = cluster_rotations(rotations, symmetry_tfs)
         self._rotations = rotations.to(self.device)
+        self._shards = self._replicate(devices[1:], budget_gb, renderer is not None) if devices else None
         self._last_pose = None  # (4,4) float64, re-centred mesh in camera
         self._calibrated: set = set()
 
@@ -216,8 +240,7 @@ class PoseEstimator:
                 t = self._guess_on_frame(frame, anchor)
                 poses = initial_poses(t, device=self.device, rotations=self._rotations)
                 with torch.no_grad():
-                    poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
-                    scores = self.scorer.score(poses, frame, self.renderer, self.engine)
+                    poses, scores = self._refine_and_score(poses, frame, report)
                     poses, scores = self._polish(poses, scores, frame)
                 order = torch.argsort(scores.detach().cpu(), descending=True, stable=True)[:KEPT_CANDIDATES]
                 kept = poses.detach()[order.to(poses.device)].to("cpu", torch.float64).numpy()
@@ -382,7 +405,7 @@ class PoseEstimator:
     def _resident(self) -> list:
         """What the estimator holds on the device for a whole call: the networks, the
         renderer's tensors, the rotation set."""
-        held = [*_modules_of(self.refiner), *_modules_of(self.scorer), self._rotations]
+        held = [*stage_modules(self.refiner), *stage_modules(self.scorer), self._rotations]
         tensors = getattr(self.renderer, "device_tensors", None)
         if callable(tensors):
             held.extend(tensors())
@@ -462,6 +485,31 @@ class PoseEstimator:
                 if geometry.mode == "register":
                     self.scorer.score(poses, frame, self.renderer, self.engine)
         self._calibrated.add(geometry.mode)
+
+    # ------------------------------------------------------------------ several devices
+
+    def _replicate(self, others, budget_gb, custom_renderer: bool):
+        """HypothesisShards over this estimator (primary) and a replica on each of ``others``."""
+        from chunkpose.pipeline.shards import DeviceReplica, HypothesisShards, replicate_stage
+
+        if custom_renderer:
+            raise InputError("renderer: a renderer given by the caller cannot be replicated over devices=; "
+                             "leave renderer=None with several devices")
+        replicas = [DeviceReplica(self.device, self.engine, self.renderer, self.refiner, self.scorer)]
+        for dev in others:
+            replicas.append(DeviceReplica(dev, Engine(budget_gb, device=dev), make_renderer(self._centered, dev),
+                                          replicate_stage(self.refiner, dev), replicate_stage(self.scorer, dev)))
+        return HypothesisShards(replicas)
+
+    def _refine_and_score(self, poses, frame, report):
+        """Refine and score all hypotheses, on this device or split over the estimator's devices
+        (each shard's own report goes into report.shards)."""
+        if self._shards is None:
+            poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
+            return poses, self.scorer.score(poses, frame, self.renderer, self.engine)
+        poses, scores, shard_reports = self._shards.refine_and_score(poses, frame, self.refine_iterations)
+        report.shards.update(shard_reports)
+        return poses, scores
 
     # ------------------------------------------------------------------ helpers
 

@@ -83,6 +83,8 @@ class RunReport:
         downscale_reason: why it was downscaled, or None.
         stages: {stage name: StageReport}.
         sessions: {session name: {"calls", "peak_bytes", "peak_allocated_bytes", "wall_s"}}.
+        shards: {"index:device": RunReport} of the other devices a call split its hypotheses over
+            (each under its own budget); empty for a one-device call.
         total_peak_bytes: (property) peak_bytes + external_bytes: what the budget bounds.
         within_budget: (property) total_peak_bytes <= budget_bytes, or None when unbounded.
     """
@@ -96,6 +98,7 @@ class RunReport:
     downscale_reason: str | None = None
     stages: dict[str, StageReport] = field(default_factory=dict)
     sessions: dict[str, dict] = field(default_factory=dict)
+    shards: dict[str, "RunReport"] = field(default_factory=dict)
 
     def stage(self, name: str) -> StageReport:
         """The StageReport of stage ``name``, created empty on first use.
@@ -171,6 +174,7 @@ class RunReport:
             "downscale_reason": self.downscale_reason,
             "stages": {name: stage.to_dict() for name, stage in self.stages.items()},
             "sessions": {name: dict(entry) for name, entry in self.sessions.items()},
+            "shards": {name: shard.to_dict() for name, shard in self.shards.items()},
         }
 
     def summary(self) -> str:
@@ -198,6 +202,10 @@ class RunReport:
         if self.downscale_factor != 1.0:
             overall += f"  downscale x{self.downscale_factor:.3f} ({self.downscale_reason})"
         lines.append(overall)
+        for name, shard in self.shards.items():
+            lines.append(f"shard on {name}: peak {shard.peak_bytes / MIB:.1f} MiB"
+                         + ("" if shard.budget_bytes is None else f" of {shard.budget_bytes / MIB:.1f} MiB")
+                         + f", {', '.join(f'{s.name} {s.n_chunks} chunks' for s in shard.stages.values())}")
         return "\n".join(lines)
 
     def __str__(self) -> str:

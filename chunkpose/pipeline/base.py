@@ -249,3 +249,48 @@ class Scorer(_Stage):
             (B,) float32 scores, higher is better.
         """
         raise NotImplementedError
+
+    # Splitting a frame's hypotheses over devices (chunkpose.pipeline.shards) needs the score
+    # in two steps: what each hypothesis gives on its own device, and what compares them all.
+    # A scorer without a cross-hypothesis step keeps these defaults.
+
+    def hypothesis_features(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
+        """What the score needs of each hypothesis alone, computable on any shard of them.
+
+        The default is the score itself.
+
+        Args:
+            poses: (B,4,4) float32 object-in-camera poses of the re-centred mesh, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a Renderer of the re-centred mesh.
+            engine: the Engine (or None).
+
+        Returns:
+            (B, ...) tensor, one row per hypothesis.
+        """
+        return self.score(poses, frame, renderer, engine)
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) from the gathered hypothesis_features (B, ...) of all hypotheses, in order.
+
+        The default returns them unchanged.
+
+        Args:
+            features: (B, ...) rows of hypothesis_features, concatenated in hypothesis order.
+
+        Returns:
+            (B,) float32 scores, higher is better.
+        """
+        return features
+
+
+def stage_modules(stage) -> list:
+    """The torch modules a refiner or scorer holds (the networks of a learned pair).
+
+    Args:
+        stage: a Refiner or Scorer.
+
+    Returns:
+        list of torch.nn.Module attributes of ``stage``.
+    """
+    return [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]

@@ -290,19 +290,48 @@ class LearnedScorer(_NetworkStage, Scorer):
         Raises:
             ValueError: ``poses`` is not (B,4,4).
         """
+        return self.combine(self.hypothesis_features(poses, frame, renderer, engine))
+
+    def _grad(self):
+        return torch.enable_grad() if self.differentiable else torch.no_grad()
+
+    def hypothesis_features(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
+        """The per-hypothesis features (B,512) of all poses (B,4,4), through the engine.
+
+        Args:
+            poses: (B,4,4) re-centred object-in-camera poses, metres.
+            frame: the prepared ObservedFrame.
+            renderer: a renderer of the re-centred mesh.
+            engine: the Engine (stage "score.learned.features"), or None (one batch).
+
+        Returns:
+            (B,512) float32 features on the frame's device.
+
+        Raises:
+            ValueError: ``poses`` is not (B,4,4).
+        """
         if poses.ndim != 3 or poses.shape[1:] != (4, 4):
             raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
         poses = poses.to(device=frame.device, dtype=torch.float32)
-        grad = torch.enable_grad() if self.differentiable else torch.no_grad()
-        with grad, _resident(engine, self.model):
+        with self._grad(), _resident(engine, self.model):
             if engine is None:
-                feats = self.features(poses, frame=frame, renderer=renderer, model=self.model)
-            else:
-                feats = engine.map(self.features, poses, name=self.stage_name, frame=frame,
-                                   renderer=renderer, model=self.model)
-            # att_cross compares all hypotheses: one call on the gathered features.
-            with autocast_for(poses.device, self.fp16):
-                logits = self.model.cross(feats)
+                return self.features(poses, frame=frame, renderer=renderer, model=self.model)
+            return engine.map(self.features, poses, name=self.stage_name, frame=frame, renderer=renderer,
+                              model=self.model)
+
+    def combine(self, features: torch.Tensor) -> torch.Tensor:
+        """att_cross and the head over the gathered features of all hypotheses: logits (B,).
+
+        att_cross compares all hypotheses, so it runs once on all of them.
+
+        Args:
+            features: (B,512) features of every hypothesis, in hypothesis order.
+
+        Returns:
+            (B,) float32 logits.
+        """
+        with self._grad(), autocast_for(features.device, self.fp16):
+            logits = self.model.cross(features)
         return logits.float()
 
 
