@@ -15,6 +15,7 @@ _EXPORTS = {
     "Mesh": "chunkpose.io.mesh",
     "PoseEstimator": "chunkpose.estimator",
     "PoseResult": "chunkpose.estimator",
+    "MultiObjectEstimator": "chunkpose.multi_object",
     "finetune": "chunkpose.training",
 }
 

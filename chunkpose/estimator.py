@@ -36,6 +36,8 @@ from chunkpose.pipeline import frame as observation
 from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
 from chunkpose.ops.crops import crop_windows
 from chunkpose.pipeline.base import stage_modules
+from chunkpose.pipeline.health import (HEALTH_THRESHOLD, HEALTH_TOLERANCE, SEARCH_MARGIN, search_mask,
+                                       silhouette_agreement)
 from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
 from chunkpose.pipeline.sizing import CallGeometry, CallSizing
 
@@ -64,6 +66,11 @@ class PoseResult:
             registration's best-scored hypotheses, best first (what --debug draws with
             PoseEstimator.inspect_crops); (0,4,4) when tracking.
         candidate_scores: (k,) float64 scores of ``candidates``, same order; (0,) when tracking.
+        health: the pose's health figure in [0, 1] (chunkpose.pipeline.health: the fraction of its
+            visible rendered silhouette whose observed depth agrees); NaN when health checks are off.
+        lost: True when a tracked pose fell below the estimator's health_threshold on this frame.
+        reregistered: True when, on a lost frame, a re-registration found the object again (the
+            pose, score and report are the re-registration's).
     """
 
     pose: np.ndarray
@@ -71,6 +78,9 @@ class PoseResult:
     report: object
     candidates: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
     candidate_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    health: float = float("nan")
+    lost: bool = False
+    reregistered: bool = False
 
 
 def _default_device() -> str:
@@ -113,7 +123,9 @@ class PoseEstimator:
 
     def __init__(self, mesh, budget_gb: Optional[float] = 4.0, device=None, weights=None,
                  refine_iterations: int = 5, track_iterations: int = 2, renderer=None,
-                 hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None, devices=None):
+                 hypotheses: int = 252, refiner=None, scorer=None, symmetry_tfs=None, devices=None,
+                 health_threshold: Optional[float] = HEALTH_THRESHOLD, health_tolerance: float = HEALTH_TOLERANCE,
+                 search_margin: float = SEARCH_MARGIN):
         """Load the mesh, the refiner/scorer pair and the rotation hypotheses.
 
         Args:
@@ -138,6 +150,13 @@ class PoseEstimator:
                 (``device`` must be None or the same), every device gets its own replica of the pair,
                 a renderer and an Engine with ``budget_gb``; the pose equals the one-device pose.
                 Tracking (one hypothesis) runs on the primary.
+            health_threshold: a tracked frame whose health figure (see PoseResult.health) is below
+                this is lost, and the estimator re-registers (see track); None = no health figure, no
+                re-registration (upstream's tracker). Default 0.5.
+            health_tolerance: depth agreement tolerance of the health figure, fraction of the
+                diameter (default 0.1).
+            search_margin: without a new mask, re-registration searches the last good pose's
+                silhouette hull grown by this fraction of the object's image diameter (default 0.5).
 
         Raises:
             InputError: an iteration count or ``hypotheses`` is not a valid integer, the mesh cannot be
@@ -147,6 +166,14 @@ class PoseEstimator:
         """
         devices = _device_list(devices, device)
         device = devices[0] if devices else device
+        if health_threshold is not None and not 0.0 <= float(health_threshold) <= 1.0:
+            raise InputError(f"health_threshold: expected a fraction in [0, 1] or None, got {health_threshold!r}")
+        if not float(health_tolerance) > 0 or not float(search_margin) >= 0:
+            raise InputError(f"health_tolerance must be > 0 and search_margin >= 0, got {health_tolerance!r}, "
+                             f"{search_margin!r}")
+        self.health_threshold = None if health_threshold is None else float(health_threshold)
+        self.health_tolerance = float(health_tolerance)
+        self.search_margin = float(search_margin)
         for name, value in (("refine_iterations", refine_iterations), ("track_iterations", track_iterations),
                             ("hypotheses", hypotheses)):
             if int(value) != value or value < (1 if name == "hypotheses" else 0):
@@ -183,6 +210,10 @@ class PoseEstimator:
         self._rotations = rotations.to(self.device)
         self._shards = self._replicate(devices[1:], budget_gb, renderer is not None) if devices else None
         self._last_pose = None  # (4,4) float64, re-centred mesh in camera
+        self._last_good = None  # the last pose that passed the health check (same frame)
+        # other objects' estimators on the same engine (MultiObjectEstimator): what they hold
+        # stays on the device during this one's calls, so it is counted there too
+        self._companions: list = []
         self._calibrated: set = set()
 
     # ------------------------------------------------------------------ public API
@@ -195,6 +226,7 @@ class PoseEstimator:
     def reset(self) -> None:
         """Forget the tracked pose (the next call must be register)."""
         self._last_pose = None
+        self._last_good = None
 
     def register(self, rgb, depth, K, mask) -> PoseResult:
         """Pose of the object in one frame from scratch.
@@ -246,29 +278,53 @@ class PoseEstimator:
                 kept = poses.detach()[order.to(poses.device)].to("cpu", torch.float64).numpy()
                 kept_scores = scores.detach().cpu()[order].double().numpy()
                 pose, score = kept[0], float(kept_scores[0])
+                health = self._health(poses[order[:1].to(poses.device)], frame)
             del frame, poses, scores
-        self._last_pose = pose
+        self._last_pose = self._last_good = pose
         return PoseResult(pose=pose @ self._offset, score=score, report=report, candidates=kept @ self._offset,
-                          candidate_scores=kept_scores)
+                          candidate_scores=kept_scores, health=health)
 
-    def track(self, rgb, depth, K) -> PoseResult:
-        """Pose in the next frame, refined from the last one (track_iterations, no scoring).
+    def track(self, rgb, depth, K, mask=None) -> PoseResult:
+        """Pose in the next frame, refined from the last one (track_iterations, no scoring), with a
+        health check.
 
-        Call register() first.
+        Call register() first. When the tracked pose's health figure is below health_threshold the
+        frame is lost and the estimator re-registers on it: from ``mask`` when given, otherwise from
+        the last good pose's silhouette grown by search_margin (chunkpose.pipeline.health). If the
+        re-registration's pose is healthy it is returned (reregistered=True) and tracking goes on
+        from it; otherwise the tracked pose is returned with lost=True and the next frame starts
+        again from the last good pose.
 
         Args:
             rgb: (H,W,3) uint8 colour image.
             depth: (H,W) float depth in metres, 0 (or NaN/inf) = missing.
             K: (3,3) camera intrinsics in pixels.
+            mask: optional (H,W) bool object mask of this frame (e.g. from a detector), used only
+                when the frame is lost.
 
         Returns:
-            PoseResult with pose (4,4) float64 (original mesh frame), score NaN and empty candidates.
+            PoseResult with pose (4,4) float64 (original mesh frame), health, lost and reregistered;
+            score NaN and empty candidates unless it was re-registered.
 
         Raises:
             RuntimeError: there is no pose to start from (register() was not called, or reset()).
             InputError: an input has the wrong shape, dtype or units.
             BudgetTooSmall: not even the smallest downscaled plan fits ``budget_gb``.
         """
+        result = self._track_step(rgb, depth, K)
+        if self.health_threshold is None or result.health >= self.health_threshold:
+            self._last_good = self._last_pose
+            return result
+        found = self._reregister(rgb, depth, K, mask)
+        if found is not None and found.health >= self.health_threshold:
+            found.lost = found.reregistered = True
+            return found
+        self._last_pose = self._last_good
+        result.lost = True
+        return result
+
+    def _track_step(self, rgb, depth, K) -> PoseResult:
+        """One tracking step from the last pose, with the health figure of its result."""
         if self._last_pose is None:
             raise RuntimeError("track: no pose to start from; call register(rgb, depth, K, mask) first")
         rgb, depth, K, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
@@ -286,9 +342,10 @@ class PoseEstimator:
                 with torch.no_grad():
                     poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.track_iterations)
                 pose = poses[0].detach().to("cpu", torch.float64).numpy()
+                health = self._health(poses, frame)
             del frame, poses
         self._last_pose = pose
-        return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report)
+        return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report, health=health)
 
     def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
         """The smallest budget_gb (GiB) under which this frame runs at `scale` x its resolution
@@ -405,19 +462,23 @@ class PoseEstimator:
     def _resident(self) -> list:
         """What the estimator holds on the device for a whole call: the networks, the
         renderer's tensors, the rotation set."""
-        held = [*stage_modules(self.refiner), *stage_modules(self.scorer), self._rotations]
-        tensors = getattr(self.renderer, "device_tensors", None)
-        if callable(tensors):
-            held.extend(tensors())
+        held = [*stage_modules(self.refiner), *stage_modules(self.scorer)]
+        for est in (self, *self._companions):
+            held.append(est._rotations)
+            tensors = getattr(est.renderer, "device_tensors", None)
+            if callable(tensors):
+                held.extend(tensors())
         return held
 
     def _external_bytes(self) -> int:
-        """Renderer memory outside torch's allocator for this object's crops (framebuffers)."""
-        external = getattr(self.renderer, "external_bytes", None)
-        if not callable(external):
-            return 0
+        """Renderer memory outside torch's allocator for the crops (framebuffers) of this object
+        and of its companions, whose renderers keep theirs."""
         sizes = sorted({int(self.refiner.crop_size), int(self.scorer.crop_size)})
-        return int(external(sizes))
+        total = 0
+        for est in (self, *self._companions):
+            external = getattr(est.renderer, "external_bytes", None)
+            total += int(external(sizes)) if callable(external) else 0
+        return total
 
     def _sizing(self, mode: str) -> CallSizing:
         from chunkpose.engine.meter import tensors_in
@@ -485,6 +546,36 @@ class PoseEstimator:
                 if geometry.mode == "register":
                     self.scorer.score(poses, frame, self.renderer, self.engine)
         self._calibrated.add(geometry.mode)
+
+    # ------------------------------------------------------------------ health
+
+    def _health(self, poses, frame) -> float:
+        """The health figure of one pose (1,4,4) on the call's frame (NaN when checks are off)."""
+        if self.health_threshold is None:
+            return float("nan")
+        with torch.no_grad():
+            figure = self.engine.map(silhouette_agreement, poses.detach(), name="health", frame=frame,
+                                     renderer=self.renderer, crop_ratio=self.refiner.crop_ratio,
+                                     size=int(self.refiner.crop_size),
+                                     tolerance_m=self.health_tolerance * self._centered.diameter)
+        return float(figure[0])
+
+    def _reregister(self, rgb, depth, K, mask) -> Optional[PoseResult]:
+        """Registration on a lost frame from ``mask`` or the grown last good silhouette; None when
+        the region has too few pixels with depth (the object is still hidden)."""
+        _, depth_v, K_v, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
+        if mask is not None:  # may be empty: a detector that does not see the object either
+            mask = np.asarray(mask.cpu() if torch.is_tensor(mask) else mask)
+            if mask.shape[:2] != depth_v.shape or mask.size != depth_v.size:
+                raise InputError(f"mask: size {mask.shape} differs from depth {depth_v.shape}; pass the (H,W) "
+                                 "mask of this frame")
+            mask = mask.reshape(depth_v.shape) != 0
+        else:
+            mask = search_mask(np.asarray(self._centered.vertices, np.float64), self._last_good, K_v, depth_v,
+                               self._centered.diameter, self.search_margin, self.health_tolerance)
+        if np.count_nonzero(depth_v[mask] >= MIN_DEPTH) < MIN_MASK_DEPTH_PIXELS:
+            return None
+        return self.register(rgb, depth, K, mask)
 
     # ------------------------------------------------------------------ several devices
 

@@ -12,6 +12,8 @@ import numpy as np
 # The 12 edges of a box whose corners are indexed by the bits (x, y, z) of 0..7.
 _BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
 _AXIS_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))
+#: Box colour of a pose on a frame where its track is lost (and not found again).
+LOST_COLOUR = (255, 40, 40)
 
 
 def box_corners(bounds) -> np.ndarray:
@@ -94,14 +96,29 @@ def draw_pose(image, pose, K, bounds, colour=(0, 255, 0), axis_length=None, widt
     for k in range(3):
         if z[0] > 1e-3 and z[k + 1] > 1e-3:
             _draw_segment(out, uv[0], uv[k + 1], _AXIS_COLOURS[k], width + 1)
-    if label:
-        scale = width * 0.5
-        cv2.putText(out, label, (10 * width, 30 * width), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), width + 1, cv2.LINE_AA)
-        cv2.putText(out, label, (10 * width, 30 * width), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(1, width - 1), cv2.LINE_AA)
+    return draw_label(out, label, width) if label else out
+
+
+def draw_label(image, label: str, width=None) -> np.ndarray:
+    """Write ``label`` at the top left of ``image`` (in place when it is a writable uint8 array).
+
+    Args:
+        image: (H,W,3) uint8 RGB.
+        label: the text.
+        width: stroke width in pixels; None grows with the image.
+
+    Returns:
+        (H,W,3) uint8 RGB (``image`` itself when it could be drawn into).
+    """
+    out = np.ascontiguousarray(image, dtype=np.uint8)
+    width = width or _line_width(out)
+    scale = width * 0.5
+    cv2.putText(out, label, (10 * width, 30 * width), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), width + 1, cv2.LINE_AA)
+    cv2.putText(out, label, (10 * width, 30 * width), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), max(1, width - 1), cv2.LINE_AA)
     return out
 
 
-def overlay(image, poses, K, bounds, gt_poses=None, label=None) -> np.ndarray:
+def overlay(image, poses, K, bounds, gt_poses=None, label=None, colour=None) -> np.ndarray:
     """Estimated poses in green (and ground truth in yellow when given) over ``image``.
 
     Args:
@@ -111,6 +128,7 @@ def overlay(image, poses, K, bounds, gt_poses=None, label=None) -> np.ndarray:
         bounds: one (2,3) box (model frame, metres) or a list matching poses.
         gt_poses: optional (4,4) or list (entries may be None).
         label: optional text written with the first pose.
+        colour: RGB colour of the estimated poses (default green).
 
     Returns:
         (H,W,3) uint8 RGB new array.
@@ -124,7 +142,7 @@ def overlay(image, poses, K, bounds, gt_poses=None, label=None) -> np.ndarray:
             if gt is not None:
                 out = draw_pose(out, gt, K, b, colour=(255, 220, 0))
     for i, (pose, b) in enumerate(zip(poses, bounds_list)):
-        out = draw_pose(out, pose, K, b, label=label if i == 0 else None)
+        out = draw_pose(out, pose, K, b, colour=colour or (0, 255, 0), label=label if i == 0 else None)
     return out
 
 

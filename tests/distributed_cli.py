@@ -29,7 +29,7 @@ class InputPose:
         self.last = pose
         return FakeResult(pose, float(mask.mean()))
 
-    def track(self, rgb, depth, K):
+    def track(self, rgb, depth, K, mask=None):
         return FakeResult(self.last, 0.5)
 
 

@@ -69,6 +69,9 @@ def _learned_estimator(scene, budget_gb, **kwargs):
     torch.manual_seed(0)
     refiner = LearnedRefiner(RefineNet().eval(), official_config("refiner", input_resize=[32, 32]))
     scorer = LearnedScorer(ScoreNetMultiPair().eval(), official_config("scorer", input_resize=[32, 32]))
+    # random weights cannot track: without health checks a track call stays one call (no
+    # re-registration), which is what these tests measure
+    kwargs.setdefault("health_threshold", None)
     return PoseEstimator(scene.mesh, budget_gb=budget_gb, device="cpu", refiner=refiner, scorer=scorer, **kwargs)
 
 
@@ -139,10 +142,14 @@ def test_one_chunk_per_stage_when_the_budget_holds_the_unbounded_peak(scene):
     unbounded = _estimator("geometric", scene, None)
     peak = unbounded.register(scene.rgb[0], scene.depth[0], scene.K, scene.masks[0]).report.total_peak_bytes
     est = _estimator("geometric", scene, 1.05 * peak / 2**30)
-    for _ in range(2):  # the second call plans from the cached models alone
+    for call in range(2):
         report = est.register(scene.rgb[0], scene.depth[0], scene.K, scene.masks[0]).report
         for name, stage in report.stages.items():
-            assert stage.n_chunks == stage.calls, (name, stage.chunk_sizes)
+            # the first chunk after calibration (8 hypotheses measured) carries the allowance for
+            # items not measured yet, which may split one item off; after it the model has seen
+            # the full chunk, and every later map call, and the whole second call, is one chunk
+            extra = 1 if call == 0 and name == "refine.geometric" else 0
+            assert stage.n_chunks <= stage.calls + extra, (name, stage.chunk_sizes)
         assert report.total_peak_bytes <= report.budget_bytes
     assert report.stages["refine.geometric"].estimations == 0
 

@@ -57,7 +57,7 @@ class FakeEstimator:
         assert mask.dtype == bool and mask.any() and depth.dtype == np.float32
         return self._next()
 
-    def track(self, rgb, depth, K):
+    def track(self, rgb, depth, K, mask=None):
         return self._next()
 
 

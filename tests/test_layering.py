@@ -28,11 +28,12 @@ ALLOWED = {
     "io": {"errors", "ops", "vis", "_lazy"},
     "pipeline": {"errors", "engine", "ops", "models"},
     "estimator": {"errors", "engine", "ops", "io", "pipeline"},
+    "multi_object": {"errors", "engine", "estimator"},
     "synth": {"errors", "ops", "io", "shapes"},
     "bop_eval": {"errors", "ops", "io", "metrics", "_lazy"},
     "distributed": {"errors", "io"},
     "training": {"errors", "engine", "ops", "io", "models", "pipeline", "synth", "shapes"},
-    "cli": LEAVES | {"engine", "ops", "io", "estimator", "synth", "bop_eval", "distributed", "training", "(root)"},
+    "cli": LEAVES | {"engine", "ops", "io", "estimator", "multi_object", "synth", "bop_eval", "distributed", "training", "(root)"},
     "__main__": {"cli"},
     "(root)": {"_lazy"},
 }

@@ -1,6 +1,6 @@
 """The ``chunkpose`` command: run on a YCBInEOAT or BOP scene, a synthetic demo, benchmarks.
 
-    chunkpose run --scene DIR [--mesh FILE] [--budget-gb G] [--device cpu|cuda] ...
+    chunkpose run --scene DIR [--mesh FILE | --mesh NAME=FILE ...] [--budget-gb G] [--device cpu|cuda] ...
     chunkpose run --scenes DIR [--mesh FILE] ...     (every scene folder in DIR)
     torchrun --nproc-per-node N -m chunkpose run ...   (BOP images / videos spread over the ranks)
     chunkpose run --bop DATASET_DIR [--split test] [--scene-id N] [--detections FILE] [--targets FILE]
@@ -24,7 +24,7 @@ import os
 import sys
 
 from chunkpose.cli.calls import chunk_plan, pose_estimator
-from chunkpose.cli.parser import DEMO_BUILTINS, DEMO_MESH, UserError, build_parser
+from chunkpose.cli.parser import DEMO_BUILTINS, DEMO_MESH, UserError, build_parser, split_mesh_args
 from chunkpose.cli.summary import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 __all__ = ["DEMO_BUILTINS", "DEMO_MESH", "UserError", "build_parser", "chunk_plan", "main"]
@@ -67,6 +67,7 @@ def _dispatch(argv, estimator_factory) -> int:
 
         return run_eval(args)
     if args.command == "run":
+        split_mesh_args(args)
         if sum(x is not None for x in (args.scene, args.scenes, args.bop)) != 1:
             raise UserError("give exactly one of --scene DIR (YCBInEOAT), --scenes DIR (a folder of them) "
                             "or --bop DATASET_DIR (BOP)")

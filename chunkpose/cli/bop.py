@@ -57,12 +57,22 @@ class _Objects:
 
     def estimator(self, obj_id):
         if obj_id not in self.estimators:
+            from chunkpose.estimator import PoseEstimator
+            from chunkpose.multi_object import share_one_budget
+
             # the model's own symmetries (BOP models are in millimetres), unless --mesh replaces it
             symmetries = None
             if self.args.mesh is None:
                 symmetries = self.reader.symmetry_transforms(obj_id, scale=self.args.mesh_scale or 0.001)
             more = {} if symmetries is None else {"symmetry_tfs": symmetries}
+            first = next(iter(self.estimators.values()), None)
+            shared = isinstance(first, PoseEstimator)
+            if shared:  # one copy of the networks for all objects
+                more.update(refiner=first.refiner, scorer=first.scorer)
             self.estimators[obj_id] = calls.make_estimator(self.factory, self.mesh(obj_id), self.args, self.device, **more)
+            if shared or (first is None and isinstance(self.estimators[obj_id], PoseEstimator)):
+                # every object of an image under one budget, cost models calibrated once
+                share_one_budget(list(self.estimators.values()))
         return self.estimators[obj_id]
 
 

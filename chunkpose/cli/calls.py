@@ -89,6 +89,11 @@ def report_fields(result) -> dict:
            "chunk_plan": chunk_plan(d), "engine": d}
     if d.get("downscale_reason"):
         out["downscale_reason"] = d["downscale_reason"]
+    health = getattr(result, "health", None)
+    if health is not None:
+        out["health"] = None if health != health else float(health)  # NaN: health checks off
+        out["lost"] = bool(getattr(result, "lost", False))
+        out["reregistered"] = bool(getattr(result, "reregistered", False))
     return out
 
 

@@ -98,8 +98,9 @@ def _run_parser(sub):
     src.add_argument("--method", default="chunkpose", metavar="NAME",
                      help="BOP: method name of the results file METHOD_DATASET-SPLIT.csv (no '_' or '.'; default chunkpose)")
     src.add_argument("--obj-id", type=positive_int, metavar="ID", action="append", help="BOP: only these object ids (repeatable)")
-    src.add_argument("--mesh", "--mesh_file", type=Path, metavar="FILE",
-                     help="object mesh in metres (default: the scene's mesh/ folder; BOP: models/obj_XXXXXX.ply)")
+    src.add_argument("--mesh", "--mesh_file", metavar="FILE|NAME=FILE", action="append", default=None,
+                     help="object mesh in metres (default: the scene's mesh/ folder; BOP: models/obj_XXXXXX.ply); "
+                          "repeat as --mesh NAME=FILE for a scene with several objects (masks/NAME/ or labels/)")
     src.add_argument("--mesh-scale", type=positive_float, metavar="S", default=None,
                      help="multiply mesh coordinates by this (0.001 for a mesh in millimetres)")
     size = src.add_mutually_exclusive_group()
@@ -158,3 +159,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run the benchmarks in benchmarks/ (source checkout)", add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def split_mesh_args(args) -> None:
+    """``run``'s --mesh values into args.mesh (one unnamed FILE, a Path, or None) and
+    args.object_meshes ({NAME: Path} from NAME=FILE).
+
+    Raises:
+        UserError: named and unnamed meshes mixed, two unnamed ones, an empty name or a name
+            given twice.
+    """
+    specs = args.mesh or []
+    named, plain = {}, []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if sep and not Path(spec).exists():
+            if not name or not path:
+                raise UserError(f"--mesh {spec}: expected NAME=FILE with a non-empty name and file")
+            if name in named:
+                raise UserError(f"--mesh {name}=... is given twice")
+            named[name] = Path(path)
+        else:
+            plain.append(Path(spec))
+    if plain and (named or len(plain) > 1):
+        raise UserError("--mesh: give one FILE for a one-object scene, or NAME=FILE for each object of a scene "
+                        "with several")
+    args.mesh = plain[0] if plain else None
+    args.object_meshes = named

@@ -37,10 +37,10 @@ from .meter import Meter
 
 
 #: A measured model (calibration, probe) predicts a chunk larger than any it has seen with
-#: this much on top of its per-item bytes: items differ (one hypothesis' silhouette is
+#: this much on top of the per-item bytes of the items beyond those seen: items differ (one hypothesis' silhouette is
 #: larger than another's, and a chunk pads to its largest), so more items can cost more
 #: per item than the few that were measured. Chunks the model has seen run without it.
-UNSEEN_CHUNK_ALLOWANCE = 0.10
+UNSEEN_CHUNK_ALLOWANCE = 0.15
 
 
 @dataclass
@@ -66,7 +66,8 @@ class CostModel:
     def transient_bytes(self, chunk: int) -> int:
         per_item = chunk * self.per_item_bytes
         if self.seen_chunk is not None and chunk > self.seen_chunk:
-            per_item += math.ceil(per_item * UNSEEN_CHUNK_ALLOWANCE)
+            # only the items beyond those measured are uncertain
+            per_item += math.ceil((chunk - self.seen_chunk) * self.per_item_bytes * UNSEEN_CHUNK_ALLOWANCE)
         return self.fixed_bytes + per_item
 
     def pending_bytes(self, n_items: int, done: int, outputs_allocated: bool) -> int:
@@ -291,14 +292,22 @@ class Planner:
     # ------------------------------------------------------------------ chunks
     def chunk_size(self, model: CostModel, live: int, pending: int, remaining: int, ceiling: int | None = None,
                    usable: int | None = None) -> int:
-        """Largest c <= remaining with live + pending + fixed + c*per_item <= usable (default:
-        the budget's usable bytes minus the reserve); 0 if none."""
+        """Largest c <= remaining with live + pending + transient_bytes(c) <= usable (default:
+        the budget's usable bytes minus the reserve; chunks past the largest measured one carry
+        the unseen-chunk allowance); 0 if none."""
         usable = self.usable_bytes if usable is None else usable
         if usable is None:
             chunk = remaining
         else:
             room = usable - live - pending - model.fixed_bytes
             chunk = remaining if model.per_item_bytes <= 0 else room // model.per_item_bytes
+            if model.per_item_bytes > 0 and model.seen_chunk is not None and chunk > model.seen_chunk:
+                # past the largest measured chunk the model adds its allowance: plan with it,
+                # so that the chunk chosen is one whose prediction fits
+                p, seen = model.per_item_bytes, model.seen_chunk
+                chunk = max(seen, int((room + seen * p * UNSEEN_CHUNK_ALLOWANCE) // (p * (1 + UNSEEN_CHUNK_ALLOWANCE))))
+                while chunk > seen and model.transient_bytes(chunk) - model.fixed_bytes > room:
+                    chunk -= 1  # the rounding up of the allowance
         if ceiling is not None:
             chunk = min(chunk, ceiling)
         if model.fail_chunk is not None:
