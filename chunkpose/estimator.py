@@ -471,13 +471,14 @@ class PoseEstimator:
         return held
 
     def _external_bytes(self) -> int:
-        """Renderer memory outside torch's allocator for the crops (framebuffers) of this object
-        and of its companions, whose renderers keep theirs."""
+        """Renderer memory outside torch's allocator: this object's crop framebuffers and mesh
+        buffers, and the mesh buffers its companions' renderers keep (the framebuffers of
+        renderers in one process are shared)."""
         sizes = sorted({int(self.refiner.crop_size), int(self.scorer.crop_size)})
         total = 0
         for est in (self, *self._companions):
             external = getattr(est.renderer, "external_bytes", None)
-            total += int(external(sizes)) if callable(external) else 0
+            total += int(external(sizes if est is self else ())) if callable(external) else 0
         return total
 
     def _sizing(self, mode: str) -> CallSizing:

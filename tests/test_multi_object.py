@@ -90,11 +90,13 @@ def test_bad_multi_object_input(scene):
         est.track(scene.rgb[0], scene.depth[0], scene.K)
 
 
-def test_cli_several_objects_with_mask_folders(scene, tmp_path):
+def test_cli_several_objects_with_mask_folders(tmp_path):
+    scene = make_scene(objects=["mug", "drill", "duck"], width=240, height=180, frames=2, seed=1, distractors=0,
+                       footprint=0.06)
     folder = scene.save(tmp_path / "scene", labels=False)
     out = tmp_path / "out"
     meshes = [f"{t.name}={folder / 'mesh' / (t.name + '.obj')}" for t in scene.objects]
-    argv = ["run", "--scene", str(folder), "--out", str(out), "--budget-gb", str(BUDGET_GB), "--frames", "2"]
+    argv = ["run", "--scene", str(folder), "--out", str(out), "--budget-gb", str(BUDGET_GB), "--refine-iters", "2"]
     for m in meshes:
         argv += ["--mesh", m]
     assert cli.main(argv) == 0
@@ -112,5 +114,5 @@ def test_cli_several_objects_with_mask_folders(scene, tmp_path):
     assert (out / "vis" / "000000.png").is_file()
     # without --mesh, the scene's mesh/ folder names them all
     out2 = tmp_path / "out2"
-    assert cli.main(["run", "--scene", str(folder), "--out", str(out2), "--frames", "1"]) == 0
+    assert cli.main(["run", "--scene", str(folder), "--out", str(out2), "--frames", "1", "--refine-iters", "1"]) == 0
     assert sorted({f["object"] for f in json.loads((out2 / "report.json").read_text())["frames"]}) == sorted(names)

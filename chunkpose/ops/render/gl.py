@@ -115,6 +115,10 @@ void main() {
 
 _lock = threading.RLock()
 _context = None
+#: The crop atlas framebuffers, {(width, height): _Targets}, shared by every renderer of the
+#: process (they all draw in its one context, one call at a time): several objects' renderers
+#: keep one atlas, not one each.
+_shared_targets: dict = {}
 
 
 def gl_context():
@@ -233,7 +237,7 @@ class GLRenderer(BatchRenderer):
             self._texture.filter = (ctx.LINEAR, ctx.LINEAR)
             self._texture.repeat_x = self._texture.repeat_y = True
         self._vao = None
-        self._targets: dict[tuple[int, int], _Targets] = {}
+        self._targets: dict[tuple[int, int], _Targets] = _shared_targets
         self._current = None  # key of the framebuffer last drawn into
         self._center = np.asarray(mesh.center, dtype=np.float64)
         self._radius = float(mesh.radius)
@@ -385,7 +389,9 @@ class GLRenderer(BatchRenderer):
     def external_bytes(self, sizes=()) -> int:
         """Bytes this renderer holds in the GL driver (not torch): the mesh's buffers and
         texture, and the crop atlas framebuffers for crops of each of ``sizes`` (at most two
-        are kept at once). On a GPU this is device memory outside torch's allocator."""
+        are kept at once, shared by all renderers of the process: pass no sizes to count a
+        renderer beside one already counted with them). On a GPU this is device memory
+        outside torch's allocator."""
         mesh = self.mesh
         total = len(mesh.vertices) * 11 * 4 + len(mesh.faces) * 3 * 4
         if mesh.has_texture:
