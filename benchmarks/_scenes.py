@@ -58,15 +58,20 @@ def make_estimator(mesh, budget_gb, device: str, args):
     import chunkpose
 
     refiner = scorer = None
+    health = {}
     if getattr(args, "path", "geometric") == "learned":
         refiner, scorer = learned_pair(device, getattr(args, "learned_crop", 160))
+        # random weights cannot track: without health checks every tracked frame stays a track
+        # call instead of being lost and re-registered
+        health = {"health_threshold": None}
     elif getattr(args, "no_polish", False):
         from chunkpose.pipeline.geometric import GeometricRefiner
 
         refiner = GeometricRefiner(polish_candidates=0)
     return chunkpose.PoseEstimator(mesh, budget_gb=budget_gb, device=device, refiner=refiner, scorer=scorer,
                                    refine_iterations=args.refine_iters,
-                                   track_iterations=getattr(args, "track_iters", 2), hypotheses=args.hypotheses)
+                                   track_iterations=getattr(args, "track_iters", 2), hypotheses=args.hypotheses,
+                                   **health)
 
 
 def _surface_points(trimesh_mesh, count: int = MODEL_POINTS) -> np.ndarray:

@@ -35,8 +35,10 @@ def make_estimator(path: str, frames, budget_gb, args):
         return chunkpose.PoseEstimator(frames.mesh, budget_gb=budget_gb, device=args.device, hypotheses=args.hypotheses,
                                        refine_iterations=args.refine_iters)
     refiner, scorer = learned_pair(args.device, args.learned_crop)
+    # random weights cannot track: no health checks, so tracked frames stay track calls
     return chunkpose.PoseEstimator(frames.mesh, budget_gb=budget_gb, device=args.device, refiner=refiner, scorer=scorer,
-                                   hypotheses=args.learned_hypotheses, refine_iterations=args.learned_iters)
+                                   hypotheses=args.learned_hypotheses, refine_iterations=args.learned_iters,
+                                   health_threshold=None)
 
 
 def _stage_rows(report, call: str) -> list[dict]:

@@ -126,7 +126,8 @@ def write_reports(payload: dict, pictures: dict, out: Path, stem: str) -> list:
     lines = [f"# Tracking health: 3 objects, {s['frames']} frames at {s['width']}x{s['height']}, one budget of "
              f"{s['budget_gb']} GiB", "", *header_lines(payload["environment"]), "",
              "The mug is hidden behind a board in frames 3-4; the duck jumps (1.2 diameters, 90 degrees) at frame "
-             f"{s['frames'] - 3} and its mask is given on that frame and the next. Lost: health < 0.5.", "",
+             f"{s['frames'] - 3} and its mask is given on that frame and the next. Lost: health below the default "
+             "threshold (chunkpose.pipeline.health.HEALTH_THRESHOLD).", "",
              markdown_table(["frame", "object", "events", "health", "lost", "re-registered", "ADD / d",
                              "frame s (all objects)", "peak MiB"], table), "", f"![tracking]({stem}.png)"]
     write_markdown(out / f"{stem}.md", lines)
@@ -139,7 +140,9 @@ def write_reports(payload: dict, pictures: dict, out: Path, stem: str) -> list:
     for name in dict.fromkeys(r["object"] for r in rows):
         mine = [r for r in rows if r["object"] == name]
         ax.plot([r["frame"] for r in mine], [r["health"] for r in mine], marker="o", label=name)
-    ax.axhline(0.5, color="grey", linestyle="--", label="lost below")
+    from chunkpose.pipeline.health import HEALTH_THRESHOLD
+
+    ax.axhline(HEALTH_THRESHOLD, color="grey", linestyle="--", label="lost below")
     ax.set_xlabel("frame")
     ax.set_ylabel("health")
     ax.set_ylim(-0.05, 1.05)

@@ -152,7 +152,7 @@ class PoseEstimator:
                 Tracking (one hypothesis) runs on the primary.
             health_threshold: a tracked frame whose health figure (see PoseResult.health) is below
                 this is lost, and the estimator re-registers (see track); None = no health figure, no
-                re-registration (upstream's tracker). Default 0.5.
+                re-registration (upstream's tracker). Default 0.7.
             health_tolerance: depth agreement tolerance of the health figure, fraction of the
                 diameter (default 0.1).
             search_margin: without a new mask, re-registration searches the last good pose's
@@ -572,8 +572,10 @@ class PoseEstimator:
                                  "mask of this frame")
             mask = mask.reshape(depth_v.shape) != 0
         else:
+            others = [(np.asarray(o._centered.vertices, np.float64), o._last_pose, o._centered.diameter)
+                      for o in self._companions if o._last_pose is not None]
             mask = search_mask(np.asarray(self._centered.vertices, np.float64), self._last_good, K_v, depth_v,
-                               self._centered.diameter, self.search_margin, self.health_tolerance)
+                               self._centered.diameter, self.search_margin, self.health_tolerance, others)
         if np.count_nonzero(depth_v[mask] >= MIN_DEPTH) < MIN_MASK_DEPTH_PIXELS:
             return None
         return self.register(rgb, depth, K, mask)

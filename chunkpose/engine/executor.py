@@ -458,8 +458,12 @@ class Engine:
             if out_per_item_bytes is not None and model.source == "hint":
                 model.out_per_item_bytes = int(out_per_item_bytes)
             live = self.meter.live_bytes()
-            pending = model.pending_bytes(n, 0, False)
+            # one chunk returns the op's own outputs: no output buffers besides them
+            pending = model.pending_bytes(n, 0, True)
             chunk = self.planner.chunk_size(model, live, pending, n, self.max_chunk)
+            if chunk < n:  # several chunks: their outputs are copied into buffers for all n
+                pending = model.pending_bytes(n, 0, False)
+                chunk = self.planner.chunk_size(model, live, pending, n, self.max_chunk)
             if chunk < 1:  # before anything big exists
                 raise self._too_small(name, model, n, live)
             if model.out_per_item_bytes is None:

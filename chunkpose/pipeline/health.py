@@ -10,8 +10,9 @@ crop of the observation per pose, at the refiner's crop size.
 When a track is lost and the caller has no new mask, the search region for re-registration
 is the convex hull of the last good pose's projected mesh, grown by a margin, restricted to
 pixels whose raw depth lies within that pose's depth range (widened by the health tolerance):
-an occluder in front and the background behind drop out, so a still-hidden object gives too few pixels to register on
-and the track stays lost instead of latching onto the occluder.
+an occluder in front and the background behind drop out, and so do the hulls of other objects tracked in the frame;
+a still-hidden object then gives too few pixels to register on and the track stays lost
+instead of latching onto the occluder or a neighbour.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from chunkpose.ops.crops import crop_windows
 from chunkpose.pipeline.base import ObservedFrame
 
 #: Default: a track is lost when less than this fraction of its silhouette agrees with the depth.
-HEALTH_THRESHOLD = 0.5
+HEALTH_THRESHOLD = 0.7
 #: Default depth agreement tolerance, as a fraction of the object diameter.
 HEALTH_TOLERANCE = 0.1
 #: Default growth of the last good silhouette for re-registration without a mask, as a
@@ -59,8 +60,40 @@ def silhouette_agreement(poses: torch.Tensor, *, frame: ObservedFrame, renderer,
                        dtype=torch.float32)).float()
 
 
+def hull_mask(vertices: np.ndarray, pose: np.ndarray, K: np.ndarray, shape, margin: float, diameter: float
+              ) -> np.ndarray:
+    """The convex hull of the posed mesh's projection, grown by ``margin`` x its image diameter.
+
+    Args:
+        vertices: (N,3) mesh vertices in the frame ``pose`` is of, metres.
+        pose: (4,4) object-in-camera pose, metres.
+        K: (3,3) intrinsics, pixels.
+        shape: (H, W) of the mask.
+        margin: growth as a fraction of the object's image diameter (0: the hull itself).
+        diameter: the object's diameter, metres.
+
+    Returns:
+        (H,W) bool (all False when part of the mesh is behind the camera).
+    """
+    H, W = shape
+    cam = vertices @ pose[:3, :3].T + pose[:3, 3]
+    region = np.zeros((H, W), dtype=np.uint8)
+    if (cam[:, 2] <= 0).any():
+        return region > 0
+    uv = (cam @ np.asarray(K, np.float64).T)[:, :2] / cam[:, 2:3]
+    hull = cv2.convexHull(uv.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    centre = hull.mean(axis=0)
+    grow = margin * diameter * float(K[0, 0]) / float(cam[:, 2].mean())
+    offsets = hull - centre
+    lengths = np.maximum(np.linalg.norm(offsets, axis=1, keepdims=True), 1e-6)
+    lim = 4 * max(H, W)
+    polygon = np.clip(np.round(centre + offsets * (1.0 + grow / lengths)), -lim, lim).astype(np.int32)
+    cv2.fillConvexPoly(region, polygon, 1)
+    return region > 0
+
+
 def search_mask(vertices: np.ndarray, pose: np.ndarray, K: np.ndarray, depth: np.ndarray, diameter: float,
-                margin: float = SEARCH_MARGIN, tolerance: float = HEALTH_TOLERANCE) -> np.ndarray:
+                margin: float = SEARCH_MARGIN, tolerance: float = HEALTH_TOLERANCE, others=()) -> np.ndarray:
     """Where to re-register a lost object without a given mask.
 
     Args:
@@ -72,28 +105,20 @@ def search_mask(vertices: np.ndarray, pose: np.ndarray, K: np.ndarray, depth: np
         margin: growth of the hull as a fraction of the object's image diameter.
         tolerance: how far beyond the posed mesh's nearest and farthest depth a pixel may be, as
             a fraction of the diameter.
+        others: (vertices, pose, diameter) of other objects tracked in the frame, whose hulls
+            are left out (a lost object is not to be found where its neighbour is).
 
     Returns:
         (H,W) bool: the grown hull's pixels whose depth lies within the posed mesh's depth range
-        widened by ``tolerance`` x diameter (all False when the pose is behind the camera).
+        widened by ``tolerance`` x diameter, outside the other objects' hulls (all False when the
+        pose is behind the camera).
     """
-    H, W = depth.shape
-    cam = vertices @ pose[:3, :3].T + pose[:3, 3]
-    z_centre = float(cam[:, 2].mean())
-    out = np.zeros((H, W), dtype=bool)
-    if z_centre <= 0 or (cam[:, 2] <= 0).any():
-        return out
-    uv = (cam @ np.asarray(K, np.float64).T)[:, :2] / cam[:, 2:3]
-    hull = cv2.convexHull(uv.astype(np.float32)).reshape(-1, 2).astype(np.float64)
-    centre = hull.mean(axis=0)
-    grow = margin * diameter * float(K[0, 0]) / z_centre
-    offsets = hull - centre
-    lengths = np.maximum(np.linalg.norm(offsets, axis=1, keepdims=True), 1e-6)
-    grown = centre + offsets * (1.0 + grow / lengths)
-    lim = 4 * max(H, W)
-    polygon = np.clip(np.round(grown), -lim, lim).astype(np.int32)
-    region = np.zeros((H, W), dtype=np.uint8)
-    cv2.fillConvexPoly(region, polygon, 1)
+    region = hull_mask(vertices, pose, K, depth.shape, margin, diameter)
+    if not region.any():
+        return region
+    cam_z = vertices @ pose[2, :3] + pose[2, 3]
     slack = tolerance * diameter
-    near = (depth >= cam[:, 2].min() - slack) & (depth <= cam[:, 2].max() + slack)
-    return (region > 0) & near
+    region &= (depth >= cam_z.min() - slack) & (depth <= cam_z.max() + slack)
+    for other_vertices, other_pose, other_diameter in others:
+        region &= ~hull_mask(other_vertices, other_pose, K, depth.shape, 0.0, other_diameter)
+    return region
