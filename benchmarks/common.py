@@ -103,9 +103,10 @@ def add_common_args(parser) -> None:
                         help="measure nothing: redraw the table and plot of a saved run (next to FILE unless --out)")
 
 
-def apply_quick(args) -> None:
+def apply_quick(args, settings: dict | None = None) -> None:
+    """With --quick, set the benchmark's smoke-run ``settings`` (default: QUICK) on ``args``."""
     if args.quick:
-        for key, value in QUICK.items():
+        for key, value in (QUICK if settings is None else settings).items():
             setattr(args, key, value)
 
 

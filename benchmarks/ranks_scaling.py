@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (environment, header_lines, markdown_table, measure_and_report,  # noqa: E402
+from common import (apply_quick, environment, header_lines, markdown_table, measure_and_report,  # noqa: E402
                     write_markdown)
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -45,9 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
     p.add_argument("--from-json", metavar="FILE", help="measure nothing: redraw the table of a saved run")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     args.rank_counts = [int(n) for n in args.ranks.split(",")]
     return args
 

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (destination, environment, header_lines, markdown_table, saved_payload,  # noqa: E402
-                    stamp_figure, write_json, write_markdown)
+from common import (apply_quick, destination, environment, header_lines, markdown_table,  # noqa: E402
+                    saved_payload, stamp_figure, write_json, write_markdown)
 
 from chunkpose.metrics import add_error  # noqa: E402
 
@@ -42,9 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
     p.add_argument("--from-json", metavar="FILE", help="measure nothing: redraw the outputs of a saved run")
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, value)
+    apply_quick(args, QUICK)
     return args
 
 
@@ -88,19 +86,18 @@ def measure(args) -> dict:
 
 
 def _overlay(scene, k, results):
-    from chunkpose.vis import LOST_COLOUR, draw_label, overlay
+    from chunkpose.vis import overlay_objects
 
-    image = scene.rgb[k]
-    lost = [name for name, r in results.items() if r.lost and not r.reregistered]
+    items = []
     for t in scene.objects:
         v = np.asarray(t.mesh.vertices)
-        bounds = np.stack([v.min(0), v.max(0)])
-        image = overlay(image, results[t.name].pose, scene.K, bounds,
-                        colour=LOST_COLOUR if t.name in lost else None)
+        r = results[t.name]
+        items.append((r.pose, np.stack([v.min(0), v.max(0)]), None, r.lost and not r.reregistered))
+    lost = [name for name, r in results.items() if r.lost and not r.reregistered]
     found = [name for name, r in results.items() if r.reregistered]
     text = f"frame {k}" + (f"  lost: {', '.join(lost)}" if lost else "") + \
         (f"  re-registered: {', '.join(found)}" if found else "")
-    return draw_label(image, text)
+    return overlay_objects(scene.rgb[k], scene.K, items, text)
 
 
 def _key_frames(rows, n):

@@ -146,6 +146,25 @@ def overlay(image, poses, K, bounds, gt_poses=None, label=None, colour=None) -> 
     return out
 
 
+def overlay_objects(image, K, objects, label: str = "") -> np.ndarray:
+    """Several objects' poses over ``image``: each box green, or LOST_COLOUR where its track is
+    lost, with its ground truth in yellow when given, and ``label`` at the top left.
+
+    Args:
+        image: (H,W,3) uint8 RGB.
+        K: (3,3) intrinsics in pixels.
+        objects: iterable of (pose (4,4), bounds (2,3), ground-truth pose (4,4) or None, lost bool).
+        label: text to write (nothing when empty).
+
+    Returns:
+        (H,W,3) uint8 RGB new array.
+    """
+    out = np.asarray(image, dtype=np.uint8)
+    for pose, bounds, gt, lost in objects:
+        out = overlay(out, pose, K, bounds, gt_poses=gt, colour=LOST_COLOUR if lost else None)
+    return draw_label(out, label) if label else out.copy()
+
+
 def _to_uint8_hwc(crop) -> np.ndarray:
     """One crop (C,h,w) (C = 1 or 3, values 0..1 or 0..255, or metres for 1 channel) -> (h,w,3) uint8."""
     crop = crop.detach().cpu().numpy() if hasattr(crop, "detach") else np.asarray(crop)

@@ -70,11 +70,8 @@ def first_masks(scene_dir, frame, objects) -> dict:
 def multi_estimator(args, objects, device):
     from chunkpose.multi_object import MultiObjectEstimator
 
-    kwargs = dict(budget_gb=args.budget_gb, device=device, refine_iterations=args.refine_iters,
-                  track_iterations=args.track_iters)
-    if getattr(args, "weights", None) is not None:
-        kwargs["weights"] = str(args.weights)
-    return MultiObjectEstimator({name: mesh for name, (mesh, _) in objects.items()}, **kwargs)
+    return calls.make_estimator(MultiObjectEstimator, {name: mesh for name, (mesh, _) in objects.items()}, args,
+                                device)
 
 
 def register_and_track_objects(args, est, reader, n, objects, scene_dir, tmp, state) -> dict | None:
@@ -82,7 +79,7 @@ def register_and_track_objects(args, est, reader, n, objects, scene_dir, tmp, st
     ob_in_cam/<name>/, vis/ and one record per object and frame. Returns the first frame's plan."""
     from chunkpose.io.readers import object_poses
     from chunkpose.io.results import write_pose_txt
-    from chunkpose.vis import overlay, save_rgb
+    from chunkpose.vis import save_rgb
 
     for name in objects:
         (tmp / "ob_in_cam" / name).mkdir(parents=True)
@@ -103,7 +100,7 @@ def register_and_track_objects(args, est, reader, n, objects, scene_dir, tmp, st
             for path, record in zip(written, records):
                 write_pose_txt(path, record["pose"])
             written.append(tmp / "vis" / f"{frame.name}.png")
-            save_rgb(written[-1], _overlay(overlay, frame, records, objects, gts))
+            save_rgb(written[-1], _overlay(frame, records, objects, gts))
             plan = plan or calls.chunk_plan(est.last_report.to_dict())
             state.records.extend(records)
             written = []
@@ -113,13 +110,10 @@ def register_and_track_objects(args, est, reader, n, objects, scene_dir, tmp, st
     return plan
 
 
-def _overlay(overlay, frame, records, objects, gts):
-    from chunkpose.vis import LOST_COLOUR, draw_label
+def _overlay(frame, records, objects, gts):
+    from chunkpose.vis import overlay_objects
 
-    image = frame.rgb
-    lost = [r["object"] for r in records if r.get("lost") and not r.get("reregistered")]
-    for record in records:
-        name = record["object"]
-        image = overlay(image, record["pose"], frame.K, calls.mesh_bounds(objects[name][0]), gt_poses=gts.get(name),
-                        colour=LOST_COLOUR if name in lost else None)
-    return draw_label(image, frame.name + (f"  lost: {', '.join(lost)}" if lost else ""))
+    items = [(r["pose"], calls.mesh_bounds(objects[r["object"]][0]), gts.get(r["object"]),
+              bool(r.get("lost") and not r.get("reregistered"))) for r in records]
+    lost = [r["object"] for r, item in zip(records, items) if item[3]]
+    return overlay_objects(frame.rgb, frame.K, items, frame.name + (f"  lost: {', '.join(lost)}" if lost else ""))
