@@ -7,7 +7,9 @@
 
 The algorithm (FoundationPose's, see chunkpose/pipeline): depth clean-up, a translation
 guess from the mask, 252 rotation hypotheses, refinement, scoring, best pose. A call flows
-one way: validate -> region -> fit to the budget -> frame -> guess -> refine -> score. Every
+one way: validate -> region -> fit to the budget -> frame -> guess -> refine -> score; its
+body is chunkpose.frame_calls, shared with several objects per frame (MultiObjectEstimator),
+and this class holds one object's state, settings and what-ifs. Every
 stage that grows with hypotheses or image size runs through the engine; the full frame
 stays a host array and only the region the crops read goes on the device. Only when even
 chunk size 1 does not fit the budget is the input downscaled (and the report says so); that
@@ -20,67 +22,32 @@ is one concern and splitting it would scatter it.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from chunkpose.engine import GIB, Budget, Engine
-from chunkpose.engine.fallback import choose_downscale
 from chunkpose.errors import InputError
+from chunkpose.frame_calls import (KEPT_CANDIDATES, MIN_MASK_DEPTH_PIXELS, PoseResult, call_sizing, geometry_of,
+                                   register_objects, registration_mask, scale_for, settle_tracks, track_objects)
 from chunkpose.io.mesh import Mesh, load_mesh
-from chunkpose.ops.depth import MIN_DEPTH
+from chunkpose.ops.crops import crop_windows
 from chunkpose.ops.render import make_renderer
 from chunkpose.pipeline import frame as observation
-from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
-from chunkpose.ops.crops import crop_windows
 from chunkpose.pipeline.base import stage_modules
-from chunkpose.pipeline.health import (HEALTH_THRESHOLD, HEALTH_TOLERANCE, SEARCH_MARGIN, search_mask,
-                                       silhouette_agreement)
+from chunkpose.pipeline.health import HEALTH_THRESHOLD, HEALTH_TOLERANCE, SEARCH_MARGIN
+from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
 from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
-from chunkpose.pipeline.sizing import CallGeometry, CallSizing
+from chunkpose.pipeline.sizing import CallGeometry
 
-#: Registration needs at least this many mask pixels with valid depth: fewer cannot pin
-#: down a 6D pose (the refiners need tens of point pairs), so it stops with a clear error.
-MIN_MASK_DEPTH_PIXELS = 30
+__all__ = ["KEPT_CANDIDATES", "MIN_MASK_DEPTH_PIXELS", "PoseEstimator", "PoseResult"]
+
 #: The calibration copy of a frame is resized so that its region is about this many pixels
 #: across (the stages' per-item costs do not depend on it).
 CALIBRATION_SIDE = 192
 #: Hypotheses the calibration runs the stages on, spread over the rotation set.
 CALIBRATION_HYPOTHESES = 8
-#: A registration keeps this many best-scored hypotheses in its result (for inspection).
-KEPT_CANDIDATES = 8
-
-
-@dataclass
-class PoseResult:
-    """The result of one PoseEstimator.register or track call.
-
-    Attributes:
-        pose: (4,4) float64 object-in-camera pose in the original mesh frame, translation in metres.
-        score: float, the best hypothesis's score (higher is better); NaN when tracking, which does
-            not score.
-        report: the engine's RunReport of the call (per-stage chunks, peaks, any downscale).
-        candidates: (k,4,4) float64 poses (original mesh frame, metres), k <= KEPT_CANDIDATES: a
-            registration's best-scored hypotheses, best first (what --debug draws with
-            PoseEstimator.inspect_crops); (0,4,4) when tracking.
-        candidate_scores: (k,) float64 scores of ``candidates``, same order; (0,) when tracking.
-        health: the pose's health figure in [0, 1] (chunkpose.pipeline.health: the fraction of its
-            visible rendered silhouette whose observed depth agrees); NaN when health checks are off.
-        lost: True when a tracked pose fell below the estimator's health_threshold on this frame.
-        reregistered: True when, on a lost frame, a re-registration found the object again (the
-            pose, score and report are the re-registration's).
-    """
-
-    pose: np.ndarray
-    score: float
-    report: object
-    candidates: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4)))
-    candidate_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    health: float = float("nan")
-    lost: bool = False
-    reregistered: bool = False
 
 
 def _default_device() -> str:
@@ -249,40 +216,8 @@ class PoseEstimator:
                 pixels have valid depth.
             BudgetTooSmall: not even the smallest downscaled plan fits ``budget_gb``.
         """
-        rgb, depth, K, mask = observation.validate_inputs(rgb, depth, K, mask, require_mask=True)
-        measured = int(np.count_nonzero(depth[mask] >= MIN_DEPTH))
-        if measured < MIN_MASK_DEPTH_PIXELS:
-            raise InputError(
-                f"mask: only {measured} of its {int(mask.sum())} pixels have valid depth, registration needs at "
-                f"least {MIN_MASK_DEPTH_PIXELS}; the object is too small or too far at this resolution, or the "
-                "depth misses it (check that depth and mask are aligned)")
-        # The region is placed around the raw-depth guess; the hypotheses start at the guess
-        # on the cleaned depth (as upstream), taken once the frame is prepared.
-        anchor = translation_guess(mask, depth, K)
-        geometry = CallGeometry("register", depth.shape, K, anchor, mask_box(mask), len(self._rotations))
-        if not self.engine.budget.unbounded:
-            self._calibrate(geometry, rgb, depth, mask)
-        with self._call("register") as report:
-            rgb, depth, Ks, mask, factor = self._fit_to_budget(geometry, rgb, depth, K, mask)
-            region = call_region("register", depth.shape, Ks, self._centered.diameter, self._crop_ratio, anchor,
-                                 mask=mask)
-            frame = observation.prepare_frame(rgb, depth, Ks, mask, region, self._centered.diameter, self.engine,
-                                              self.device)
-            with self.engine.resident(*frame.tensors()):
-                t = self._guess_on_frame(frame, anchor)
-                poses = initial_poses(t, device=self.device, rotations=self._rotations)
-                with torch.no_grad():
-                    poses, scores = self._refine_and_score(poses, frame, report)
-                    poses, scores = self._polish(poses, scores, frame)
-                order = torch.argsort(scores.detach().cpu(), descending=True, stable=True)[:KEPT_CANDIDATES]
-                kept = poses.detach()[order.to(poses.device)].to("cpu", torch.float64).numpy()
-                kept_scores = scores.detach().cpu()[order].double().numpy()
-                pose, score = kept[0], float(kept_scores[0])
-                health = self._health(poses[order[:1].to(poses.device)], frame)
-            del frame, poses, scores
-        self._last_pose = self._last_good = pose
-        return PoseResult(pose=pose @ self._offset, score=score, report=report, candidates=kept @ self._offset,
-                          candidate_scores=kept_scores, health=health)
+        rgb, depth, K, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
+        return register_objects([self], rgb, depth, K, [registration_mask(mask, depth)])[0]
 
     def track(self, rgb, depth, K, mask=None) -> PoseResult:
         """Pose in the next frame, refined from the last one (track_iterations, no scoring), with a
@@ -311,41 +246,9 @@ class PoseEstimator:
             InputError: an input has the wrong shape, dtype or units.
             BudgetTooSmall: not even the smallest downscaled plan fits ``budget_gb``.
         """
-        result = self._track_step(rgb, depth, K)
-        if self.health_threshold is None or result.health >= self.health_threshold:
-            self._last_good = self._last_pose
-            return result
-        found = self._reregister(rgb, depth, K, mask)
-        if found is not None and found.health >= self.health_threshold:
-            found.lost = found.reregistered = True
-            return found
-        self._last_pose = self._last_good
-        result.lost = True
-        return result
-
-    def _track_step(self, rgb, depth, K) -> PoseResult:
-        """One tracking step from the last pose, with the health figure of its result."""
-        if self._last_pose is None:
-            raise RuntimeError("track: no pose to start from; call register(rgb, depth, K, mask) first")
         rgb, depth, K, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
-        geometry = CallGeometry("track", depth.shape, K, self._last_pose[:3, 3].copy(), None, 1)
-        if not self.engine.budget.unbounded:
-            self._calibrate(geometry, rgb, depth, None)
-        with self._call("track") as report:
-            rgb, depth, Ks, _, factor = self._fit_to_budget(geometry, rgb, depth, K, None)
-            region = call_region("track", depth.shape, Ks, self._centered.diameter, self._crop_ratio,
-                                 self._last_pose[:3, 3])
-            frame = observation.prepare_frame(rgb, depth, Ks, None, region, self._centered.diameter, self.engine,
-                                              self.device)
-            with self.engine.resident(*frame.tensors()):
-                poses = torch.as_tensor(self._last_pose, dtype=torch.float32, device=self.device)[None]
-                with torch.no_grad():
-                    poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.track_iterations)
-                pose = poses[0].detach().to("cpu", torch.float64).numpy()
-                health = self._health(poses, frame)
-            del frame, poses
-        self._last_pose = pose
-        return PoseResult(pose=pose @ self._offset, score=float("nan"), report=report, health=health)
+        results = track_objects([self], rgb, depth, K)
+        return settle_tracks([self], results, rgb, depth, K, [mask])[0]
 
     def required_budget_gb(self, rgb, depth, K, mask=None, scale: float = 1.0) -> float:
         """The smallest budget_gb (GiB) under which this frame runs at `scale` x its resolution
@@ -371,7 +274,7 @@ class PoseEstimator:
         """
         geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
         self._calibrate(geometry, rgb, depth, mask)
-        need = self._sizing(geometry.mode).minimum_bytes(geometry, float(scale))
+        need = call_sizing([self], geometry.mode).minimum_bytes([geometry], float(scale))
         return Budget.from_gb(1.0, self.device).budget_for_usable(need) / GIB
 
     def estimate_peak_bytes(self, rgb, depth, K, mask=None) -> int:
@@ -397,9 +300,9 @@ class PoseEstimator:
         """
         geometry, rgb, depth = self._what_if_geometry(rgb, depth, K, mask)
         self._calibrate(geometry, rgb, depth, mask)
-        sizing = self._sizing(geometry.mode)
-        factor = self._scale_for(geometry, sizing)
-        return sizing.peak_bytes(geometry, factor, usable=self.engine.budget.usable_bytes)
+        sizing = call_sizing([self], geometry.mode)
+        usable = self.engine.budget.usable_bytes
+        return sizing.peak_bytes([geometry], scale_for(sizing, [geometry], usable), usable=usable)
 
     def inspect_crops(self, rgb, depth, K, poses, mask=None) -> dict:
         """What the refiner compares for each of ``poses``: its crop of the render beside the same crop
@@ -455,9 +358,9 @@ class PoseEstimator:
         if mode == "track":
             if self._last_pose is None:
                 raise RuntimeError("a what-if without a mask estimates tracking: call register() first")
-            return CallGeometry("track", depth.shape, K, self._last_pose[:3, 3].copy(), None, 1), rgb, depth
+            return geometry_of(self, "track", depth.shape, K, self._last_pose[:3, 3]), rgb, depth
         anchor = translation_guess(mask, depth, K)
-        return CallGeometry("register", depth.shape, K, anchor, mask_box(mask), len(self._rotations)), rgb, depth
+        return geometry_of(self, "register", depth.shape, K, anchor, mask_box(mask)), rgb, depth
 
     def _resident(self) -> list:
         """What the estimator holds on the device for a whole call: the networks, the
@@ -481,40 +384,11 @@ class PoseEstimator:
             total += int(external(sizes if est is self else ())) if callable(external) else 0
         return total
 
-    def _sizing(self, mode: str) -> CallSizing:
-        from chunkpose.engine.meter import tensors_in
-
-        static = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors_in(self._resident())}.values()
-                     if t.device.type == self.device.type) + self._external_bytes()
-        stages = self._stage_names(mode)
-        return CallSizing(self.engine.planner, self._centered.diameter, self._crop_ratio, static, stages)
-
     def _stage_names(self, mode: str) -> tuple:
         names = [getattr(self.refiner, "stage_name", None)]
         if mode == "register":
             names.append(getattr(self.scorer, "stage_name", None))
         return tuple(name for name in names if name)
-
-    def _scale_for(self, geometry: CallGeometry, sizing: CallSizing) -> float:
-        usable = self.engine.budget.usable_bytes
-        if usable is None or sizing.minimum_bytes(geometry, 1.0) <= usable:
-            return 1.0
-        return choose_downscale(lambda s: sizing.minimum_bytes(geometry, s), usable, what=f"{geometry.mode} of one frame")
-
-    def _fit_to_budget(self, geometry: CallGeometry, rgb, depth, K, mask):
-        """Downscale only if the call cannot fit the budget at full resolution."""
-        sizing = self._sizing(geometry.mode)
-        # Raises BudgetTooSmall (with the minimum) when not even the smallest scale fits.
-        factor = self._scale_for(geometry, sizing)
-        if factor >= 1.0:
-            return rgb, depth, K, mask, 1.0
-        full = sizing.minimum_bytes(geometry, 1.0)
-        reason = (f"{geometry.mode} needs at least {full / GIB:.3f} GiB at full resolution "
-                  f"{depth.shape[1]}x{depth.shape[0]} (chunk size 1), the budget allows "
-                  f"{self.engine.budget.usable_bytes / GIB:.3f} GiB")
-        self.engine.note_downscale(factor, reason)
-        rgb, depth, K, mask = observation.resize_inputs(rgb, depth, K, mask, factor)
-        return rgb, depth, K, mask, factor
 
     def _calibrate(self, geometry: CallGeometry, rgb, depth, mask) -> None:
         """Once per mode: run the call's stages on a few spread hypotheses of a small copy
@@ -522,8 +396,7 @@ class PoseEstimator:
         first decision that needs them (the what-if, the downscale, the first plan)."""
         if geometry.mode in self._calibrated:
             return
-        region = call_region(geometry.mode, geometry.size, geometry.K, self._centered.diameter, self._crop_ratio,
-                             geometry.center, mask_bbox=geometry.mask_bbox)
+        region = geometry.region()
         side = max(region.roi[2] - region.roi[0], region.roi[3] - region.roi[1])
         factor = min(1.0, CALIBRATION_SIDE / side)
         rgb_s, depth_s, K_s, mask_s = observation.resize_inputs(rgb, depth, geometry.K, mask, factor)
@@ -548,38 +421,6 @@ class PoseEstimator:
                     self.scorer.score(poses, frame, self.renderer, self.engine)
         self._calibrated.add(geometry.mode)
 
-    # ------------------------------------------------------------------ health
-
-    def _health(self, poses, frame) -> float:
-        """The health figure of one pose (1,4,4) on the call's frame (NaN when checks are off)."""
-        if self.health_threshold is None:
-            return float("nan")
-        with torch.no_grad():
-            figure = self.engine.map(silhouette_agreement, poses.detach(), name="health", frame=frame,
-                                     renderer=self.renderer, crop_ratio=self.refiner.crop_ratio,
-                                     size=int(self.refiner.crop_size),
-                                     tolerance_m=self.health_tolerance * self._centered.diameter)
-        return float(figure[0])
-
-    def _reregister(self, rgb, depth, K, mask) -> Optional[PoseResult]:
-        """Registration on a lost frame from ``mask`` or the grown last good silhouette; None when
-        the region has too few pixels with depth (the object is still hidden)."""
-        _, depth_v, K_v, _ = observation.validate_inputs(rgb, depth, K, None, require_mask=False)
-        if mask is not None:  # may be empty: a detector that does not see the object either
-            mask = np.asarray(mask.cpu() if torch.is_tensor(mask) else mask)
-            if mask.shape[:2] != depth_v.shape or mask.size != depth_v.size:
-                raise InputError(f"mask: size {mask.shape} differs from depth {depth_v.shape}; pass the (H,W) "
-                                 "mask of this frame")
-            mask = mask.reshape(depth_v.shape) != 0
-        else:
-            others = [(np.asarray(o._centered.vertices, np.float64), o._last_pose, o._centered.diameter)
-                      for o in self._companions if o._last_pose is not None]
-            mask = search_mask(np.asarray(self._centered.vertices, np.float64), self._last_good, K_v, depth_v,
-                               self._centered.diameter, self.search_margin, self.health_tolerance, others)
-        if np.count_nonzero(depth_v[mask] >= MIN_DEPTH) < MIN_MASK_DEPTH_PIXELS:
-            return None
-        return self.register(rgb, depth, K, mask)
-
     # ------------------------------------------------------------------ several devices
 
     def _replicate(self, others, budget_gb, custom_renderer: bool):
@@ -594,46 +435,6 @@ class PoseEstimator:
             replicas.append(DeviceReplica(dev, Engine(budget_gb, device=dev), make_renderer(self._centered, dev),
                                           replicate_stage(self.refiner, dev), replicate_stage(self.scorer, dev)))
         return HypothesisShards(replicas)
-
-    def _refine_and_score(self, poses, frame, report):
-        """Refine and score all hypotheses, on this device or split over the estimator's devices
-        (each shard's own report goes into report.shards)."""
-        if self._shards is None:
-            poses = self.refiner.refine(poses, frame, self.renderer, self.engine, self.refine_iterations)
-            return poses, self.scorer.score(poses, frame, self.renderer, self.engine)
-        poses, scores, shard_reports = self._shards.refine_and_score(poses, frame, self.refine_iterations)
-        report.shards.update(shard_reports)
-        return poses, scores
-
-    # ------------------------------------------------------------------ helpers
-
-    def _polish(self, poses, scores, frame):
-        """Second pass of the refiner over its polish_candidates best-scored poses (if it
-        has one); the re-scored poses replace their originals when they score higher."""
-        k = min(int(getattr(self.refiner, "polish_candidates", 0)), len(poses))
-        if k <= 0:
-            return poses, scores
-        top = torch.argsort(scores, descending=True)[:k]
-        polished = self.refiner.polish(poses[top], frame, self.renderer, self.engine)
-        new_scores = self.scorer.score(polished, frame, self.renderer, self.engine)
-        better = new_scores > scores[top]
-        poses, scores = poses.clone(), scores.clone()
-        poses[top[better]] = polished[better]
-        scores[top[better]] = new_scores[better]
-        return poses, scores
-
-    def _guess_on_frame(self, frame, fallback_t) -> np.ndarray:
-        """Translation guess on the cleaned depth (as upstream), from the ROI tensors."""
-        x0, y0 = frame.origin
-        mask = frame.mask.cpu().numpy()
-        depth = frame.depth.cpu().numpy()
-        K = frame.K.double().cpu().numpy().copy()
-        K[0, 2] -= x0
-        K[1, 2] -= y0
-        try:
-            return translation_guess(mask, depth, K)
-        except ValueError:
-            return fallback_t  # clean-up removed every masked depth: keep the raw guess
 
     @contextmanager
     def _call(self, name: str):

@@ -3,17 +3,16 @@
     est = MultiObjectEstimator({"mug": "mug.obj", "drill": "drill.ply"}, budget_gb=4.0)
     poses = est.register(rgb, depth, K, {"mug": mug_mask, "drill": drill_mask})
     poses = est.track(rgb2, depth2, K)                    # {name: PoseResult}, each with its health
-    poses["mug"].pose, est.last_report                    # the frame's combined report
+    poses["mug"].pose, est.last_report                    # the frame's report
 
-One PoseEstimator per object, all on ONE Engine, so that every object's stages are planned
-under the same budget with the same cost models, and the refiner/scorer pair (the networks
-of a learned pair) is loaded once and shared. What every object holds on the device (its
-renderer's buffers, its rotation set) counts in every object's call, so the peak of the
-frame stays under the budget although the objects run one after another. The stages'
-cost models are calibrated once, on the first object, for all of them. Each object's
-region of interest comes from its own mask (register) or pose (track), so each pixel is
-cleaned only for the objects whose region covers it; tracking health and re-registration
-work per object (chunkpose.estimator.PoseEstimator.track).
+One PoseEstimator per object, all on ONE Engine, and each frame ONE engine call for all of
+them (chunkpose.frame_calls): one decision to downscale from all objects' regions and
+hypotheses, the frame's regions uploaded and cleaned once (overlapping regions merged), and
+every stage one plan over all objects' hypotheses, chunks mixing objects. The refiner/scorer
+pair (the networks of a learned pair) is loaded once and shared, what every object holds on
+the device (its renderer's buffers, its rotation set) counts in every call, and the stages'
+cost models are calibrated once for all. Tracking health and re-registration work per
+object; the lost objects of a frame are registered again together.
 """
 from __future__ import annotations
 
@@ -25,6 +24,8 @@ from chunkpose.engine import Engine
 from chunkpose.engine.report import RunReport
 from chunkpose.errors import InputError
 from chunkpose.estimator import PoseEstimator, PoseResult
+from chunkpose.frame_calls import register_objects, registration_mask, settle_tracks, track_objects
+from chunkpose.pipeline.frame import validate_inputs
 
 
 class MultiObjectEstimator:
@@ -92,8 +93,9 @@ class MultiObjectEstimator:
         unknown = set(masks) - set(self.objects)
         if unknown or not masks:
             raise InputError(f"masks: expected masks of some of {self.names}, got {sorted(masks) or 'none'}")
-        results = {name: est.register(rgb, depth, K, masks[name]) for name, est in self.objects.items()
-                   if name in masks}
+        names = [name for name in self.objects if name in masks]
+        results = dict(zip(names, register_together([self.objects[n] for n in names], rgb, depth, K,
+                                                    [masks[n] for n in names], names)))
         self.last_report = combined_report(results)
         return results
 
@@ -124,14 +126,48 @@ class MultiObjectEstimator:
         new = {name for name, mask in masks.items() if name not in live and np.any(np.asarray(mask))}
         if not live and not new:
             raise RuntimeError("track: no object is registered; call register(rgb, depth, K, masks) first")
+        rgb, depth, K, _ = validate_inputs(rgb, depth, K, None, require_mask=False)
         results = {}
-        for name, est in self.objects.items():
-            if name in live:
-                results[name] = est.track(rgb, depth, K, masks.get(name))
-            elif name in new:
-                results[name] = est.register(rgb, depth, K, masks[name])
+        tracked = [name for name in self.objects if name in live]
+        if tracked:
+            ests = [self.objects[n] for n in tracked]
+            steps = track_objects(ests, rgb, depth, K)
+            results.update(zip(tracked, settle_tracks(ests, steps, rgb, depth, K, [masks.get(n) for n in tracked])))
+        first_seen = [name for name in self.objects if name in new]
+        if first_seen:
+            results.update(zip(first_seen, register_together([self.objects[n] for n in first_seen], rgb, depth, K,
+                                                              [masks[n] for n in first_seen], first_seen)))
+        results = {name: results[name] for name in self.objects if name in results}
         self.last_report = combined_report(results)
         return results
+
+
+def register_together(estimators, rgb, depth, K, masks, names=None) -> list:
+    """Register several objects of one frame in one engine call (chunkpose.frame_calls), each
+    PoseEstimator from its mask; the estimators must share one engine (share_one_budget), and
+    one estimator may appear more than once (several instances of one object).
+
+    Args:
+        estimators: PoseEstimators on one engine.
+        rgb: (H,W,3) uint8 colour image.
+        depth: (H,W) float depth in metres.
+        K: (3,3) intrinsics in pixels.
+        masks: one (H,W) mask per estimator.
+        names: optional names of the objects for error messages.
+
+    Returns:
+        list of PoseResult, one per estimator, sharing the call's report.
+
+    Raises:
+        InputError: an input or a mask is unusable (the mask named), or the estimators do not
+            share one engine.
+    """
+    if len({id(est.engine) for est in estimators}) != 1:
+        raise InputError("estimators: registering together needs one engine; call share_one_budget(estimators) first")
+    rgb, depth, K, _ = validate_inputs(rgb, depth, K, None, require_mask=False)
+    names = list(names) if names is not None else [str(i) for i in range(len(estimators))]
+    checked = [registration_mask(m, depth, f"masks[{n!r}]") for m, n in zip(masks, names)]
+    return register_objects(list(estimators), rgb, depth, K, checked)
 
 
 def share_one_budget(estimators: list) -> None:
@@ -156,18 +192,25 @@ def share_one_budget(estimators: list) -> None:
 
 
 def combined_report(results: Mapping[str, PoseResult]) -> RunReport:
-    """One frame's report over its objects' calls: the largest peak (the calls run one after
-    another on one engine), every stage's records merged, the lowest downscale factor.
+    """One frame's report over its objects' results: the call's report when they share one (the
+    usual case), else (re-registrations, objects first seen) the calls merged: the largest peak
+    (the calls run one after another on one engine), every stage's records summed, the lowest
+    downscale factor.
 
     Args:
         results: {name: PoseResult} of one frame.
 
     Returns:
-        RunReport (its sessions are named "<object>.<call>").
+        RunReport (merged sessions are named "<objects>.<call>", objects joined by "+").
     """
-    reports = [r.report for r in results.values()]
+    calls = {}
+    for name, result in results.items():
+        calls.setdefault(id(result.report), (result.report, []))[1].append(name)
+    if len(calls) == 1:
+        return next(iter(calls.values()))[0]
+    reports = [report for report, _ in calls.values()]
     out = RunReport(budget_bytes=reports[0].budget_bytes, device=reports[0].device)
-    for name, report in zip(results, reports):
+    for report, names in calls.values():
         out.see_peak(report.peak_bytes, report.peak_allocated_bytes)
         out.see_external(report.external_bytes)
         if report.downscale_factor < out.downscale_factor:
@@ -184,5 +227,5 @@ def combined_report(results: Mapping[str, PoseResult]) -> RunReport:
             merged.predicted_peak_bytes = max(merged.predicted_peak_bytes, stage.predicted_peak_bytes)
             merged.wall_s += stage.wall_s
         for session, entry in report.sessions.items():
-            out.sessions[f"{name}.{session}"] = dict(entry)
+            out.sessions[f"{'+'.join(names)}.{session}"] = dict(entry)
     return out

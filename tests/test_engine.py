@@ -453,3 +453,42 @@ def test_cuda_checkpointing_gradients():
     sin_cos_exp(x, w).sum().backward()
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------- several groups as one stage
+def scaled_rows(x, *, scale, shift=0.0):
+    """Per-item op with per-group arguments; returns a dict like the pipeline's ops."""
+    y = three_temporaries(x) * scale + shift
+    return {"y": y, "total": y.sum(1)}
+
+
+def test_map_groups_equals_each_group_alone_and_chunks_span_groups():
+    groups = [((torch.randn(n, 4096),), {"scale": float(n)}) for n in (5, 9, 3)]
+    plain = [scaled_rows(*mapped, shift=1.0, **kwargs) for mapped, kwargs in groups]
+    # bounded: 4096 floats = 16 KiB per item, a few items per chunk
+    engine = Engine(0.9 * MiB / GiB)
+    with engine.call("frame"):
+        out = engine.map_groups(scaled_rows, groups, name="grouped", shift=1.0)
+    stage = engine.report.stages["grouped"]
+    assert stage.calls == 1 and stage.items == 17 and sum(stage.chunk_sizes) == 17
+    assert stage.n_chunks > 1
+    starts = [sum(stage.chunk_sizes[:i]) for i in range(len(stage.chunk_sizes))]
+    spanning = [(a, a + c) for a, c in zip(starts, stage.chunk_sizes) if any(a < edge < a + c for edge in (5, 14))]
+    assert spanning, (stage.chunk_sizes, "a chunk should hold items of two groups")
+    for got, want in zip(out, plain):
+        assert torch.allclose(got["y"], want["y"]) and torch.allclose(got["total"], want["total"])
+    assert engine.report.peak_bytes <= engine.budget_bytes
+
+
+def test_map_groups_shares_the_first_groups_cost_model_and_checks_shapes():
+    engine = Engine(0.05)
+    x = torch.randn(64, 512)
+    engine.map(three_temporaries, x, name="kind")  # models the stage
+    assert engine.planner.estimations == 1
+    out = engine.map_groups(three_temporaries, [((torch.randn(10, 512),), {}), ((torch.randn(7, 512),), {})],
+                            name="kind")
+    assert engine.planner.estimations == 1 and [o.shape[0] for o in out] == [10, 7]
+    with pytest.raises(ValueError, match="group 1 of map_groups has per-item shapes"):
+        engine.map_groups(three_temporaries, [((torch.randn(3, 512),), {}), ((torch.randn(3, 256),), {})], name="kind")
+    with pytest.raises(ValueError, match="at least one group"):
+        engine.map_groups(three_temporaries, [], name="kind")

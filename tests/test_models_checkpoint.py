@@ -192,15 +192,16 @@ def test_registration_with_random_learned_weights_chunked_equals_unchunked(small
         if budget is not None:
             est.engine.max_chunk = 2  # force several chunks per stage
         seen = {}
-        refine, score = est.refiner.refine, est.scorer.score
+        refine, score = est.refiner.refine_many, est.scorer.score_many
 
         def keep(key, fn):  # the last call's result: the registration's (a calibration run comes first)
             def wrapped(*a, **k):
-                seen[key] = fn(*a, **k)
-                return seen[key]
+                out = fn(*a, **k)
+                seen[key] = out[0]  # the one object's
+                return out
             return wrapped
 
-        est.refiner.refine, est.scorer.score = keep("poses", refine), keep("scores", score)
+        est.refiner.refine_many, est.scorer.score_many = keep("poses", refine), keep("scores", score)
         result = est.register(rgb, depth, K, mask)
         runs.append((result, seen))
     (plain, plain_seen), (chunked, chunked_seen) = runs

@@ -65,6 +65,28 @@ def test_three_objects_under_one_budget_no_slower_than_three_runs(scene):
     assert est.last_report.total_peak_bytes <= est.last_report.budget_bytes
 
 
+def test_one_frame_is_one_call_cleaned_once_with_chunks_across_objects(scene):
+    """The frame's objects share one engine call: the depth is cleaned once (their regions overlap
+    here, so one merged region), and every refinement round and the scoring are one stage over all
+    objects' hypotheses, whose chunks hold several objects' hypotheses; tracking too."""
+    names = [t.name for t in scene.objects]
+    est = MultiObjectEstimator({t.name: t.mesh for t in scene.objects}, budget_gb=BUDGET_GB, **KW)
+    results = est.register(scene.rgb[0], scene.depth[0], scene.K, {t.name: t.masks[0] for t in scene.objects})
+    report = est.last_report
+    assert all(results[n].report is report for n in names)
+    refiner = est.objects[names[0]].refiner
+    assert report.stages["depth.erode"].calls == 1 and report.stages["depth.bilateral"].calls == 1
+    refine = report.stages["refine.geometric"]
+    assert refine.calls == KW["refine_iterations"] + refiner.polish_iterations
+    assert report.stages["score.geometric"].calls == 2  # all hypotheses, then the polished ones
+    assert max(refine.chunk_sizes) > KW["hypotheses"]  # a chunk holds more than one object's hypotheses
+    assert report.stages["health"].calls == 1 and report.stages["health"].items == 3
+    assert report.total_peak_bytes <= report.budget_bytes
+    est.track(scene.rgb[1], scene.depth[1], scene.K)
+    track = est.last_report.stages["refine.geometric"]
+    assert track.calls == KW.get("track_iterations", 2) and track.chunk_sizes == [3] * track.calls
+
+
 def test_one_copy_of_the_learned_networks(scene, tmp_path):
     import torch
 
@@ -116,3 +138,22 @@ def test_cli_several_objects_with_mask_folders(tmp_path):
     out2 = tmp_path / "out2"
     assert cli.main(["run", "--scene", str(folder), "--out", str(out2), "--frames", "1", "--refine-iters", "1"]) == 0
     assert sorted({f["object"] for f in json.loads((out2 / "report.json").read_text())["frames"]}) == sorted(names)
+
+
+def test_register_together_takes_one_estimator_twice_and_needs_one_engine(scene):
+    """BOP images can hold two instances of one object: the same estimator twice in one call."""
+    from chunkpose.multi_object import register_together, share_one_budget
+
+    mug, duck = scene.objects[0], scene.objects[2]
+    est = PoseEstimator(mug.mesh, budget_gb=BUDGET_GB, **KW)
+    other = PoseEstimator(duck.mesh, budget_gb=BUDGET_GB, **KW)
+    with pytest.raises(InputError, match="share_one_budget"):
+        register_together([est, other], scene.rgb[0], scene.depth[0], scene.K, [mug.masks[0], duck.masks[0]])
+    share_one_budget([est, other])
+    first, second, third = register_together([est, other, est], scene.rgb[0], scene.depth[0], scene.K,
+                                             [mug.masks[0], duck.masks[0], mug.masks[0]], ["a", "b", "c"])
+    assert np.allclose(first.pose, third.pose, atol=1e-6) and first.report is second.report
+    assert add_error(second.pose, duck.poses[0], duck.mesh.vertices) / duck.mesh.diameter < 0.1
+    with pytest.raises(InputError, match=r"masks\['b'\]"):
+        register_together([est, other], scene.rgb[0], scene.depth[0], scene.K,
+                          [mug.masks[0], np.zeros_like(duck.masks[0])], ["a", "b"])

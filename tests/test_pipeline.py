@@ -272,3 +272,36 @@ def test_geometric_scorer_gives_symmetric_poses_equal_scores():
     refined = GeometricRefiner(crop_size=64).refine(P, frame, renderer, Engine(None), 2)
     assert torch.isfinite(refined).all()
     assert (refined[:, :3, 3] - base[:3, 3]).norm(dim=1).max() < 0.01
+
+
+def test_overlapping_regions_merge_and_their_objects_share_one_cleaned_frame():
+    from chunkpose.engine import Engine
+    from chunkpose.ops.depth import bilateral_filter_depth, erode_depth
+    from chunkpose.pipeline.roi import merge_regions
+
+    size = (60, 80)
+    a = CallRegion.of_box((5, 5, 30, 30), size, True)
+    b = CallRegion.of_box((28, 10, 50, 40), size, True)  # overlaps a
+    c = CallRegion.of_box((70, 50, 78, 58), size, True)  # apart
+    merged = merge_regions([a, b, c])
+    assert [members for _, members in merged] == [[0, 1], [2]]
+    assert merged[0][0].roi == (5, 5, 50, 40) and merged[1][0] == c
+    assert merge_regions([a]) == [(a, [0])]
+    # the objects' frames share the merged region's tensors; each has its own mask and diameter
+    rng = np.random.default_rng(1)
+    depth = (0.7 + 0.002 * rng.standard_normal(size)).astype(np.float32)
+    rgb = rng.integers(0, 255, size + (3,), dtype=np.uint8)
+    masks = [np.zeros(size, bool) for _ in range(3)]
+    masks[0][10:20, 10:20] = masks[1][15:30, 30:45] = masks[2][52:56, 72:76] = True
+    K = np.array([[70.0, 0, 41.5], [0, 70.0, 29.5], [0, 0, 1]])
+    engine = Engine(None)
+    with engine.call("frame"):
+        frames = framing.prepare_frames(rgb, depth, K, masks, [a, b, c], [0.1, 0.2, 0.3], engine, "cpu")
+    assert engine.report.stages["depth.erode"].calls == 2  # one clean-up per merged region
+    assert frames[0].depth.data_ptr() == frames[1].depth.data_ptr() != frames[2].depth.data_ptr()
+    assert [f.diameter for f in frames] == [0.1, 0.2, 0.3]
+    full = bilateral_filter_depth(erode_depth(torch.from_numpy(depth)))
+    for frame, mask in zip(frames, masks):
+        x0, y0, x1, y1 = frame.roi
+        assert torch.equal(frame.depth, full[y0:y1, x0:x1])
+        assert torch.equal(frame.mask, torch.from_numpy(mask[y0:y1, x0:x1]))

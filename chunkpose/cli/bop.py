@@ -76,6 +76,24 @@ class _Objects:
         return self.estimators[obj_id]
 
 
+    def register_all(self, frame, instances, label: str) -> list:
+        """Every instance of one image registered in one engine call (all objects' hypotheses
+        planned together, the image cleaned once), or one by one with estimators that are not
+        PoseEstimators."""
+        from chunkpose.estimator import PoseEstimator
+        from chunkpose.multi_object import register_together
+
+        estimators = [self.estimator(inst.obj_id) for inst in instances]
+        if not estimators:
+            return []
+        if not all(isinstance(est, PoseEstimator) for est in estimators):
+            return [calls.register(est, (frame.rgb, frame.depth, frame.K, inst.mask), f"register {label}")
+                    for est, inst in zip(estimators, instances)]
+        names = [f"{label}_{inst.gt_index:06d}" for inst in instances]
+        with calls.StageBar(estimators[0], f"register {label} ({len(instances)} instances)"):
+            return register_together(estimators, frame.rgb, frame.depth, frame.K, [i.mask for i in instances], names)
+
+
 def _largest_per_target(instances, objects: dict):
     """The ``objects[obj_id]`` most visible annotated instances of each target object."""
     chosen = []
@@ -207,11 +225,10 @@ class BopRun:
         frame, instances, detection_time = self.instances(unit)
         reader = self.readers[unit.scene_id]
         records, overlays = [], []
-        for inst in instances:
+        results, elapsed = calls.timed(self.objects.register_all, frame, instances, unit.name)
+        for inst, result in zip(instances, results):
             name = f"{unit.name}_{inst.gt_index:06d}"
             mesh, est = self.objects.mesh(inst.obj_id), self.objects.estimator(inst.obj_id)
-            result, elapsed = calls.timed(calls.register, est, (frame.rgb, frame.depth, frame.K, inst.mask),
-                                          f"register {name}")
             info = reader.model_info(inst.obj_id)
             record = calls.pose_record(name, "register", result, elapsed, frame.extra.get("resize_factor", 1.0),
                                        inst.gt_pose, mesh, info.get("diameter"), info.get("symmetric", False),

@@ -8,6 +8,7 @@
 from .budget import GIB, Budget, BudgetTooSmall
 from .executor import Engine
 from .fallback import choose_downscale
+from .groups import MapGroup
 from .meter import HardCapExceeded, Meter, Span
 from .planner import CostModel, Planner, tracing_fake
 from .report import RunReport, StageReport
@@ -19,6 +20,7 @@ __all__ = [
     "CostModel",
     "Engine",
     "HardCapExceeded",
+    "MapGroup",
     "Meter",
     "Planner",
     "RunReport",

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from .budget import GIB, MIB, Budget, BudgetTooSmall, gib_ceil
 from .meter import Meter, tensors_in
 from .chunks import ChunkLoop
+from .groups import GroupedOp, GroupPlan, MapGroup
 from .planner import CostModel, Planner, output_bytes, stage_signature, tracing_fake
 from .report import RunReport
 
@@ -379,6 +380,56 @@ class Engine:
         grad_mode, checkpointed = self._grad_mode(mapped, kwargs, checkpoint)
         if self._calibrating:
             return self._calibrate(op, mapped, kwargs, name, grad_mode, checkpointed)
+        return self._map(op, mapped, kwargs, name, grad_mode, checkpointed,
+                         (per_item_bytes, fixed_bytes, out_per_item_bytes), GroupPlan(op, mapped, kwargs))
+
+    def map_groups(self, op, groups, *, name: str, checkpoint: bool | None = None, **common):
+        """``map`` over several groups of items as ONE stage: one plan over all their items, and
+        chunks that may span groups (each group's part of a chunk is one call of ``op`` with that
+        group's own keyword arguments).
+
+        For work of the same kind on different things (the hypotheses of several objects, each
+        with its own frame and renderer): the budget is filled with items of any group, and a
+        chunk is not cut short where a group ends. The stage's cost model is the one a plain
+        ``map`` of the first group would use (same signature, so calibrations carry over), i.e.
+        the groups' items are taken to cost alike; the first chunk corrects it if not.
+
+        Args:
+            op: as for ``map``; called as ``op(*slices of group.mapped, **common, **group.kwargs)``.
+            groups: sequence of MapGroup (or (mapped, kwargs) pairs); every group's positional
+                tensors have the first group's per-item shapes.
+            name: the stage name.
+            checkpoint: as for ``map``.
+            **common: keyword arguments of every group (a group's own kwargs win).
+
+        Returns:
+            list with each group's output (what ``op`` on the whole group would return), in order.
+
+        Raises:
+            ValueError: no groups, or a group's tensors or the op's outputs are malformed.
+            BudgetTooSmall, torch.OutOfMemoryError: as for ``map``.
+        """
+        groups = [MapGroup(tuple(g[0]), {**common, **dict(g[1])}) if not isinstance(g, MapGroup)
+                  else MapGroup(tuple(g.mapped), {**common, **g.kwargs}) for g in groups]
+        if not groups:
+            raise ValueError("map_groups needs at least one group of items")
+        shapes = [tuple(t.shape[1:]) for t in groups[0].mapped] if groups else []
+        for i, group in enumerate(groups):
+            self._check_args(op, group.mapped, name)
+            if [tuple(t.shape[1:]) for t in group.mapped] != shapes:
+                raise ValueError(f"group {i} of map_groups has per-item shapes {[tuple(t.shape[1:]) for t in group.mapped]}, "
+                                 f"the first group {shapes}; the groups of one stage take items of one shape")
+        if len(groups) == 1 or self._calibrating or tracing_fake() or sum(g.items for g in groups) == 0:
+            return [self.map(op, *g.mapped, name=name, checkpoint=checkpoint, **g.kwargs) for g in groups]
+        grouped = GroupedOp(op, groups)
+        index = torch.arange(grouped.items)  # the items' places; the op finds its groups' slices from them
+        grad_mode, checkpointed = self._grad_mode([t for g in groups for t in g.mapped],
+                                                  [g.kwargs for g in groups], checkpoint)
+        plan = GroupPlan(op, groups[0].mapped, groups[0].kwargs,
+                         tracked=(*(g.mapped for g in groups), *(g.kwargs for g in groups)))
+        return grouped.split(self._map(grouped, (index,), {}, name, grad_mode, checkpointed, (None, None, None), plan))
+
+    def _map(self, op, mapped, kwargs, name, grad_mode, checkpointed, hints, plan):
         stage = self.report.stage(name)
         stage.checkpointed = stage.checkpointed or checkpointed
         self._release_cache_over_budget()
@@ -387,9 +438,8 @@ class Engine:
         try:
             with self.meter.span(name) as span:
                 # Inputs count against the budget for the whole outermost span (a session).
-                self.meter.track(mapped, kwargs, scope="span")
-                return self._run(op, mapped, kwargs, name, stage, grad_mode, checkpointed,
-                                 (per_item_bytes, fixed_bytes, out_per_item_bytes))
+                self.meter.track(mapped, kwargs, *plan.tracked, scope="span")
+                return self._run(op, mapped, kwargs, name, stage, grad_mode, checkpointed, hints, plan)
         finally:
             stage.calls += 1
             if span is not None:
@@ -446,7 +496,7 @@ class Engine:
             self.planner.calibrated(key, name, n, transient, out_bytes, kept)
         return out
 
-    def _run(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, hints):
+    def _run(self, op, mapped, kwargs, name, stage, grad_mode, checkpointed, hints, plan):
         per_item_bytes, fixed_bytes, out_per_item_bytes = hints
         n = mapped[0].shape[0]
         model = None
@@ -454,7 +504,8 @@ class Engine:
             stage.estimate_source = stage.estimate_source or "none"
             chunk = n if self.max_chunk is None else min(n, self.max_chunk)
         else:
-            model = self._model(op, mapped, kwargs, name, stage, grad_mode, checkpointed, per_item_bytes, fixed_bytes)
+            model = self._model(plan.op, plan.mapped, plan.kwargs, name, stage, grad_mode, checkpointed,
+                                per_item_bytes, fixed_bytes)
             if out_per_item_bytes is not None and model.source == "hint":
                 model.out_per_item_bytes = int(out_per_item_bytes)
             live = self.meter.live_bytes()

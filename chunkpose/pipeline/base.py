@@ -8,7 +8,7 @@ object-in-camera, float32 torch tensors on the engine's device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -159,6 +159,22 @@ class ObservedFrame:
         return inside.to(transforms.device)
 
 
+class ObjectJob(NamedTuple):
+    """One object's hypotheses in a frame, for the ``*_many`` methods that run the hypotheses of
+    several objects as one engine stage (Engine.map_groups: one plan, chunks across objects).
+
+    Attributes:
+        poses: (B,4,4) float32 re-centred object-in-camera poses, metres, on the frame's device.
+        frame: the object's ObservedFrame (its mask and diameter; the frame's tensors may be
+            shared with other objects').
+        renderer: a renderer of the object's re-centred mesh.
+    """
+
+    poses: torch.Tensor
+    frame: "ObservedFrame"
+    renderer: object
+
+
 class _Stage:
     """What refiners and scorers share: their crop windows and the name of the engine stage
     that runs their per-hypothesis work (chunkpose.pipeline.sizing reads its cost model)."""
@@ -202,7 +218,9 @@ class Refiner(_Stage):
         Returns:
             (B,4,4) float32 refined poses, same device.
         """
-        raise NotImplementedError
+        if type(self).refine_many is Refiner.refine_many:
+            raise NotImplementedError(f"{type(self).__name__} implements neither refine nor refine_many")
+        return self.refine_many([ObjectJob(poses, frame, renderer)], engine, iterations)[0]
 
     def polish(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
         """Extra refinement of a few already-good poses (B,4,4) -> (B,4,4).
@@ -218,7 +236,39 @@ class Refiner(_Stage):
         Returns:
             (B,4,4) float32 poses.
         """
-        return poses
+        if type(self).polish_many is Refiner.polish_many:
+            return poses
+        return self.polish_many([ObjectJob(poses, frame, renderer)], engine)[0]
+
+    # A refiner implements refine or refine_many (and polish or polish_many): one that maps its
+    # rounds with Engine.map_groups implements the *_many ones, so that several objects'
+    # hypotheses share every round's plan, and refine/polish come from them; otherwise the
+    # *_many ones run the objects one by one.
+
+    def refine_many(self, jobs: Sequence[ObjectJob], engine, iterations: int) -> List[torch.Tensor]:
+        """``refine`` of several objects' hypotheses in one frame.
+
+        Args:
+            jobs: one ObjectJob per object.
+            engine: the Engine (or None).
+            iterations: number of rounds, the same for every object.
+
+        Returns:
+            list of (B_j,4,4) refined poses, one per job.
+        """
+        return [self.refine(job.poses, job.frame, job.renderer, engine, iterations) for job in jobs]
+
+    def polish_many(self, jobs: Sequence[ObjectJob], engine) -> List[torch.Tensor]:
+        """``polish`` of several objects' poses in one frame.
+
+        Args:
+            jobs: one ObjectJob per object.
+            engine: the Engine (or None).
+
+        Returns:
+            list of (B_j,4,4) poses, one per job.
+        """
+        return [self.polish(job.poses, job.frame, job.renderer, engine) for job in jobs]
 
 
 class Scorer(_Stage):
@@ -248,7 +298,9 @@ class Scorer(_Stage):
         Returns:
             (B,) float32 scores, higher is better.
         """
-        raise NotImplementedError
+        if type(self).score_many is Scorer.score_many:
+            raise NotImplementedError(f"{type(self).__name__} implements neither score nor score_many")
+        return self.score_many([ObjectJob(poses, frame, renderer)], engine)[0]
 
     # Splitting a frame's hypotheses over devices (chunkpose.pipeline.shards) needs the score
     # in two steps: what each hypothesis gives on its own device, and what compares them all.
@@ -282,6 +334,21 @@ class Scorer(_Stage):
             (B,) float32 scores, higher is better.
         """
         return features
+
+    def score_many(self, jobs: Sequence[ObjectJob], engine) -> List[torch.Tensor]:
+        """``score`` of several objects' hypotheses in one frame (scores compare hypotheses of one
+        object only). A scorer implements score or score_many: one whose per-hypothesis work runs
+        through Engine.map_groups implements score_many, so that the objects share the stage's
+        plan, and score comes from it; otherwise this scores the objects one by one.
+
+        Args:
+            jobs: one ObjectJob per object.
+            engine: the Engine (or None).
+
+        Returns:
+            list of (B_j,) float32 scores, one per job.
+        """
+        return [self.score(job.poses, job.frame, job.renderer, engine) for job in jobs]
 
 
 def stage_modules(stage) -> list:

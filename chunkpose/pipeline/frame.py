@@ -8,6 +8,7 @@ just the pixels crops sample (tracking).
 """
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from chunkpose.errors import InputError
 from chunkpose.ops.depth import OnDemandClean
 from chunkpose.ops.geometry import MIN_DEPTH, scale_intrinsics, scaled_size, validate_intrinsics
 from chunkpose.pipeline.base import ObservedFrame
-from chunkpose.pipeline.roi import CLEANUP, CallRegion
+from chunkpose.pipeline.roi import CLEANUP, CallRegion, merge_regions
 
 #: Depth medians above this (metres) are taken as millimetres passed by mistake.
 MAX_PLAUSIBLE_DEPTH_M = 20.0
@@ -103,23 +104,42 @@ def validate_inputs(rgb, depth, K, mask=None, require_mask: bool = True):
         if require_mask:
             raise InputError("mask: registration needs an (H,W) bool mask of the object")
     else:
-        mask = _as_numpy(mask, "mask")
-        if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
-            raise InputError(
-                f"mask: expected a single-channel (H,W) mask, got shape {mask.shape}; pass mask[..., 0] > 0"
-            )
-        if mask.ndim != 2:
-            raise InputError(f"mask: expected an (H,W) bool mask, got shape {mask.shape}")
-        if mask.shape != (H, W):
-            raise InputError(f"mask: size {mask.shape} differs from rgb {(H, W)}; pass a mask of the same image size")
-        if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
-            raise InputError(f"mask: expected bool, got dtype {mask.dtype}")
-        mask = mask > 0 if mask.dtype != np.bool_ else mask.copy()
-        if not mask.any():
-            raise InputError("mask: it is empty (no object pixel); pass a mask that covers the object")
-        if not (mask & valid).any():
-            raise InputError("mask: no pixel inside the mask has valid depth; check that mask and depth are aligned")
+        mask = validate_mask(mask, depth)
     return rgb, depth, K, mask
+
+
+def validate_mask(mask, depth: np.ndarray, name: str = "mask") -> np.ndarray:
+    """Check one object mask against a validated depth map and return it as a bool copy.
+
+    Args:
+        mask: (H,W) bool or numeric (non-zero = object) mask (numpy array or tensor).
+        depth: (H,W) float32 metres, as validate_inputs returns it.
+        name: the argument's name in error messages (default "mask").
+
+    Returns:
+        (H,W) bool numpy copy.
+
+    Raises:
+        InputError: not a single-channel (H,W) mask of depth's size, an unusable dtype, empty, or
+            without a pixel of valid depth.
+    """
+    mask = _as_numpy(mask, name)
+    if mask.ndim == 3 and mask.shape[2] in (1, 3, 4):
+        raise InputError(
+            f"{name}: expected a single-channel (H,W) mask, got shape {mask.shape}; pass mask[..., 0] > 0"
+        )
+    if mask.ndim != 2:
+        raise InputError(f"{name}: expected an (H,W) bool mask, got shape {mask.shape}")
+    if mask.shape != depth.shape:
+        raise InputError(f"{name}: size {mask.shape} differs from rgb {depth.shape}; pass a mask of the same image size")
+    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
+        raise InputError(f"{name}: expected bool, got dtype {mask.dtype}")
+    mask = mask > 0 if mask.dtype != np.bool_ else mask.copy()
+    if not mask.any():
+        raise InputError(f"{name}: it is empty (no object pixel); pass a mask that covers the object")
+    if not (mask & (depth >= MIN_DEPTH)).any():
+        raise InputError(f"{name}: no pixel inside the mask has valid depth; check that mask and depth are aligned")
+    return mask
 
 
 def resize_inputs(rgb, depth, K, mask, factor: float):
@@ -146,8 +166,23 @@ def resize_inputs(rgb, depth, K, mask, factor: float):
     rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_NEAREST)
     depth = cv2.resize(depth, (w, h), interpolation=cv2.INTER_NEAREST)
     if mask is not None:
-        mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        mask = resize_mask(mask, (h, w))
     return rgb, depth, scale_intrinsics(K, factor), mask
+
+
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+    """A bool mask resized to ``size=(h, w)`` as resize_inputs resizes it (nearest).
+
+    Args:
+        mask: (H,W) bool.
+        size: (h, w) target size in pixels.
+
+    Returns:
+        (h,w) bool.
+    """
+    import cv2
+
+    return cv2.resize(mask.astype(np.uint8), (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def upload(array: np.ndarray, device) -> torch.Tensor:
@@ -215,3 +250,35 @@ def prepare_frame(rgb, depth, K, mask, region: CallRegion, diameter: float, engi
     return ObservedFrame(rgb=rgb_roi, depth=depth_roi, mask=mask_roi, K=torch.as_tensor(K, dtype=torch.float32).to(device),
                          origin=(x0, y0), full_size=(H, W), diameter=float(diameter), depth_origin=depth_origin,
                          on_demand=on_demand)
+
+
+def prepare_frames(rgb, depth, K, masks, regions, diameters, engine, device) -> list:
+    """ObservedFrames of several objects in one frame, each region pixel uploaded and cleaned once.
+
+    Regions whose raw windows overlap are merged (chunkpose.pipeline.roi.merge_regions) and
+    prepared once (prepare_frame); each object's frame shares its merged region's rgb and depth
+    tensors and adds only its own mask over it. Inside an object's own region the values are
+    those its single-object frame would hold (the clean-up is local), and outside it there is
+    more real observation rather than nothing.
+
+    Args:
+        rgb: (H,W,3) uint8, as validate_inputs returns it.
+        depth: (H,W) float32 metres.
+        K: (3,3) float64 full-frame intrinsics in pixels.
+        masks: per object an (H,W) bool mask or None.
+        regions: per object its CallRegion (chunkpose.pipeline.roi.call_region).
+        diameters: per object its diameter in metres.
+        engine: the Engine the dense clean-ups run through, or None.
+        device: where the frames' tensors go.
+
+    Returns:
+        list of ObservedFrame, one per object, in the order given.
+    """
+    frames = [None] * len(regions)
+    for region, members in merge_regions(regions):
+        shared = prepare_frame(rgb, depth, K, None, region, diameters[members[0]], engine, device)
+        x0, y0, x1, y1 = region.roi
+        for i in members:
+            mask = upload(masks[i][y0:y1, x0:x1], device) if masks[i] is not None else None
+            frames[i] = dataclasses.replace(shared, mask=mask, diameter=float(diameters[i]))
+    return frames

@@ -25,16 +25,21 @@ import torch
 
 from chunkpose.ops.crops import crop_windows
 from chunkpose.ops.geometry import MIN_DEPTH, so3_exp
-from chunkpose.pipeline.base import ObservedFrame, Refiner, Scorer
+from chunkpose.engine import MapGroup
+from chunkpose.pipeline.base import ObjectJob, ObservedFrame, Refiner, Scorer
 
 
-def _map_over_crops(engine, op, poses, frame: ObservedFrame, renderer, crop_ratio: float, size: int,
-                    name: str, **kwargs):
-    """engine.map of a per-hypothesis crop op: op(poses, transforms, frame=, renderer=,
-    size=, **kwargs) over the poses (B,4,4) and their crop transforms."""
-    windows = crop_windows(poses, frame.K, frame.diameter, crop_ratio, size=size)
-    return engine.map(op, poses, windows.transforms.to(poses.dtype), name=name, frame=frame,
-                      renderer=renderer, size=size, **kwargs)
+def _map_over_crops(engine, op, jobs: Sequence[ObjectJob], crop_ratio: float, size: int, name: str,
+                    own: Sequence[dict], **kwargs) -> list:
+    """One engine stage of a per-hypothesis crop op over several objects' jobs:
+    op(poses, transforms, frame=, renderer=, size=, **kwargs, **own[j]) over each job's poses
+    (B_j,4,4) and their crop transforms; a list of each job's output."""
+    groups = []
+    for job, extra in zip(jobs, own):
+        windows = crop_windows(job.poses, job.frame.K, job.frame.diameter, crop_ratio, size=size)
+        groups.append(MapGroup((job.poses, windows.transforms.to(job.poses.dtype)),
+                               dict(frame=job.frame, renderer=job.renderer, **extra)))
+    return engine.map_groups(op, groups, name=name, size=size, **kwargs)
 
 
 def _cross(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -419,63 +424,54 @@ class GeometricRefiner(Refiner):
         ratio = self.end_threshold / start
         return [start * ratio ** (j / max(1, steps - 1)) for j in range(steps)]
 
-    def refine(self, poses, frame: ObservedFrame, renderer, engine, iterations: int):
-        """``iterations`` rounds of ICP (stage "refine.geometric" per round).
+    def refine_many(self, jobs, engine, iterations: int) -> list:
+        """``iterations`` rounds of ICP over several objects' hypotheses (refine is the one-object
+        case), every round one engine stage "refine.geometric" over all of them (chunks may hold
+        several objects' hypotheses).
 
         With a mask (registration) the first round aligns each hypothesis to the mask centroid and
         the gates start at start_threshold; without (tracking) at track_start_threshold.
 
         Args:
-            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
-            engine: the Engine that runs each round (required).
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
+            engine: the Engine (required).
             iterations: number of rounds.
 
         Returns:
-            (B,4,4) refined poses.
+            list of (B_j,4,4) refined poses.
         """
-        registration = frame.mask is not None
-        target = mask_centroid(frame) if registration else None
-        start = self.start_threshold if registration else self.track_start_threshold
-        return self._run(poses, frame, renderer, engine, iterations, start, target)
+        registration = [job.frame.mask is not None for job in jobs]
+        targets = [mask_centroid(job.frame) if r else None for job, r in zip(jobs, registration)]
+        starts = [self.start_threshold if r else self.track_start_threshold for r in registration]
+        return self._run(jobs, engine, iterations, starts, targets)
 
-    def polish(self, poses, frame: ObservedFrame, renderer, engine):
-        """polish_iterations more rounds from a narrow gate, no initial alignment: the best-scored
-        hypotheses are close already and only need to converge further.
+    def polish_many(self, jobs, engine) -> list:
+        """polish_iterations more rounds from a narrow gate, no initial alignment (the best-scored
+        hypotheses are close already and only need to converge further), over several objects'
+        poses, one engine stage per round over all of them.
 
         Args:
-            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
             engine: the Engine (required).
 
         Returns:
-            (B,4,4) refined poses.
+            list of (B_j,4,4) refined poses.
         """
-        return self._run(poses, frame, renderer, engine, self.polish_iterations, self.polish_start_threshold, None)
+        return self._run(jobs, engine, self.polish_iterations, [self.polish_start_threshold] * len(jobs),
+                         [None] * len(jobs))
 
-    def _run(self, poses, frame, renderer, engine, iterations, start, target):
-        gates = [g * frame.diameter for g in self.thresholds(iterations, start)]
+    def _run(self, jobs, engine, iterations, starts, targets):
+        gates = [[g * job.frame.diameter for g in self.thresholds(iterations, start)] for job, start in zip(jobs, starts)]
+        steps = self.inner_steps
         for k in range(iterations):
-            poses = _map_over_crops(
-                engine,
-                icp_step,
-                poses,
-                frame,
-                renderer,
-                self.crop_ratio,
-                self.crop_size,
-                name=self.stage_name,
-                thresholds=tuple(gates[k * self.inner_steps : (k + 1) * self.inner_steps]),
-                align_to=target if k == 0 else None,
-                damping=self.damping,
-                min_pairs=self.min_pairs,
-                max_rotation=self.max_rotation,
-                max_translation=self.max_translation * frame.diameter,
-                search_radius=self.search_radius,
-            )
-        return poses
+            own = [dict(thresholds=tuple(g[k * steps: (k + 1) * steps]), align_to=target if k == 0 else None,
+                        max_translation=self.max_translation * job.frame.diameter)
+                   for job, g, target in zip(jobs, gates, targets)]
+            poses = _map_over_crops(engine, icp_step, jobs, self.crop_ratio, self.crop_size, self.stage_name, own,
+                                    damping=self.damping, min_pairs=self.min_pairs, max_rotation=self.max_rotation,
+                                    search_radius=self.search_radius)
+            jobs = [job._replace(poses=p) for job, p in zip(jobs, poses)]
+        return [job.poses for job in jobs]
 
 
 def score_step(
@@ -555,18 +551,17 @@ class GeometricScorer(Scorer):
         self.tolerance = tolerance
         self.weights = tuple(weights)
 
-    def score(self, poses, frame: ObservedFrame, renderer, engine):
-        """Score every hypothesis with score_step (stage "score.geometric").
+    def score_many(self, jobs, engine) -> list:
+        """score_step of several objects' hypotheses as one engine stage "score.geometric" (chunks
+        may mix objects; score is the one-object case).
 
         Args:
-            poses: (B,4,4) float32 re-centred object-in-camera poses, metres.
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
             engine: the Engine (required).
 
         Returns:
-            (B,) float32 scores, higher is better.
+            list of (B_j,) float32 scores.
         """
-        return _map_over_crops(engine, score_step, poses, frame, renderer, self.crop_ratio, self.crop_size,
-                               name=self.stage_name, tolerance=self.tolerance * frame.diameter,
+        own = [dict(tolerance=self.tolerance * job.frame.diameter) for job in jobs]
+        return _map_over_crops(engine, score_step, jobs, self.crop_ratio, self.crop_size, self.stage_name, own,
                                weights=self.weights)

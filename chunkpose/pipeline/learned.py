@@ -25,7 +25,8 @@ import torch
 from chunkpose.models.checkpoint import NetworkConfig, load_weights, make_config
 from chunkpose.models.refine_net import RefineNet, apply_update
 from chunkpose.models.score_net import ScoreNetMultiPair
-from chunkpose.pipeline.base import ObservedFrame, Refiner, Scorer
+from chunkpose.engine import MapGroup
+from chunkpose.pipeline.base import ObjectJob, ObservedFrame, Refiner, Scorer
 
 #: Camera-z below which a point counts as missing (refiner / scorer inputs).
 REFINER_MIN_Z = 0.001
@@ -138,6 +139,18 @@ def _resident(engine, *things):
     return engine.resident(*things)
 
 
+def _checked_poses(jobs) -> list:
+    """Each job's poses as float32 on its frame's device; ValueError when not (B,4,4)."""
+    for job in jobs:
+        if job.poses.ndim != 3 or job.poses.shape[1:] != (4, 4):
+            raise ValueError(f"poses: expected (B,4,4), got {tuple(job.poses.shape)}")
+    return [job.poses.to(device=job.frame.device, dtype=torch.float32) for job in jobs]
+
+
+def _groups(jobs, poses) -> list:
+    return [MapGroup((p,), dict(frame=job.frame, renderer=job.renderer)) for p, job in zip(poses, jobs)]
+
+
 class _NetworkStage:
     """What the learned refiner and scorer share: their run config and how they prepare the
     network's inputs (crop_pair with their own crop ratio, size, depth floor and xyz
@@ -212,34 +225,31 @@ class LearnedRefiner(_NetworkStage, Refiner):
                             rot_normalizer=self.rot_normalizer, normalize_xyz=self.normalize_xyz,
                             trans_normalizer=self.trans_normalizer)
 
-    def refine(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine, iterations: int) -> torch.Tensor:
-        """poses (B,4,4) of the re-centred mesh -> (B,4,4) after ``iterations`` updates.
+    def refine_many(self, jobs, engine, iterations: int) -> list:
+        """``iterations`` network updates of several objects' hypotheses (refine is the one-object
+        case), every update one engine stage "refine.learned" over all of them (chunks may hold
+        several objects' hypotheses).
 
         Args:
-            poses: (B,4,4) re-centred object-in-camera poses, metres (moved to the frame's device,
-                float32).
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
-            engine: the Engine (stage "refine.learned" per iteration), or None (one batch).
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
+            engine: the Engine, or None (each object in one batch).
             iterations: number of updates.
 
         Returns:
-            (B,4,4) float32 refined poses on the frame's device.
+            list of (B_j,4,4) float32 refined poses on the frames' device.
 
         Raises:
-            ValueError: ``poses`` is not (B,4,4).
+            ValueError: a job's poses are not (B,4,4).
         """
-        if poses.ndim != 3 or poses.shape[1:] != (4, 4):
-            raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
-        poses = poses.to(device=frame.device, dtype=torch.float32)
+        poses = _checked_poses(jobs)
         grad = torch.enable_grad() if self.differentiable else torch.no_grad()
         with grad, _resident(engine, self.model):
             for _ in range(int(iterations)):
                 if engine is None:
-                    poses = self.step(poses, frame=frame, renderer=renderer, model=self.model)
+                    poses = [self.step(p, frame=job.frame, renderer=job.renderer, model=self.model)
+                             for p, job in zip(poses, jobs)]
                 else:
-                    poses = engine.map(self.step, poses, name=self.stage_name, frame=frame,
-                                       renderer=renderer, model=self.model)
+                    poses = engine.map_groups(self.step, _groups(jobs, poses), name=self.stage_name, model=self.model)
         return poses
 
 
@@ -275,23 +285,6 @@ class LearnedScorer(_NetworkStage, Scorer):
             feats = model.features(A, B)
         return feats.float()
 
-    def score(self, poses: torch.Tensor, frame: ObservedFrame, renderer, engine) -> torch.Tensor:
-        """poses (B,4,4) -> score logits (B,) float32 (higher is better).
-
-        Args:
-            poses: (B,4,4) re-centred object-in-camera poses, metres.
-            frame: the prepared ObservedFrame.
-            renderer: a renderer of the re-centred mesh.
-            engine: the Engine (stage "score.learned.features"), or None (one batch).
-
-        Returns:
-            (B,) float32 logits on the frame's device.
-
-        Raises:
-            ValueError: ``poses`` is not (B,4,4).
-        """
-        return self.combine(self.hypothesis_features(poses, frame, renderer, engine))
-
     def _grad(self):
         return torch.enable_grad() if self.differentiable else torch.no_grad()
 
@@ -310,14 +303,40 @@ class LearnedScorer(_NetworkStage, Scorer):
         Raises:
             ValueError: ``poses`` is not (B,4,4).
         """
-        if poses.ndim != 3 or poses.shape[1:] != (4, 4):
-            raise ValueError(f"poses: expected (B,4,4), got {tuple(poses.shape)}")
-        poses = poses.to(device=frame.device, dtype=torch.float32)
+        return self.hypothesis_features_many([ObjectJob(poses, frame, renderer)], engine)[0]
+
+    def hypothesis_features_many(self, jobs, engine) -> list:
+        """``hypothesis_features`` of several objects' hypotheses as one engine stage.
+
+        Args:
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
+            engine: the Engine, or None (each object in one batch).
+
+        Returns:
+            list of (B_j,512) float32 features.
+
+        Raises:
+            ValueError: a job's poses are not (B,4,4).
+        """
+        poses = _checked_poses(jobs)
         with self._grad(), _resident(engine, self.model):
             if engine is None:
-                return self.features(poses, frame=frame, renderer=renderer, model=self.model)
-            return engine.map(self.features, poses, name=self.stage_name, frame=frame, renderer=renderer,
-                              model=self.model)
+                return [self.features(p, frame=job.frame, renderer=job.renderer, model=self.model)
+                        for p, job in zip(poses, jobs)]
+            return engine.map_groups(self.features, _groups(jobs, poses), name=self.stage_name, model=self.model)
+
+    def score_many(self, jobs, engine) -> list:
+        """``score`` of several objects: their features as one engine stage, att_cross per object
+        (it compares one object's hypotheses).
+
+        Args:
+            jobs: one chunkpose.pipeline.base.ObjectJob per object.
+            engine: the Engine, or None.
+
+        Returns:
+            list of (B_j,) float32 logits.
+        """
+        return [self.combine(features) for features in self.hypothesis_features_many(jobs, engine)]
 
     def combine(self, features: torch.Tensor) -> torch.Tensor:
         """att_cross and the head over the gathered features of all hypotheses: logits (B,).

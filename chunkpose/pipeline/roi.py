@@ -10,7 +10,7 @@ decision to downscale is taken on the region the call will really upload.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -172,33 +172,22 @@ class CallRegion:
         return cls(roi=roi, raw=halo_box(roi, size, cleanup.halo), size=tuple(int(v) for v in size),
                    has_mask=bool(has_mask), on_demand=bool(on_demand))
 
-    def frame_bytes(self) -> int:
-        """Bytes the prepared ObservedFrame holds: rgb uint8 (3 channels) and mask bool over the ROI,
+    def frame_bytes(self, masks: Optional[int] = None) -> int:
+        """Bytes the prepared ObservedFrame holds: rgb uint8 (3 channels) and bool masks over the ROI,
         float32 depth over the ROI (cleaned) or the raw window (on demand).
 
+        Args:
+            masks: number of object masks over the ROI (a region several objects share holds one
+                each); None = one when the region has a mask, else none.
+
         Returns:
             int bytes.
         """
+        masks = (1 if self.has_mask else 0) if masks is None else int(masks)
         rgb = 3 * torch.uint8.itemsize * self.roi_pixels
-        mask = torch.bool.itemsize * self.roi_pixels if self.has_mask else 0
+        mask = torch.bool.itemsize * self.roi_pixels * masks
         depth = torch.float32.itemsize * (self.raw_pixels if self.on_demand else self.roi_pixels)
         return rgb + mask + depth
-
-    def cleanup_peak_bytes(self, band_bytes: int = 0) -> int:
-        """Peak bytes of a dense clean-up of the raw window.
-
-        The raw (or eroded) input and the filter's output are alive together, plus one band of the
-        filter's temporaries. Zero when the depth is cleaned on demand.
-
-        Args:
-            band_bytes: bytes of one band of the filter's temporaries (default 0).
-
-        Returns:
-            int bytes.
-        """
-        if self.on_demand:
-            return 0
-        return 2 * torch.float32.itemsize * self.raw_pixels + int(band_bytes)
 
 
 def call_region(mode: str, size, K, diameter: float, crop_ratio: float, center_cam,
@@ -238,3 +227,42 @@ def call_region(mode: str, size, K, diameter: float, crop_ratio: float, center_c
             mask_bbox = mask_box(mask)
         box = union_box(box, mask_bbox)
     return CallRegion.of_box(box, size, has_mask=mode == "register", on_demand=mode == "track", cleanup=cleanup)
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def merge_regions(regions: Sequence[CallRegion], cleanup: CleanUp = CLEANUP) -> List[Tuple[CallRegion, List[int]]]:
+    """The regions of several objects in one frame, those whose raw windows overlap merged into one
+    (the box around their ROIs), so that no pixel is uploaded or cleaned twice.
+
+    A merged region covers the box around its members, so it may hold pixels none of them
+    needs (objects side by side diagonally); regions apart stay apart, so objects far from each
+    other never make one frame-sized region.
+
+    Args:
+        regions: CallRegions of one image (same size, mask and on-demand settings).
+        cleanup: the CleanUp whose halo the merged raw windows add (default CLEANUP).
+
+    Returns:
+        list of (merged CallRegion, sorted indices of the regions it holds), ordered by their
+        first member; a single region comes back as an equal region.
+    """
+    clusters = [(r.roi, [i]) for i, r in enumerate(regions)]
+    size = regions[0].size
+    merged = True
+    while merged:
+        merged = False
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                if _overlap(halo_box(clusters[a][0], size, cleanup.halo), halo_box(clusters[b][0], size, cleanup.halo)):
+                    clusters[a] = (union_box(clusters[a][0], clusters[b][0]), clusters[a][1] + clusters[b][1])
+                    del clusters[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    first = regions[0]
+    return sorted(((CallRegion.of_box(box, size, first.has_mask, first.on_demand, cleanup), sorted(members))
+                   for box, members in clusters), key=lambda cluster: cluster[1][0])
