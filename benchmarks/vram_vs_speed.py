@@ -85,65 +85,92 @@ def _alloc_retries(device: str) -> int | None:
     return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
 
 
-def run_case(frames: Frames, budget_gb, device, args, label: str) -> dict:
-    """Register on frame 0, track the rest; time, peaks, chunk plan and pose errors."""
-    est = make_estimator(frames.mesh, budget_gb, device, args)
-    points = frames.model_points
-    record = {"case": label, "budget_gb": budget_gb, "width": frames.width, "height": frames.height}
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()  # so that NVML's reading after the case is this case's footprint
-    retries_before = _alloc_retries(device)
-    try:
-        reg_times = []
-        for _ in range(args.repeats):
-            est.reset()
-            _sync(device)
+class Case:
+    """One budget (or scale) of the sweep: its estimator, made once, and its registration times.
+
+    The sweep registers every case once per round (``register``), round after round, so that the
+    drifts of a noisy machine reach every case alike; ``finish`` then tracks the other frames and
+    turns what was measured into the case's record.
+    """
+
+    def __init__(self, frames: Frames, budget_gb, device, args, label: str):
+        self.frames, self.budget_gb, self.device, self.label = frames, budget_gb, device, label
+        self.est = make_estimator(frames.mesh, budget_gb, device, args)
+        self.reg_times, self.result, self.error = [], None, None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # so that NVML's reading after the case is this case's footprint
+        self.retries_before = _alloc_retries(device)
+
+    def register(self) -> None:
+        """One timed registration on frame 0 (nothing once the budget proved too small)."""
+        if self.error is not None:
+            return
+        frames = self.frames
+        self.est.reset()
+        try:
+            _sync(self.device)
             t0 = time.perf_counter()
-            res = est.register(frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
-            _sync(device)
-            reg_times.append(time.perf_counter() - t0)
+            self.result = self.est.register(frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
+            _sync(self.device)
+        except chunkpose.BudgetTooSmall as exc:
+            self.error = exc
+            return
+        self.reg_times.append(time.perf_counter() - t0)
+
+    def finish(self) -> dict:
+        """Track frames 1.. from the last registration; the case's record (times, peaks, chunk plan,
+        pose errors)."""
+        frames, device, res = self.frames, self.device, self.result
+        record = {"case": self.label, "budget_gb": self.budget_gb, "width": frames.width, "height": frames.height}
+        if self.error is not None or res is None:
+            exc = self.error
+            record.update(status="budget too small", error=str(exc), minimum_bytes=getattr(exc, "minimum_bytes", None))
+            return record
+        points = frames.model_points
         reports = [res.report]
         errors = [add_error(res.pose, frames.poses[0], points)] if frames.poses else []
         adds = adds_error(res.pose, frames.poses[0], points) if frames.poses else None
         track_times = []
-        for i in range(1, len(frames.rgb)):
-            _sync(device)
-            t0 = time.perf_counter()
-            tr = est.track(frames.rgb[i], frames.depth[i], frames.K)
-            _sync(device)
-            track_times.append(time.perf_counter() - t0)
-            reports.append(tr.report)
-            if frames.poses:
-                errors.append(add_error(tr.pose, frames.poses[i], points))
-    except chunkpose.BudgetTooSmall as exc:
-        record.update(status="budget too small", error=str(exc), minimum_bytes=getattr(exc, "minimum_bytes", None))
+        try:
+            for i in range(1, len(frames.rgb)):
+                _sync(device)
+                t0 = time.perf_counter()
+                tr = self.est.track(frames.rgb[i], frames.depth[i], frames.K)
+                _sync(device)
+                track_times.append(time.perf_counter() - t0)
+                reports.append(tr.report)
+                if frames.poses:
+                    errors.append(add_error(tr.pose, frames.poses[i], points))
+        except chunkpose.BudgetTooSmall as exc:
+            record.update(status="budget too small", error=str(exc), minimum_bytes=getattr(exc, "minimum_bytes", None))
+            return record
+        register_report = reports[0].to_dict()
+        record.update(
+            status="ok",
+            register_s=statistics.median(self.reg_times),
+            register_runs_s=list(self.reg_times),
+            track_s=statistics.median(track_times) if track_times else None,
+            peak_bytes=max(r.total_peak_bytes for r in reports),
+            torch_peak_bytes=max(r.peak_bytes for r in reports),
+            external_bytes=max(r.external_bytes for r in reports),
+            peak_allocated_bytes=max(r.peak_allocated_bytes for r in reports),
+            nvml_process_bytes=_nvml_process_bytes() if device.startswith("cuda") else None,
+            alloc_retries=None if self.retries_before is None else _alloc_retries(device) - self.retries_before,
+            downscale_factor=register_report["downscale_factor"],
+            downscale_reason=register_report["downscale_reason"],
+            register_peak_bytes=reports[0].total_peak_bytes,
+            track_peak_bytes=max((r.total_peak_bytes for r in reports[1:]), default=None),
+            chunks=_stage_plan(register_report),
+            track_chunks=_stage_plan(reports[-1].to_dict()) if len(reports) > 1 else {},
+            pose_register=res.pose.tolist(),
+            add_register_m=errors[0] if errors else None,
+            adds_register_m=adds,
+            add_max_m=max(errors) if errors else None,
+            diameter_m=float(frames.diameter),
+        )
+        within = record["budget_gb"] is None or record["peak_bytes"] <= record["budget_gb"] * GIB
+        record["within_budget"] = within
         return record
-    register_report = reports[0].to_dict()
-    record.update(
-        status="ok",
-        register_s=statistics.median(reg_times),
-        track_s=statistics.median(track_times) if track_times else None,
-        peak_bytes=max(r.total_peak_bytes for r in reports),
-        torch_peak_bytes=max(r.peak_bytes for r in reports),
-        external_bytes=max(r.external_bytes for r in reports),
-        peak_allocated_bytes=max(r.peak_allocated_bytes for r in reports),
-        nvml_process_bytes=_nvml_process_bytes() if device.startswith("cuda") else None,
-        alloc_retries=None if retries_before is None else _alloc_retries(device) - retries_before,
-        downscale_factor=register_report["downscale_factor"],
-        downscale_reason=register_report["downscale_reason"],
-        register_peak_bytes=reports[0].total_peak_bytes,
-        track_peak_bytes=max((r.total_peak_bytes for r in reports[1:]), default=None),
-        chunks=_stage_plan(register_report),
-        track_chunks=_stage_plan(reports[-1].to_dict()) if len(reports) > 1 else {},
-        pose_register=res.pose.tolist(),
-        add_register_m=errors[0] if errors else None,
-        adds_register_m=adds,
-        add_max_m=max(errors) if errors else None,
-        diameter_m=float(frames.diameter),
-    )
-    within = record["budget_gb"] is None or record["peak_bytes"] <= record["budget_gb"] * GIB
-    record["within_budget"] = within
-    return record
 
 
 def _free_bytes(device: str) -> int:
@@ -269,20 +296,33 @@ def _plan_text(chunks: dict) -> str:
                      for name, s in chunks.items())
 
 
+def time_ratio(record: dict, base: dict | None) -> float | None:
+    """Registration time over the unbounded case's: the median of the per-round ratios when both
+    have their rounds (the cases of a round ran back to back, so a round's ratio is free of the
+    machine's slow drifts), else the ratio of the medians."""
+    seconds = record.get("register_s", record.get("crop_prep_s"))
+    if base is None or seconds is None:
+        return None
+    runs, base_runs = record.get("register_runs_s") or [], base.get("register_runs_s") or []
+    if runs and len(runs) == len(base_runs):
+        return round(statistics.median(a / b for a, b in zip(runs, base_runs)), 2)
+    return round(seconds / base["register_s"], 2)
+
+
 def table(records: list[dict], cuda: bool) -> str:
     columns = ["case", "budget GiB", "status", "peak MiB", "outside torch MiB", "track peak MiB", "register s",
                "x unbounded", "track s/frame", "downscale", "ADD reg (mm)", "ADD-S reg (mm)", "ADD max (mm)",
                "chunk sizes (number of chunks), register"]
     if cuda:
         columns[5:5] = ["alloc MiB", "NVML MiB"]
-    base = next((r["register_s"] for r in records if r["case"] == "budget unbounded" and r.get("status") == "ok"), None)
+    base = next((r for r in records if r["case"] == "budget unbounded" and r.get("status") == "ok"), None)
     rows = []
     for r in records:
         seconds = r.get("register_s", r.get("crop_prep_s"))
         row = [
             r["case"], "unbounded" if r.get("budget_gb") is None else r["budget_gb"], r.get("status"),
             _mib(r.get("peak_bytes")), _mib(r.get("external_bytes")), _mib(r.get("track_peak_bytes")), seconds,
-            None if base is None or seconds is None else round(seconds / base, 2), r.get("track_s"),
+            time_ratio(r, base), r.get("track_s"),
             r.get("downscale_factor"),
             _mm(r.get("add_register_m")), _mm(r.get("adds_register_m")), _mm(r.get("add_max_m")),
             _plan_text(r.get("chunks") or {}),
@@ -346,32 +386,31 @@ def measure(args) -> dict:
         frames = synthetic_frames(args.width, args.height, args.frames, args.seed, mesh=meshes[name])
         frames.description += f", mesh {name}"
     budgets = [None if b.strip().lower() == "none" else float(b) for b in args.budgets.split(",")]
-    records = []
-    progress = tqdm(total=len(budgets) + 5, desc="vram_vs_speed", unit="case")
-    for budget in budgets:
-        progress.set_postfix_str(f"budget {budget}")
-        records.append(run_case(frames, budget, args.device, args, f"budget {budget if budget is not None else 'unbounded'}"))
-        progress.update()
-    # A quarter of what the unbounded run peaked at: how much a tight budget costs in time.
-    unbounded = next((r for r in records if r["budget_gb"] is None and r.get("status") == "ok"), None)
+    cases = [Case(frames, b, args.device, args, f"budget {b if b is not None else 'unbounded'}") for b in budgets]
+    # A quarter of what the unbounded run peaks at (how much a tight budget costs in time) and a
+    # budget below what full resolution needs even at chunk size 1 (the fallback): the unbounded
+    # case runs once first to know its peak (a warm-up, not timed).
+    unbounded = next((c for c in cases if c.budget_gb is None), None)
     if unbounded is not None:
-        quarter = round(unbounded["peak_bytes"] / 4 / GIB, 4)
-        progress.set_postfix_str(f"budget {quarter} (1/4 of unbounded)")
-        records.append(run_case(frames, quarter, args.device, args, f"budget {quarter:.4g} (1/4 of the unbounded peak)"))
-        progress.update()
-    # One budget below what full resolution needs even at chunk size 1, to show the fallback.
+        unbounded.register()
+        unbounded.reg_times.clear()
+        quarter = round(unbounded.result.report.total_peak_bytes / 4 / GIB, 4)
+        cases.append(Case(frames, quarter, args.device, args, f"budget {quarter:.4g} (1/4 of the unbounded peak)"))
     below, minimum = below_full_resolution_minimum(frames, args.device, args)
-    progress.set_postfix_str(f"budget {below:.4g} (below minimum)")
-    record = run_case(frames, below, args.device, args, f"budget {below:.4g} (below full-res minimum)")
-    record["full_resolution_minimum_gb"] = minimum
-    records.append(record)
-    progress.update()
+    cases.append(Case(frames, below, args.device, args, f"budget {below:.4g} (below full-res minimum)"))
     for factor in (0.5, 0.3):
-        progress.set_postfix_str(f"downscale {factor}")
-        small = resize_frames(frames, factor)
-        record = run_case(small, None, args.device, args, f"downscale {factor} (no budget)")
-        records.append(record)
-        progress.update()
+        cases.append(Case(resize_frames(frames, factor), None, args.device, args, f"downscale {factor} (no budget)"))
+    progress = tqdm(total=len(cases) * args.repeats + 1, desc="vram_vs_speed", unit="run")
+    for round_ in range(args.repeats):  # interleaved: every case once per round
+        for case in cases:
+            progress.set_postfix_str(f"round {round_ + 1}: {case.label}")
+            case.register()
+            progress.update()
+    records = []
+    for case in cases:
+        records.append(case.finish())
+        if "below full-res minimum" in case.label:
+            records[-1]["full_resolution_minimum_gb"] = minimum
     progress.set_postfix_str("naive")
     records.append(naive_baseline(frames, args.device, args.hypotheses))
     progress.update()
@@ -392,7 +431,8 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
           "context included, read after the case); CPU live tensor bytes (chunkpose.engine.Meter); both plus "
           "what the renderer holds outside torch (its framebuffers, estimated from their sizes; own column). Peak and "
           "chunks cover registration and tracking; times are wall-clock of this run (registration: median of "
-          f"{settings['repeats']}; tracking: median over {max(0, settings['frames'] - 1)} frames); compare ratios "
+          f"{settings['repeats']} rounds, every case registered once per round, so that the machine's drifts reach "
+          "all cases alike; tracking: median over {max(0, settings['frames'] - 1)} frames); compare ratios "
           "within one table only. ADD / ADD-S against the synthetic ground truth (ADD max: over all frames); "
           f"object diameter {records[0].get('diameter_m', 0) * 1000:.0f} mm.", "", naive_note(records[-1]), "",
           f"![plot]({stem}.png)", ""]

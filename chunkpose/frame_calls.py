@@ -440,9 +440,11 @@ def settle_tracks(estimators: Sequence, results: List[PoseResult], rgb, depth, K
             est._last_good = est._last_pose
         else:
             lost.append(i)
+    good = {i: estimators[i]._last_good for i in lost}
+    for i in lost:  # other objects' search regions leave out where the lost ones were last seen well
+        estimators[i]._last_pose = good[i]
     regions = {i: _search_region(estimators[i], depth, K, masks[i]) for i in lost}
     found = [i for i in lost if regions[i] is not None]
-    good = {i: estimators[i]._last_good for i in lost}
     again = dict(zip(found, register_objects([estimators[i] for i in found], rgb, depth, K,
                                              [regions[i] for i in found]))) if found else {}
     for i in lost:
