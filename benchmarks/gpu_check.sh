@@ -6,7 +6,7 @@
 # On the GPU machine (H100/H200, torch 2.11 + CUDA 13, nvcc and ninja present), after the
 # device prelude:  bash .gpu/prelude.sh && export PYTHONPATH=/tmp/site:$PWD && bash benchmarks/gpu_check.sh
 #
-# Steps, each under its own time limit so that the run stays under 8 minutes and one failure
+# Steps, each under its own time limit so that a slow step cannot take the whole run and one failure
 # does not lose the others (steps.tsv: step, exit code, seconds, log file):
 #   1. environment: GPU, driver, torch, CUDA (environment.json, nvidia-smi.txt)
 #   2. build the csrc extension in place for sm_90 (TORCH_CUDA_ARCH_LIST=9.0), build.log
@@ -17,6 +17,7 @@
 #      geometric pair, then learned (random upstream-layout weights); peaks from the allocator
 #      (max_memory_reserved / allocated) and NVML, num_alloc_retries, per-stage CUDA-event times
 #   5. plan accuracy (predicted vs measured per stage), both pairs
+#   6. several objects: three objects in one call per frame vs one estimator per object
 # --device cpu --quick is the dry run the test suite makes (tests/test_gpu_check.py): the same
 # steps on small inputs, no build (the extension of the checkout is used).
 set -uo pipefail
@@ -109,6 +110,7 @@ step tests_cuda 240 "$PY" -m pytest -q -p no:cacheprovider -m "cuda or nvdiffras
 step sweep_geometric "$limit_sweep" "$PY" benchmarks/vram_vs_speed.py "${sweep[@]}" --out "$out/results"
 step sweep_learned "$limit_sweep" "$PY" benchmarks/vram_vs_speed.py "${sweep[@]}" --path learned --out "$out/results"
 step plan_accuracy 120 "$PY" benchmarks/plan_accuracy.py "${plan[@]}" --out "$out/results"
+step several_objects 180 "$PY" benchmarks/several_objects.py "${plan[@]}" --out "$out/results"
 
 echo "== done in $(( $(date +%s) - started ))s; steps:" >&2
 column -t -s $'\t' "$out/steps.tsv" >&2 || cat "$out/steps.tsv" >&2

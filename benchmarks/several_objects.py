@@ -3,7 +3,7 @@ PoseEstimator per object run one after another (what a user of upstream does), u
 same budgets, measured in one run with the two ways interleaved.
 
     python benchmarks/several_objects.py                    # 3072x2048, 3 objects, 252 hypotheses
-    python benchmarks/several_objects.py --quick            # 320x240, 42 hypotheses
+    python benchmarks/several_objects.py --quick            # 320x240, 12 hypotheses
 
 Per budget and way: registration and tracking seconds (median of the repeats), the frame's
 peak (the largest single call's peak for the separate runs), how many depth pixels were
@@ -26,7 +26,7 @@ from common import (apply_quick, environment, header_lines, markdown_table, meas
 
 from chunkpose.metrics import add_error  # noqa: E402
 
-QUICK = {"width": 320, "height": 240, "hypotheses": 42, "repeats": 1, "budgets": "none,0.25"}
+QUICK = {"width": 320, "height": 240, "hypotheses": 12, "repeats": 1, "budgets": "none,0.25", "tracked": 1}
 OBJECTS = ("mug", "drill", "duck")
 
 

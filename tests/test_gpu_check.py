@@ -22,10 +22,10 @@ def test_gpu_check_dry_run(tmp_path):
     logs = {name: (out / row["log"]).read_text()[-1500:] for name, row in steps.items() if row["rc"] != "0"}
     assert proc.returncode == 0 and not logs, (proc.stderr[-2000:], logs)
     assert list(steps) == ["environment", "ext_backend", "tests_cuda", "sweep_geometric", "sweep_learned",
-                           "plan_accuracy"]
+                           "plan_accuracy", "several_objects"]
     env = json.loads((out / "environment.json").read_text())
     assert env["torch"] and "cuda_available" in env
-    for stem in ("vram_vs_speed_quick", "vram_vs_speed_learned_quick", "plan_accuracy_quick"):
+    for stem in ("vram_vs_speed_quick", "vram_vs_speed_learned_quick", "plan_accuracy_quick", "several_objects_quick"):
         for ext in ("json", "md"):
             assert (out / "results" / f"{stem}.{ext}").stat().st_size > 0, stem
     learned = json.loads((out / "results" / "vram_vs_speed_learned_quick.json").read_text())
