@@ -96,7 +96,7 @@ class Case:
     def __init__(self, frames: Frames, budget_gb, device, args, label: str):
         self.frames, self.budget_gb, self.device, self.label = frames, budget_gb, device, label
         self.est = make_estimator(frames.mesh, budget_gb, device, args)
-        self.reg_times, self.result, self.error = [], None, None
+        self.reg_times, self.cpu_times, self.result, self.error = [], [], None, None
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # so that NVML's reading after the case is this case's footprint
         self.retries_before = _alloc_retries(device)
@@ -109,13 +109,14 @@ class Case:
         self.est.reset()
         try:
             _sync(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.result = self.est.register(frames.rgb[0], frames.depth[0], frames.K, frames.masks[0])
             _sync(self.device)
         except chunkpose.BudgetTooSmall as exc:
             self.error = exc
             return
         self.reg_times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.process_time() - c0)
 
     def finish(self) -> dict:
         """Track frames 1.. from the last registration; the case's record (times, peaks, chunk plan,
@@ -149,6 +150,7 @@ class Case:
             status="ok",
             register_s=statistics.median(self.reg_times),
             register_runs_s=list(self.reg_times),
+            register_cpu_runs_s=list(self.cpu_times),
             track_s=statistics.median(track_times) if track_times else None,
             peak_bytes=max(r.total_peak_bytes for r in reports),
             torch_peak_bytes=max(r.peak_bytes for r in reports),
@@ -296,22 +298,26 @@ def _plan_text(chunks: dict) -> str:
                      for name, s in chunks.items())
 
 
-def time_ratio(record: dict, base: dict | None) -> float | None:
+def time_ratio(record: dict, base: dict | None, runs_key: str = "register_runs_s") -> float | None:
     """Registration time over the unbounded case's: the median of the per-round ratios when both
     have their rounds (the cases of a round ran back to back, so a round's ratio is free of the
-    machine's slow drifts), else the ratio of the medians."""
+    machine's slow drifts), else the ratio of the medians. ``runs_key`` "register_cpu_runs_s":
+    the same with the process's CPU seconds (all its threads; what the work costs, without the
+    time a shared machine gives to others), None where they were not recorded."""
     seconds = record.get("register_s", record.get("crop_prep_s"))
     if base is None or seconds is None:
         return None
-    runs, base_runs = record.get("register_runs_s") or [], base.get("register_runs_s") or []
+    runs, base_runs = record.get(runs_key) or [], base.get(runs_key) or []
     if runs and len(runs) == len(base_runs):
         return round(statistics.median(a / b for a, b in zip(runs, base_runs)), 2)
+    if runs_key != "register_runs_s":
+        return None
     return round(seconds / base["register_s"], 2)
 
 
 def table(records: list[dict], cuda: bool) -> str:
     columns = ["case", "budget GiB", "status", "peak MiB", "outside torch MiB", "track peak MiB", "register s",
-               "x unbounded", "track s/frame", "downscale", "ADD reg (mm)", "ADD-S reg (mm)", "ADD max (mm)",
+               "x unbounded", "x unbounded, CPU s", "track s/frame", "downscale", "ADD reg (mm)", "ADD-S reg (mm)", "ADD max (mm)",
                "chunk sizes (number of chunks), register"]
     if cuda:
         columns[5:5] = ["alloc MiB", "NVML MiB"]
@@ -322,7 +328,7 @@ def table(records: list[dict], cuda: bool) -> str:
         row = [
             r["case"], "unbounded" if r.get("budget_gb") is None else r["budget_gb"], r.get("status"),
             _mib(r.get("peak_bytes")), _mib(r.get("external_bytes")), _mib(r.get("track_peak_bytes")), seconds,
-            time_ratio(r, base), r.get("track_s"),
+            time_ratio(r, base), None if cuda else time_ratio(r, base, "register_cpu_runs_s"), r.get("track_s"),
             r.get("downscale_factor"),
             _mm(r.get("add_register_m")), _mm(r.get("adds_register_m")), _mm(r.get("add_max_m")),
             _plan_text(r.get("chunks") or {}),
@@ -432,7 +438,9 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
           "what the renderer holds outside torch (its framebuffers, estimated from their sizes; own column). Peak and "
           "chunks cover registration and tracking; times are wall-clock of this run (registration: median of "
           f"{settings['repeats']} rounds, every case registered once per round, so that the machine's drifts reach "
-          "all cases alike; tracking: median over {max(0, settings['frames'] - 1)} frames); compare ratios "
+          "all cases alike; x unbounded: the median of the rounds' ratios; on the CPU also of the process's CPU "
+          "seconds, which a shared machine's other tenants do not inflate; tracking: median over "
+          f"{max(0, settings['frames'] - 1)} frames); compare ratios "
           "within one table only. ADD / ADD-S against the synthetic ground truth (ADD max: over all frames); "
           f"object diameter {records[0].get('diameter_m', 0) * 1000:.0f} mm.", "", naive_note(records[-1]), "",
           f"![plot]({stem}.png)", ""]

@@ -18,6 +18,9 @@ share_one_budget; a single estimator trivially does) and use what they hold: mes
 set, refiner/scorer, renderer, health settings. The first is the lead: its engine call,
 calibration and resident list (which counts its companions' tensors) serve the whole frame.
 Poses of objects whose refiners (or scorers) are different objects run as separate stages.
+
+Over 400 lines mostly because of the Args/Returns documentation of its functions; it is one
+concern (the body of a call), and splitting register from track would scatter what they share.
 """
 from __future__ import annotations
 
@@ -91,6 +94,8 @@ def registration_mask(mask, depth: np.ndarray, name: str = "mask") -> np.ndarray
     Raises:
         InputError: the mask is malformed or has too few pixels with valid depth.
     """
+    if mask is None:
+        raise InputError(f"{name}: registration needs an (H,W) bool mask of the object")
     mask = observation.validate_mask(mask, depth, name)
     measured = int(np.count_nonzero(depth[mask] >= MIN_DEPTH))
     if measured < MIN_MASK_DEPTH_PIXELS:

@@ -75,7 +75,6 @@ class _Objects:
                 share_one_budget(list(self.estimators.values()))
         return self.estimators[obj_id]
 
-
     def register_all(self, frame, instances, label: str) -> list:
         """Every instance of one image registered in one engine call (all objects' hypotheses
         planned together, the image cleaned once), or one by one with estimators that are not

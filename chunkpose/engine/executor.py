@@ -413,12 +413,13 @@ class Engine:
                   else MapGroup(tuple(g.mapped), {**common, **g.kwargs}) for g in groups]
         if not groups:
             raise ValueError("map_groups needs at least one group of items")
-        shapes = [tuple(t.shape[1:]) for t in groups[0].mapped] if groups else []
+        shapes = [tuple(t.shape[1:]) for t in groups[0].mapped]
         for i, group in enumerate(groups):
             self._check_args(op, group.mapped, name)
-            if [tuple(t.shape[1:]) for t in group.mapped] != shapes:
-                raise ValueError(f"group {i} of map_groups has per-item shapes {[tuple(t.shape[1:]) for t in group.mapped]}, "
-                                 f"the first group {shapes}; the groups of one stage take items of one shape")
+            mine = [tuple(t.shape[1:]) for t in group.mapped]
+            if mine != shapes:
+                raise ValueError(f"group {i} of map_groups has per-item shapes {mine}, the first group {shapes}; "
+                                 "the groups of one stage take items of one shape")
         if len(groups) == 1 or self._calibrating or tracing_fake() or sum(g.items for g in groups) == 0:
             return [self.map(op, *g.mapped, name=name, checkpoint=checkpoint, **g.kwargs) for g in groups]
         grouped = GroupedOp(op, groups)

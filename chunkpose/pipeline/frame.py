@@ -131,7 +131,8 @@ def validate_mask(mask, depth: np.ndarray, name: str = "mask") -> np.ndarray:
     if mask.ndim != 2:
         raise InputError(f"{name}: expected an (H,W) bool mask, got shape {mask.shape}")
     if mask.shape != depth.shape:
-        raise InputError(f"{name}: size {mask.shape} differs from rgb {depth.shape}; pass a mask of the same image size")
+        raise InputError(f"{name}: size {mask.shape} differs from rgb {depth.shape}; "
+                         "pass a mask of the same image size")
     if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.number)):
         raise InputError(f"{name}: expected bool, got dtype {mask.dtype}")
     mask = mask > 0 if mask.dtype != np.bool_ else mask.copy()

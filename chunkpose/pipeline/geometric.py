@@ -461,7 +461,8 @@ class GeometricRefiner(Refiner):
                          [None] * len(jobs))
 
     def _run(self, jobs, engine, iterations, starts, targets):
-        gates = [[g * job.frame.diameter for g in self.thresholds(iterations, start)] for job, start in zip(jobs, starts)]
+        gates = [[g * job.frame.diameter for g in self.thresholds(iterations, start)]
+                 for job, start in zip(jobs, starts)]
         steps = self.inner_steps
         for k in range(iterations):
             own = [dict(thresholds=tuple(g[k * steps: (k + 1) * steps]), align_to=target if k == 0 else None,
