@@ -400,6 +400,7 @@ def measure(args) -> dict:
     if unbounded is not None:
         unbounded.register()
         unbounded.reg_times.clear()
+        unbounded.cpu_times.clear()
         quarter = round(unbounded.result.report.total_peak_bytes / 4 / GIB, 4)
         cases.append(Case(frames, quarter, args.device, args, f"budget {quarter:.4g} (1/4 of the unbounded peak)"))
     below, minimum = below_full_resolution_minimum(frames, args.device, args)

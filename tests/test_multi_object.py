@@ -102,6 +102,32 @@ def test_one_copy_of_the_learned_networks(scene, tmp_path):
     assert len(refiners) == 1 and len({id(e.scorer.model) for e in est.objects.values()}) == 1
 
 
+def test_learned_pair_mixed_chunks_equal_each_object_alone(scene, tmp_path):
+    """The learned refiner and scorer over two objects' hypotheses in shared chunks (at most 3
+    hypotheses per chunk, so chunks hold both objects) give each object the poses and scores it
+    gets alone and unchunked; att_cross compares one object's hypotheses only."""
+    import torch
+
+    from chunkpose.models.checkpoint import save_weights
+    from chunkpose.models.refine_net import RefineNet
+    from chunkpose.models.score_net import ScoreNetMultiPair
+
+    torch.manual_seed(0)
+    save_weights(tmp_path / "w", RefineNet().eval(), ScoreNetMultiPair().eval())
+    chosen = scene.objects[:2]
+    kw = dict(weights=tmp_path / "w", device="cpu", hypotheses=4, refine_iterations=1)
+    alone = {t.name: PoseEstimator(t.mesh, budget_gb=None, **kw).register(scene.rgb[0], scene.depth[0], scene.K,
+                                                                          t.masks[0]) for t in chosen}
+    est = MultiObjectEstimator({t.name: t.mesh for t in chosen}, budget_gb=1.0, **kw)
+    est.engine.max_chunk = 3
+    together = est.register(scene.rgb[0], scene.depth[0], scene.K, {t.name: t.masks[0] for t in chosen})
+    refine = est.last_report.stages["refine.learned"]
+    assert refine.calls == 1 and refine.chunk_sizes == [3, 3, 2]  # 8 hypotheses of two objects
+    for t in chosen:
+        np.testing.assert_allclose(together[t.name].candidates, alone[t.name].candidates, atol=1e-5)
+        np.testing.assert_allclose(together[t.name].candidate_scores, alone[t.name].candidate_scores, atol=1e-4)
+
+
 def test_bad_multi_object_input(scene):
     with pytest.raises(InputError, match="meshes"):
         MultiObjectEstimator({}, budget_gb=None)
