@@ -191,20 +191,19 @@ def _align_to_mask(P, M, pixel, poses, transforms, KT, Q, Qvalid, frame: Observe
 
 def window_offsets(radius: int, device) -> tuple:
     """The (2k+1)^2 search window's pixel offsets, centre first (so that ties keep the projective
-    pair), as groups of (dx, dy) float tensors of SEARCH_GROUP offsets each.
+    pair), as groups of SEARCH_GROUP offsets each.
 
     Args:
         radius: k, the window's half side in pixels (0: the projective pixel alone).
         device: device of the tensors.
 
     Returns:
-        tuple of (dx, dy) pairs of (g,) float32 tensors, g <= SEARCH_GROUP.
+        tuple of (2,g) float32 tensors, rows (dx, dy), g <= SEARCH_GROUP.
     """
     k = int(radius)
     pairs = [(0, 0)] + [(dx, dy) for dy in range(-k, k + 1) for dx in range(-k, k + 1) if (dx, dy) != (0, 0)]
-    table = torch.tensor(pairs, dtype=torch.float32, device=device)
-    return tuple((table[i: i + SEARCH_GROUP, 0], table[i: i + SEARCH_GROUP, 1])
-                 for i in range(0, len(pairs), SEARCH_GROUP))
+    table = torch.tensor(pairs, dtype=torch.float32, device=device).T.contiguous()
+    return tuple(table[:, i: i + SEARCH_GROUP] for i in range(0, len(pairs), SEARCH_GROUP))
 
 
 def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: float, offsets):
@@ -212,29 +211,35 @@ def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: floa
     observed point among a (2k+1)^2 window around its projection (ix, iy) (``offsets``:
     window_offsets), the window's stride following the gate (projective association alone
     has no grip on sliding along flat faces, the nearest point near an edge does). Offsets
-    are searched SEARCH_GROUP at a time; ties keep the earliest offset, as a sequential scan."""
+    are searched SEARCH_GROUP at a time; ties keep the earliest offset, as a sequential scan.
+
+    Every op here runs once per group and inner step of every chunk, so the loop is written
+    for few ops (x and y as one tensor, indices kept with the chunk's offset until the end):
+    with small chunks the per-op cost, not the arithmetic, is what a chunk costs."""
     last = size - 1
     index = (iy.clamp(0, last) * size + ix.clamp(0, last)).long()
-    if len(offsets) == 1 and offsets[0][0].numel() == 1:
+    if len(offsets) == 1 and offsets[0].shape[1] == 1:
         return index
     k = max(1, int(round(float(offsets[-1][0].abs().max()))))
     gate_px = threshold * KT[:, 0, 0] / centre_z.clamp_min(1e-6)
-    stride = torch.clamp(torch.round(gate_px / (2 * k)), min=1.0)[:, None, None]  # (b,1,1)
-    best_d2 = torch.full_like(ix, float("inf"))
+    stride = torch.clamp(torch.round(gate_px / (2 * k)), min=1.0)[:, None, None, None]  # (b,1,1,1)
+    pixel = torch.stack([ix, iy], dim=-1)[..., None]  # (b,N,2,1)
+    to_flat = torch.tensor([[1.0], [float(size)]], dtype=pixel.dtype, device=pixel.device)  # (2,1)
+    chunk_base = base[..., None]  # (b,1,1)
+    best_d2 = torch.full_like(ix[..., None], float("inf"))  # (b,N,1)
+    best = index[..., None] + chunk_base
     p_ = p[:, :, None]
-    for dx, dy in offsets:
-        cx = ix[..., None] + dx * stride  # (b,N,g)
-        cy = iy[..., None] + dy * stride
-        cx_in, cy_in = cx.clamp(0, last), cy.clamp(0, last)
-        ok = (cx_in == cx) & (cy_in == cy)
-        cand = (cy_in * size + cx_in).long() + base[..., None]
-        d2 = (p_ - Q_flat[cand]).square_().sum(-1)
-        d2 = d2.masked_fill_(~ok, float("inf"))
-        group_d2, pick = d2.min(dim=-1)
+    for offset in offsets:
+        cand_xy = pixel + offset * stride  # (b,N,2,g)
+        inside = cand_xy.clamp(0, last)
+        off_window = (inside != cand_xy).any(dim=2)  # (b,N,g)
+        cand = (inside * to_flat).sum(dim=2).long() + chunk_base
+        d2 = (p_ - Q_flat[cand]).square_().sum(-1).masked_fill_(off_window, float("inf"))
+        group_d2, pick = d2.min(dim=-1, keepdim=True)
         better = group_d2 < best_d2
         best_d2 = torch.where(better, group_d2, best_d2)
-        index = torch.where(better, torch.gather(cand, -1, pick[..., None])[..., 0] - base, index)
-    return index
+        best = torch.where(better, torch.gather(cand, -1, pick), best)
+    return (best - chunk_base)[..., 0]
 
 
 def _gauss_newton_step(p, n, q, inside, centre, scale: float, threshold: float, damping: float, min_pairs: int,
