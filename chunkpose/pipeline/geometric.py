@@ -206,6 +206,17 @@ def window_offsets(radius: int, device) -> tuple:
     return tuple(table[:, i: i + SEARCH_GROUP] for i in range(0, len(pairs), SEARCH_GROUP))
 
 
+def _window_candidates(pixel, shift, last: int, to_flat, chunk_base):
+    """Flat observed indices (b,N,g) (with the chunk's offset) of the candidates pixel + shift
+    ((b,N,2,1) + (b,1,2,g)), clamped into the crop, and which of them fell off it (b,N,g).
+    A function of its own so that its (b,N,2,g) coordinates are freed before the distances
+    are computed (the association's memory peak)."""
+    cand_xy = pixel + shift
+    inside = cand_xy.clamp(0, last)
+    off_window = (inside != cand_xy).any(dim=2)
+    return inside.mul_(to_flat).sum(dim=2).long() + chunk_base, off_window
+
+
 def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: float, offsets):
     """Flat observed index (b,N) paired with each moved model point p (b,N,3): the closest
     observed point among a (2k+1)^2 window around its projection (ix, iy) (``offsets``:
@@ -227,19 +238,16 @@ def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: floa
     to_flat = torch.tensor([[1.0], [float(size)]], dtype=pixel.dtype, device=pixel.device)  # (2,1)
     chunk_base = base[..., None]  # (b,1,1)
     best_d2 = torch.full_like(ix[..., None], float("inf"))  # (b,N,1)
-    best = index[..., None] + chunk_base
+    best = index.add_(base)[..., None]  # in place: the projective index is not needed apart
     p_ = p[:, :, None]
     for offset in offsets:
-        cand_xy = pixel + offset * stride  # (b,N,2,g)
-        inside = cand_xy.clamp(0, last)
-        off_window = (inside != cand_xy).any(dim=2)  # (b,N,g)
-        cand = (inside * to_flat).sum(dim=2).long() + chunk_base
+        cand, off_window = _window_candidates(pixel, offset * stride, last, to_flat, chunk_base)
         d2 = (p_ - Q_flat[cand]).square_().sum(-1).masked_fill_(off_window, float("inf"))
         group_d2, pick = d2.min(dim=-1, keepdim=True)
         better = group_d2 < best_d2
         best_d2 = torch.where(better, group_d2, best_d2)
         best = torch.where(better, torch.gather(cand, -1, pick), best)
-    return (best - chunk_base)[..., 0]
+    return best.sub_(chunk_base)[..., 0]
 
 
 def _gauss_newton_step(p, n, q, inside, centre, scale: float, threshold: float, damping: float, min_pairs: int,
