@@ -206,15 +206,16 @@ def window_offsets(radius: int, device) -> tuple:
     return tuple(table[:, i: i + SEARCH_GROUP] for i in range(0, len(pairs), SEARCH_GROUP))
 
 
-def _window_candidates(pixel, shift, last: int, to_flat, chunk_base):
+def _window_candidates(pixel, shift, size: int, chunk_base):
     """Flat observed indices (b,N,g) (with the chunk's offset) of the candidates pixel + shift
     ((b,N,2,1) + (b,1,2,g)), clamped into the crop, and which of them fell off it (b,N,g).
     A function of its own so that its (b,N,2,g) coordinates are freed before the distances
     are computed (the association's memory peak)."""
     cand_xy = pixel + shift
-    inside = cand_xy.clamp(0, last)
+    inside = cand_xy.clamp(0, size - 1)
     off_window = (inside != cand_xy).any(dim=2)
-    return inside.mul_(to_flat).sum(dim=2).long() + chunk_base, off_window
+    inside[:, :, 1].mul_(size)  # rows -> flat offsets: x + y * size
+    return inside.sum(dim=2).long() + chunk_base, off_window
 
 
 def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: float, offsets):
@@ -235,13 +236,12 @@ def _associate(p, ix, iy, Q_flat, base, KT, centre_z, size: int, threshold: floa
     gate_px = threshold * KT[:, 0, 0] / centre_z.clamp_min(1e-6)
     stride = torch.clamp(torch.round(gate_px / (2 * k)), min=1.0)[:, None, None, None]  # (b,1,1,1)
     pixel = torch.stack([ix, iy], dim=-1)[..., None]  # (b,N,2,1)
-    to_flat = torch.tensor([[1.0], [float(size)]], dtype=pixel.dtype, device=pixel.device)  # (2,1)
     chunk_base = base[..., None]  # (b,1,1)
     best_d2 = torch.full_like(ix[..., None], float("inf"))  # (b,N,1)
-    best = index.add_(base)[..., None]  # in place: the projective index is not needed apart
+    best = index.add_(base)[..., None]  # in place: index is used only as best's start
     p_ = p[:, :, None]
     for offset in offsets:
-        cand, off_window = _window_candidates(pixel, offset * stride, last, to_flat, chunk_base)
+        cand, off_window = _window_candidates(pixel, offset * stride, size, chunk_base)
         d2 = (p_ - Q_flat[cand]).square_().sum(-1).masked_fill_(off_window, float("inf"))
         group_d2, pick = d2.min(dim=-1, keepdim=True)
         better = group_d2 < best_d2

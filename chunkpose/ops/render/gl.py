@@ -32,7 +32,7 @@ GL_CLIP_DISTANCE0 = 0x3000
 # per pass, 39 MiB of attachments (RGBA32F colour, six float planes, depth), memory the
 # budget has to hold beside the tensors. A pass costs little beyond its instances (only its
 # own tiles are cleared), so a larger atlas buys almost no speed (measured on Mesa: 252 crops
-# of 96 px in the same time at sides 512, 1024 and 2048); larger images (full frames) get an
+# of 96 px in about the same time at sides 1024 and 2048); larger images (full frames) get an
 # atlas of one tile.
 ATLAS_SIDE = 1024
 
@@ -323,7 +323,7 @@ class GLRenderer(BatchRenderer):
         targets.fbo.use()
         targets.fbo.viewport = (0, 0, fb_width, fb_height)
         # Only the tiles this pass draws into are cleared (the others are never read): clearing
-        # the whole atlas (44 MiB of attachments) took ~4 ms a pass on Mesa, paid again by every
+        # the whole atlas (39 MiB of attachments) took ~4 ms a pass on Mesa, paid again by every
         # small chunk (252 crops of 96 px in chunks of 13: 0.80 s -> 0.66 s).
         for r, c in zip(row.tolist(), col.tolist()):
             targets.fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0, viewport=(c * tile_w, r * tile_h, tile_w, tile_h))
