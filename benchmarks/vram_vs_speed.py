@@ -88,8 +88,8 @@ def _alloc_retries(device: str) -> int | None:
 class Case:
     """One budget (or scale) of the sweep: its estimator, made once, and its registration times.
 
-    The sweep registers every case once per round (``register``), round after round, so that the
-    drifts of a noisy machine reach every case alike; ``finish`` then tracks the other frames and
+    The sweep registers every case once per round (``register``), round after round and each
+    round in a rotated order, so that the drifts of a noisy machine reach every case alike; ``finish`` then tracks the other frames and
     turns what was measured into the case's record.
     """
 
@@ -408,8 +408,11 @@ def measure(args) -> dict:
     for factor in (0.5, 0.3):
         cases.append(Case(resize_frames(frames, factor), None, args.device, args, f"downscale {factor} (no budget)"))
     progress = tqdm(total=len(cases) * args.repeats + 1, desc="vram_vs_speed", unit="run")
-    for round_ in range(args.repeats):  # interleaved: every case once per round
-        for case in cases:
+    for round_ in range(args.repeats):
+        # Interleaved (every case once per round) and rotated (each round starts further along)
+        # so that no case always runs first, right after the previous round's smallest frames.
+        start = round_ * len(cases) // args.repeats
+        for case in cases[start:] + cases[:start]:
             progress.set_postfix_str(f"round {round_ + 1}: {case.label}")
             case.register()
             progress.update()
@@ -438,8 +441,8 @@ def write_reports(payload: dict, out: Path, stem: str) -> list[dict]:
           "context included, read after the case); CPU live tensor bytes (chunkpose.engine.Meter); both plus "
           "what the renderer holds outside torch (its framebuffers, estimated from their sizes; own column). Peak and "
           "chunks cover registration and tracking; times are wall-clock of this run (registration: median of "
-          f"{settings['repeats']} rounds, every case registered once per round, so that the machine's drifts reach "
-          "all cases alike; x unbounded: the median of the rounds' ratios; on the CPU also of the process's CPU "
+          f"{settings['repeats']} rounds, every case registered once per round, each round in a rotated order, "
+          "so that the machine's drifts reach all cases alike; x unbounded: the median of the rounds' ratios; on the CPU also of the process's CPU "
           "seconds, which a shared machine's other tenants do not inflate; tracking: median over "
           f"{max(0, settings['frames'] - 1)} frames); compare ratios "
           "within one table only. ADD / ADD-S against the synthetic ground truth (ADD max: over all frames); "
