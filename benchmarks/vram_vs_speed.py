@@ -250,12 +250,27 @@ def plot(records: list[dict], path: Path, title: str, env: dict) -> None:
     sweep = sorted((r for r in records if r["case"].startswith("budget") and r.get("status") == "ok"),
                    key=lambda r: r["peak_bytes"])
     if sweep:
-        ax.plot([r["peak_bytes"] / MIB for r in sweep], [r["register_s"] for r in sweep], "o-", label="chunkpose, budget sweep")
+        # Budgets at or above the unbounded peak share one plan and one peak: one point for
+        # them (median time, bar from fastest to slowest) rather than labels on top of each other.
+        groups: list[list[dict]] = []
         for r in sweep:
-            tag = "unbounded" if r["budget_gb"] is None else f"{r['budget_gb']:.4g} GiB"
-            if r.get("downscale_factor", 1.0) != 1.0:
-                tag += f" (x{r['downscale_factor']:.2f})"
-            ax.annotate(tag, (r["peak_bytes"] / MIB, r["register_s"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if groups and abs(r["peak_bytes"] - groups[-1][0]["peak_bytes"]) <= 0.005 * r["peak_bytes"]:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        xs = [g[0]["peak_bytes"] / MIB for g in groups]
+        ys = [statistics.median(r["register_s"] for r in g) for g in groups]
+        spread = [[y - min(r["register_s"] for r in g) for y, g in zip(ys, groups)],
+                  [max(r["register_s"] for r in g) - y for y, g in zip(ys, groups)]]
+        ax.errorbar(xs, ys, yerr=spread, fmt="o-", capsize=3, label="chunkpose, budget sweep (bar: budgets with one plan, fastest to slowest)")
+        for x, y, g in zip(xs, ys, groups):
+            tags = ["unbounded" if r["budget_gb"] is None else f"{r['budget_gb']:.4g}" for r in g]
+            tag = tags[0] if len(tags) == 1 else f"{tags[0]}, {tags[1]} .. {tags[-1]}"
+            tag += "" if tags[-1] == "unbounded" else " GiB"
+            factor = g[0].get("downscale_factor", 1.0)
+            if factor != 1.0:
+                tag += f" (x{factor:.2f})"
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     downscaled = [r for r in records if r["case"].startswith("downscale") and r.get("status") == "ok"]
     for i, r in enumerate(downscaled):
         ax.plot(r["peak_bytes"] / MIB, r["register_s"], "s", color="tab:orange")
