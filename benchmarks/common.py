@@ -87,20 +87,25 @@ def stamp_figure(fig, env: dict) -> None:
 QUICK = {"width": 256, "height": 192, "hypotheses": 12, "refine_iters": 1, "no_polish": True}
 
 
+def add_run_args(parser, quick: dict) -> None:
+    """Arguments every benchmark takes: the smoke run (``quick``: its settings), device, outputs."""
+    shown = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in quick.items())
+    parser.add_argument("--quick", action="store_true", help=f"smoke run in seconds ({shown})")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: redraw the table and plot of a saved run (next to FILE unless --out)")
+
+
 def add_common_args(parser) -> None:
     """Arguments both pose benchmarks take: size, device, registration settings, outputs."""
-    quick = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in QUICK.items())
-    parser.add_argument("--quick", action="store_true", help=f"smoke run in seconds ({quick}, fewer cases)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_run_args(parser, QUICK)
     parser.add_argument("--width", type=int, default=3072)
     parser.add_argument("--height", type=int, default=2048)
     parser.add_argument("--hypotheses", type=int, default=252, help="rotation hypotheses at registration")
     parser.add_argument("--refine-iters", type=int, default=5, help="refiner iterations at registration")
     parser.add_argument("--no-polish", action="store_true",
                         help="skip the geometric refiner's polish pass (3 best poses, 5 more iterations)")
-    parser.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
-    parser.add_argument("--from-json", metavar="FILE",
-                        help="measure nothing: redraw the table and plot of a saved run (next to FILE unless --out)")
 
 
 def apply_quick(args, settings: dict | None = None) -> None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (apply_quick, environment, header_lines, markdown_table, measure_and_report,  # noqa: E402
-                    stamp_figure, write_markdown)
+from common import (add_run_args, apply_quick, environment, header_lines, markdown_table,  # noqa: E402
+                    measure_and_report, stamp_figure, write_markdown)
 
 from chunkpose.metrics import add_error, adds_error  # noqa: E402
 
@@ -33,8 +33,7 @@ OBJECTS = ("mug", "drill", "duck")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"smoke run ({QUICK})")
-    p.add_argument("--device", default="cpu")
+    add_run_args(p, QUICK)
     p.add_argument("--width", type=int, default=3072)
     p.add_argument("--height", type=int, default=2048)
     p.add_argument("--hypotheses", type=int, default=252)
@@ -42,8 +41,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tracked", type=int, default=2, help="tracked frames after the registration")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
-    p.add_argument("--from-json", metavar="FILE", help="measure nothing: redraw the outputs of a saved run")
     args = p.parse_args(argv)
     apply_quick(args, QUICK)
     return args

@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (apply_quick, destination, environment, header_lines, markdown_table,  # noqa: E402
-                    saved_payload, stamp_figure, write_json, write_markdown)
+from common import (add_run_args, apply_quick, destination, environment, header_lines,  # noqa: E402
+                    markdown_table, saved_payload, stamp_figure, write_json, write_markdown)
 
 from chunkpose.metrics import add_error  # noqa: E402
 
@@ -31,16 +31,13 @@ QUICK = {"width": 320, "height": 240, "frames": 8}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"smoke run ({QUICK})")
-    p.add_argument("--device", default="cpu")
+    add_run_args(p, QUICK)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--budget-gb", type=float, default=1.0)
     p.add_argument("--hypotheses", type=int, default=84)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", help="output folder (default benchmarks/results/<machine>/)")
-    p.add_argument("--from-json", metavar="FILE", help="measure nothing: redraw the outputs of a saved run")
     args = p.parse_args(argv)
     apply_quick(args, QUICK)
     return args
