@@ -35,7 +35,7 @@ from chunkpose.io.mesh import Mesh, load_mesh
 from chunkpose.ops.crops import crop_windows
 from chunkpose.ops.render import make_renderer
 from chunkpose.pipeline import frame as observation
-from chunkpose.pipeline.base import stage_modules
+from chunkpose.pipeline.base import pair_resident
 from chunkpose.pipeline.health import HEALTH_THRESHOLD, HEALTH_TOLERANCE, SEARCH_MARGIN
 from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rotation_hypotheses, translation_guess
 from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
@@ -365,12 +365,12 @@ class PoseEstimator:
     def _resident(self) -> list:
         """What the estimator holds on the device for a whole call: the networks, the
         renderer's tensors, the rotation set."""
-        held = [*stage_modules(self.refiner), *stage_modules(self.scorer)]
+        held = []
         for est in (self, *self._companions):
+            # a companion's pair is usually this one's; it counts once (the meter keys by
+            # storage, call_sizing by tensor)
+            held.extend(pair_resident(est.refiner, est.scorer, est.renderer))
             held.append(est._rotations)
-            tensors = getattr(est.renderer, "device_tensors", None)
-            if callable(tensors):
-                held.extend(tensors())
         return held
 
     def _external_bytes(self) -> int:

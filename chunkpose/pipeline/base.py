@@ -361,3 +361,24 @@ def stage_modules(stage) -> list:
         list of torch.nn.Module attributes of ``stage``.
     """
     return [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]
+
+
+def renderer_tensors(renderer) -> list:
+    """The tensors a renderer holds on the device (its mesh buffers); none for a renderer
+    without ``device_tensors``."""
+    tensors = getattr(renderer, "device_tensors", None)
+    return list(tensors()) if callable(tensors) else []
+
+
+def pair_resident(refiner, scorer, renderer) -> list:
+    """What a refiner/scorer pair and its renderer hold on the device for a whole call.
+
+    Args:
+        refiner: a Refiner.
+        scorer: a Scorer.
+        renderer: the renderer the pair draws with.
+
+    Returns:
+        list of the pair's modules and the renderer's tensors, for ``Engine.call(resident=...)``.
+    """
+    return [*stage_modules(refiner), *stage_modules(scorer), *renderer_tensors(renderer)]

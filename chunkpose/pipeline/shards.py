@@ -24,7 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from chunkpose.engine import Engine
-from chunkpose.pipeline.base import ObservedFrame, stage_modules
+from chunkpose.pipeline.base import ObservedFrame, pair_resident
 
 
 @dataclass
@@ -104,10 +104,7 @@ class HypothesisShards:
         with ExitStack() as stack:
             if replica is not self.primary:
                 frame = frame_on(frame, replica.device)
-                resident = [*stage_modules(replica.refiner), *stage_modules(replica.scorer), *frame.tensors()]
-                tensors = getattr(replica.renderer, "device_tensors", None)
-                if callable(tensors):
-                    resident.extend(tensors())
+                resident = [*pair_resident(replica.refiner, replica.scorer, replica.renderer), *frame.tensors()]
                 stack.enter_context(replica.engine.call("register.shard", resident=resident))
             if replica.device.type == "cuda":
                 stack.enter_context(torch.cuda.device(replica.device))
