@@ -13,7 +13,7 @@ import numpy as np
 
 from chunkpose.ops.geometry import scaled_size
 from chunkpose.io.scene_files import (
-    DEPTH_EXTENSIONS, IMAGE_EXTENSIONS, Frame, ResizingReader, SceneError, check_same_size, find_file, load_json,
+    DEPTH_EXTENSIONS, IMAGE_EXTENSIONS, Frame, ResizingReader, SceneError, find_file, load_json, match_rgb_size,
     read_depth_file, read_mask_file, read_rgb_file, resize_nearest,
 )
 
@@ -340,7 +340,7 @@ class BOPReader(ResizingReader):
             if mask_file is None:
                 continue
             mask = read_mask_file(mask_file)
-            check_same_size(name, f"mask_visib {mask_file.name}", mask.shape, rgb.shape)
+            mask = match_rgb_size(name, f"mask_visib {mask_file.name}", mask, rgb.shape)
             pose = None
             if "cam_R_m2c" in gt and "cam_t_m2c" in gt:
                 pose = np.eye(4)

@@ -15,8 +15,8 @@ import numpy as np
 
 from chunkpose.io.bop_reader import BOPReader
 from chunkpose.io.scene_files import (
-    DEPTH_EXTENSIONS, IMAGE_EXTENSIONS, Frame, ResizingReader, SceneError, find_file, load_json, read_depth_file,
-    read_image_file, read_intrinsics_file, read_mask_file, read_pose_file, read_rgb_file,
+    DEPTH_EXTENSIONS, IMAGE_EXTENSIONS, Frame, ResizingReader, SceneError, find_file, listed, load_json,
+    read_depth_file, read_image_file, read_intrinsics_file, read_mask_file, read_pose_file, read_rgb_file,
 )
 
 class YCBInEOATReader(ResizingReader):
@@ -50,7 +50,7 @@ class YCBInEOATReader(ResizingReader):
         rgb_dir = self.root / "rgb"
         if not rgb_dir.is_dir():
             raise SceneError(f"{rgb_dir} does not exist", "the scene folder needs rgb/, depth/, masks/ and cam_K.txt")
-        self.rgb_files = sorted(p for p in rgb_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.rgb_files = [p for p in listed(rgb_dir) if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not self.rgb_files:
             raise SceneError(f"no images in {rgb_dir}", "put the colour frames there as PNG files")
         if not (self.root / "depth").is_dir():
@@ -81,7 +81,7 @@ class YCBInEOATReader(ResizingReader):
         Raises:
             SceneError: there is no depth file for the frame.
         """
-        path = find_file(self.root / "depth", name, DEPTH_EXTENSIONS)
+        path = self._companion_file("depth", name, DEPTH_EXTENSIONS)
         if path is None:
             raise SceneError(f"no depth image for frame {name} in {self.root / 'depth'}", "each rgb frame needs depth/<same name>.png")
         return path
@@ -95,7 +95,16 @@ class YCBInEOATReader(ResizingReader):
         Returns:
             Path or None.
         """
-        return find_file(self.root / "masks", name, IMAGE_EXTENSIONS)
+        return self._companion_file("masks", name, IMAGE_EXTENSIONS)
+
+    def _companion_file(self, folder: str, name: str, extensions) -> Path | None:
+        """``folder/<name>.<ext>``, else the name with "rgb" replaced by the folder's name
+        (rgb/rgb_000001.png with depth/depth_000001.png: upstream finds a frame's files by that
+        replacement)."""
+        path = find_file(self.root / folder, name, extensions)
+        if path is None and "rgb" in name:
+            path = find_file(self.root / folder, name.replace("rgb", folder), extensions)
+        return path
 
     def frame(self, index: int, need_mask: bool = False) -> Frame:
         """Frame ``index``; with need_mask, a missing or empty mask is an error.
@@ -160,7 +169,7 @@ def scene_meshes(scene_dir) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found = {}
-    for path in sorted(folder.iterdir()):
+    for path in listed(folder):
         if not path.is_file() or path.suffix.lower() not in MESH_EXTENSIONS:
             continue
         if path.stem in found:
@@ -186,7 +195,7 @@ def _mask_folders(scene_dir: Path) -> dict[str, Path]:
     folder = scene_dir / "masks"
     if not folder.is_dir():
         return {}
-    return {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()}
+    return {p.name: p for p in listed(folder) if p.is_dir()}
 
 
 def object_names(scene_dir) -> list[str]:
@@ -267,7 +276,7 @@ def object_poses(scene_dir, frame_name: str) -> dict[str, np.ndarray]:
     if not folder.is_dir():
         return {}
     out = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+    for sub in (p for p in listed(folder) if p.is_dir()):
         path = sub / f"{frame_name}.txt"
         if path.is_file():
             out[sub.name] = read_pose_file(path)

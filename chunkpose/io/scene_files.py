@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +126,19 @@ def resize_nearest(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     if image.dtype == bool:
         return cv2.resize(image.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def listed(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted by name, without hidden ones (names starting with '.':
+    macOS' ._ files, .ipynb_checkpoints), which upstream's glob skips too.
+
+    Args:
+        folder: an existing folder.
+
+    Returns:
+        list of Path.
+    """
+    return sorted(p for p in Path(folder).iterdir() if not p.name.startswith("."))
 
 
 def find_file(folder: Path, stem: str, extensions) -> Path | None:
@@ -239,7 +253,12 @@ def read_depth_file(path: Path, metres_per_unit: float) -> np.ndarray:
 
 
 def read_mask_file(path: Path) -> np.ndarray:
-    """(H,W) bool: a pixel is in the mask when any channel is non-zero.
+    """(H,W) bool: the non-zero pixels of a grey mask, or of a colour mask's first colour
+    channel (B, G, R order, as upstream's reader) that marks any pixel.
+
+    An alpha channel is transparency, not the mask: it is ignored (an opaque alpha would mark
+    the whole frame), unless no colour channel marks anything, as in a cut-out whose colour is
+    black everywhere and whose alpha holds the object.
 
     Args:
         path: the mask image file.
@@ -251,9 +270,21 @@ def read_mask_file(path: Path) -> np.ndarray:
         SceneError: the file is missing or unreadable.
     """
     mask = read_image_file(path, cv2.IMREAD_UNCHANGED)
-    if mask.ndim == 3:
-        mask = mask.max(axis=2)
-    return mask > 0
+    if mask.ndim == 2:
+        return mask > 0
+    colour = [mask[..., c] for c in range(min(3, mask.shape[2]))]
+    marked = next((c for c in colour if c.any()), None)
+    if marked is None and mask.shape[2] == 4:
+        alpha = mask[..., 3]
+        marked = alpha if alpha.min() != alpha.max() else None
+    return (colour[0] if marked is None else marked) > 0
+
+
+def _text_numbers(path: Path) -> np.ndarray:
+    """The numbers of a text file as np.loadtxt (upstream's reader) reads them: split by
+    whitespace, '#' starts a comment. Raises ValueError on anything else."""
+    text = "\n".join(line.split("#", 1)[0] for line in Path(path).read_text().splitlines())
+    return np.array(text.split(), dtype=np.float64)
 
 
 def read_intrinsics_file(path: Path) -> np.ndarray:
@@ -272,7 +303,7 @@ def read_intrinsics_file(path: Path) -> np.ndarray:
     if not Path(path).is_file():
         raise SceneError(f"missing {path}", "the scene needs cam_K.txt with the 3x3 camera matrix in pixels")
     try:
-        values = np.array(Path(path).read_text().split(), dtype=np.float64)
+        values = _text_numbers(path)
     except ValueError:
         raise SceneError(f"cannot parse {path}", "it must hold 9 numbers: the 3x3 camera matrix") from None
     if values.size != 9 or not np.all(np.isfinite(values)):
@@ -296,7 +327,7 @@ def read_pose_file(path: Path) -> np.ndarray:
         SceneError: the file cannot be parsed or holds another number of values.
     """
     try:
-        values = np.array(Path(path).read_text().split(), dtype=np.float64)
+        values = _text_numbers(path)
     except ValueError:
         raise SceneError(f"cannot parse pose {path}", "it must hold 16 numbers: a 4x4 matrix in metres") from None
     if values.size == 12:
@@ -306,23 +337,35 @@ def read_pose_file(path: Path) -> np.ndarray:
     return values.reshape(4, 4)
 
 
-def check_same_size(name: str, what: str, shape, expected) -> None:
-    """Check that an image of a frame has the rgb image's size.
+def match_rgb_size(name: str, what: str, image: np.ndarray, expected) -> np.ndarray:
+    """``image`` at the rgb image's size: as it is, or resized with nearest sampling when only
+    its resolution differs (upstream's reader resizes depth and mask to the colour image, whose
+    K cam_K.txt gives), with a warning.
 
     Args:
         name: the frame's name, for the message.
         what: which image ("depth", "mask").
-        shape: its shape (H, W[, C]).
+        image: (H,W[,C]) array.
         expected: the rgb image's shape.
 
+    Returns:
+        (H_rgb,W_rgb[,C]) array.
+
     Raises:
-        SceneError: the (H, W) differ.
+        SceneError: the aspect ratios differ (by more than a pixel at the rgb size): not the
+            same view, most likely a wrong file.
     """
-    if tuple(shape[:2]) != tuple(expected[:2]):
+    (h, w), (H, W) = image.shape[:2], tuple(expected[:2])
+    if (h, w) == (H, W):
+        return image
+    if abs(w * H / h - W) > 1.0:
         raise SceneError(
-            f"frame {name}: {what} is {shape[1]}x{shape[0]} but rgb is {expected[1]}x{expected[0]}",
-            "rgb, depth and mask of a frame must have the same size",
+            f"frame {name}: {what} is {w}x{h} but rgb is {W}x{H}, another aspect ratio",
+            "rgb, depth and mask of a frame must show the same view (the same size, or one resized)",
         )
+    warnings.warn(f"{what} images are {w}x{h} but rgb is {W}x{H}: {what} resized to the rgb size "
+                  "(nearest), as upstream's reader does", stacklevel=2)
+    return resize_nearest(image, (H, W))
 
 
 def apply_zfar(depth: np.ndarray, zfar: float | None) -> np.ndarray:
@@ -366,9 +409,9 @@ class ResizingReader:
 
     def _finish(self, name, rgb, depth, K, mask, gt_pose=None, extra=None) -> Frame:
         H, W = rgb.shape[:2]
-        check_same_size(name, "depth", depth.shape, rgb.shape)
+        depth = match_rgb_size(name, "depth", depth, rgb.shape)
         if mask is not None:
-            check_same_size(name, "mask", mask.shape, rgb.shape)
+            mask = match_rgb_size(name, "mask", mask, rgb.shape)
         factor = resize_factor(H, W, self.downscale, self.shorter_side)
         if factor != 1.0:
             size = scaled_size(H, W, factor)
