@@ -247,12 +247,45 @@ def test_reader_without_ground_truth_takes_instances_from_detections(tmp_path):
     assert instances == [] and frame.mask is None and frame.extra["im_id"] == 1 and frame.extra["scene_id"] == 1
     image = reader.image(1)
     np.testing.assert_array_equal(image.rgb, scene.rgb[1])
-    dets = [bop.detection_from_mask(1, 1, 1, 0.9, scene.masks[1]), bop.Detection(1, 1, 1, 0.5, (0, 0, 1, 1))]
-    (inst,) = reader.detection_instances(image, dets)  # the box-only detection has no mask
+    dets = [bop.detection_from_mask(1, 1, 1, 0.9, scene.masks[1]), bop.Detection(1, 1, 1, 0.5, (10, 20, 30, 40.5))]
+    with pytest.warns(UserWarning, match="boxes serve as masks"):
+        inst, boxed = reader.detection_instances(image, dets)  # BOP's box-only detections of seen objects
     assert (inst.obj_id, inst.gt_index, inst.score, inst.gt_pose) == (1, 0, 0.9, None)
     np.testing.assert_array_equal(inst.mask, scene.masks[1])
+    expected = np.zeros((120, 160), bool)
+    expected[20:61, 10:40] = True  # rows 20 .. 60.5 cover pixel 60
+    assert (boxed.gt_index, boxed.score) == (1, 0.5)
+    np.testing.assert_array_equal(boxed.mask, expected)
     half = BOPReader(root, scene_id=1, downscale=0.5)
     (small,) = half.detection_instances(half.image(1), dets[:1])
     assert small.mask.shape == (60, 80) and small.mask.any()
+    with pytest.warns(UserWarning):
+        (small_box,) = half.detection_instances(half.image(1), dets[1:])
+    assert small_box.mask.sum() == 15 * 21  # columns 5 .. 20, rows 10 .. 30.25
     with pytest.raises(ValueError, match="image 0 was given for image 1"):
         reader.detection_instances(image, [bop.detection_from_mask(1, 0, 1, 0.9, scene.masks[0])])
+
+
+def test_tless_layout_split_types_and_cad_models(tmp_path):
+    """T-LESS publishes test_primesense/ and models_cad/ (no test/, no models/): a bare
+    --split test finds the typed folder, the results name keeps split and type apart."""
+    from test_readers import write_bop as write_small_bop
+
+    root = tmp_path / "tless"
+    write_small_bop(root)
+    (root / "test").rename(root / "test_primesense")
+    (root / "models").rename(root / "models_cad")
+    assert bop_results.split_folder(root, "test") == bop_results.SplitFolder("test_primesense", "test", "primesense")
+    assert bop_results.split_folder(root, "test_primesense") == bop_results.split_folder(root, "test")
+    assert bop_results.split_folder(root, "val") == bop_results.SplitFolder("val", "val")
+    assert bop_results.results_filename("m", "tless", "test", "primesense") == "m_tless-test-primesense.csv"
+    reader = BOPReader(root, split="test_primesense", scene_id=2)
+    assert reader.models_dir == root / "models_cad"
+    assert reader.model_info(1)["diameter"] == pytest.approx(0.08)
+    (root / "test_pbr").mkdir()  # two typed folders: nothing is guessed
+    assert bop_results.split_folder(root, "test") == bop_results.SplitFolder("test", "test")
+
+
+def test_repeated_targets_keep_the_last_count_as_bop_toolkit():
+    targets = [bop.Target(1, 2, 3, 1), bop.Target(1, 2, 4, 1), bop.Target(1, 2, 3, 2)]
+    assert bop.targets_by_image(targets) == {(1, 2): {3: 2, 4: 1}}

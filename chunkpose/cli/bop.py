@@ -18,7 +18,6 @@ process writes.
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +107,12 @@ class BopRun:
 
     def __init__(self, args, factory, device=None):
         from chunkpose.io import bop
-        from chunkpose.io.bop_results import results_filename
+        from chunkpose.io.bop_results import results_filename, split_folder
 
         self.args = args
+        self.split = split_folder(args.bop, args.split)
         # the name is checked first: a method bop_toolkit cannot parse is refused, not renamed
-        self.csv_name = results_filename(args.method, args.bop, args.split)
+        self.csv_name = results_filename(args.method, args.bop, self.split.split, self.split.split_type)
         self.targets_path = args.targets if args.targets is not None else bop.default_targets_path(args.bop)
         self.targets = bop.read_targets(self.targets_path) if self.targets_path is not None else None
         self.detections = bop.read_detections(args.detections) if args.detections is not None else None
@@ -137,9 +137,9 @@ class BopRun:
             return [int(self.args.scene_id)]
         if self.targets is not None:
             return sorted({t.scene_id for t in self.targets})
-        scene_ids = bop_scene_ids(self.args.bop, self.args.split)
+        scene_ids = bop_scene_ids(self.args.bop, self.split.folder)
         if not scene_ids:
-            raise UserError(f"no scene folders in {Path(self.args.bop) / self.args.split} "
+            raise UserError(f"no scene folders in {Path(self.args.bop) / self.split.folder} "
                             "(check --bop and --split)")
         return scene_ids
 
@@ -147,7 +147,7 @@ class BopRun:
         from chunkpose.io.bop_reader import BOPReader
 
         args = self.args
-        reader = BOPReader(args.bop, split=args.split, scene_id=scene_id, downscale=args.downscale,
+        reader = BOPReader(args.bop, split=self.split.folder, scene_id=scene_id, downscale=args.downscale,
                            shorter_side=args.shorter_side, zfar=args.zfar)
         if self.detections is None:
             if not reader.has_ground_truth():
@@ -220,7 +220,6 @@ class BopRun:
         from chunkpose.io.results import bop_csv_row, write_pose_txt
         from chunkpose.vis import overlay, save_rgb
 
-        started = time.perf_counter()
         frame, instances, detection_time = self.instances(unit)
         reader = self.readers[unit.scene_id]
         records, overlays = [], []
@@ -238,8 +237,9 @@ class BopRun:
                 write_debug(scratch, name, frame, mesh, record["pose"], result, est, inst.mask)
             records.append(record)
             overlays.append((record["pose"], inst.gt_pose, calls.mesh_bounds(mesh)))
-        # BOP: "time" is the whole image's (detection included), the same for all its estimates
-        image_time = time.perf_counter() - started + (detection_time or 0.0)
+        # BOP: "time" runs from the loaded image to its poses (not the file writing), detection
+        # included, the same for all the image's estimates
+        image_time = elapsed + (detection_time or 0.0)
         rows = [bop_csv_row(unit.scene_id, unit.im_id, r["obj_id"], r["score"] or 0.0, r["pose"], image_time)
                 for r in records]
         if overlays:
@@ -249,7 +249,7 @@ class BopRun:
         return {"records": records, "rows": rows, "detection_time_s": detection_time}
 
     def report_fields(self) -> dict:
-        return {"layout": "bop", "dataset": str(Path(self.args.bop).resolve()), "split": self.args.split,
+        return {"layout": "bop", "dataset": str(Path(self.args.bop).resolve()), "split": self.split.folder,
                 "scene_ids": self.scene_ids, "images_total": len(self.units), "results_csv": self.csv_name,
                 "method": self.args.method, "masks": "detections" if self.detections is not None else "mask_visib",
                 "detections": None if self.args.detections is None else str(Path(self.args.detections).resolve()),
@@ -277,7 +277,7 @@ def run_bop(args, estimator_factory) -> int:
 
 def _title(run: BopRun) -> str:
     scenes = ", ".join(str(s) for s in run.scene_ids)
-    return f"chunkpose run: BOP {Path(run.args.bop).resolve().name} {run.args.split} scene {scenes}"
+    return f"chunkpose run: BOP {Path(run.args.bop).resolve().name} {run.split.folder} scene {scenes}"
 
 
 def _run_bop_here(args, estimator_factory) -> int:

@@ -29,7 +29,7 @@ def _write_json_atomically(path: Path, data) -> None:
 
 def run_eval(args) -> int:
     from chunkpose.bop_eval import evaluate, format_table, plot
-    from chunkpose.io.bop_results import check_bop_results
+    from chunkpose.io.bop_results import check_bop_results, split_folder
     from chunkpose.io.results import to_jsonable
 
     if not Path(args.results).is_file():
@@ -37,7 +37,7 @@ def run_eval(args) -> int:
     problems = check_bop_results(args.results)
     for problem in problems:
         calls.warn(f"{args.results}: {problem}")
-    result = evaluate(args.bop, args.results, split=args.split, targets_path=args.targets,
+    result = evaluate(args.bop, args.results, split=split_folder(args.bop, args.split).folder, targets_path=args.targets,
                       device=calls.resolve_device(args.device))
     result["format_problems"] = problems
     out = Path(args.out) if args.out is not None else Path(args.results).resolve().parent

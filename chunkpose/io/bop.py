@@ -309,11 +309,11 @@ def write_targets(path, targets) -> Path:
 
 
 def targets_by_image(targets) -> dict[tuple[int, int], dict[int, int]]:
-    """{(scene_id, im_id): {obj_id: inst_count}} in first-seen order (repeats add up)."""
+    """{(scene_id, im_id): {obj_id: inst_count}} in first-seen order; a repeated (image,
+    object) keeps its last inst_count, as bop_toolkit's evaluation reads a targets file."""
     out: dict[tuple[int, int], dict[int, int]] = {}
     for t in targets:
-        objects = out.setdefault((t.scene_id, t.im_id), {})
-        objects[t.obj_id] = objects.get(t.obj_id, 0) + t.inst_count
+        out.setdefault((t.scene_id, t.im_id), {})[t.obj_id] = t.inst_count
     return out
 
 

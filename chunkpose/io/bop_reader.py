@@ -6,6 +6,8 @@ Frames follow chunkpose.io.scene_files' conventions (metres, resize and zfar as 
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,17 @@ from chunkpose.io.scene_files import (
     DEPTH_EXTENSIONS, IMAGE_EXTENSIONS, Frame, ResizingReader, SceneError, find_file, load_json, match_rgb_size,
     read_depth_file, read_mask_file, read_rgb_file, resize_nearest,
 )
+
+#: Where a dataset's models are, in order: models/, else T-LESS's CAD models (bop_toolkit's
+#: default model type for it), else the evaluation models every dataset has.
+MODEL_FOLDERS = ("models", "models_cad", "models_eval")
+
+
+def model_folder(dataset_dir) -> Path:
+    """The first of MODEL_FOLDERS that the dataset has (models/ when none: the readers say so)."""
+    root = Path(dataset_dir)
+    return next((root / name for name in MODEL_FOLDERS if (root / name).is_dir()), root / "models")
+
 
 @dataclass
 class BopInstance:
@@ -138,7 +151,8 @@ class BOPReader(ResizingReader):
         self.image_ids = sorted(int(k) for k in (self.scene_gt if self.scene_gt is not None else self.scene_camera))
         if not self.image_ids:
             raise SceneError(f"no images listed in {self.scene_dir}", "scene_camera.json (and scene_gt.json) must list the images")
-        info_path = self.root / "models" / "models_info.json"
+        self.models_dir = model_folder(self.root)
+        info_path = self.models_dir / "models_info.json"
         self.models_info = {int(k): v for k, v in load_json(info_path, "").items()} if info_path.is_file() else {}
 
     def __len__(self) -> int:
@@ -171,7 +185,7 @@ class BOPReader(ResizingReader):
                              "check the detections / targets file against the dataset") from None
 
     def model_path(self, obj_id: int) -> Path:
-        """models/obj_<obj_id:06d>.ply of the dataset.
+        """obj_<obj_id:06d>.ply in the dataset's model folder (model_folder: models/, models_cad/, ...).
 
         Args:
             obj_id: BOP object id.
@@ -182,9 +196,10 @@ class BOPReader(ResizingReader):
         Raises:
             SceneError: the file is missing.
         """
-        path = self.root / "models" / f"obj_{obj_id:06d}.ply"
+        path = self.models_dir / f"obj_{obj_id:06d}.ply"
         if not path.is_file():
-            raise SceneError(f"missing model {path}", "the BOP dataset needs models/obj_XXXXXX.ply, or pass --mesh FILE")
+            raise SceneError(f"missing model {path}", "the BOP dataset needs models/ (or T-LESS's models_cad/) with "
+                             "obj_XXXXXX.ply, or pass --mesh FILE")
         return path
 
     def model_info(self, obj_id: int) -> dict:
@@ -286,7 +301,7 @@ class BOPReader(ResizingReader):
         Args:
             frame: a Frame from ``image`` or ``frame`` (its extra gives im_id and resize_factor).
             detections: detections with im_id, obj_id, score and mask ((H,W) bool at native size, or
-                None).
+                None: then the bbox [x, y, w, h] in native pixels is the mask, with a warning).
 
         Returns:
             list of BopInstance (gt_pose None).
@@ -303,16 +318,32 @@ class BOPReader(ResizingReader):
                                  "pass the detections of the frame's own image")
             mask = det.mask
             if mask is None:
-                continue
-            if scaled_size(*mask.shape, factor) != tuple(frame.size):
+                mask = self._box_mask(det, frame.size, factor)
+            elif scaled_size(*mask.shape, factor) != tuple(frame.size):
                 raise SceneError(
                     f"detection mask of image {im_id} is {mask.shape[1]}x{mask.shape[0]}, which does not match the "
                     f"image ({frame.size[1]}x{frame.size[0]} after resizing by {factor:g})",
                     "the detections must come from this dataset's images")
-            mask = resize_nearest(mask, frame.size)
+            else:
+                mask = resize_nearest(mask, frame.size)
             if mask.any():
                 out.append(BopInstance(im_id, rank, int(det.obj_id), None, mask, score=float(det.score)))
         return out
+
+    @staticmethod
+    def _box_mask(det, size, factor: float) -> np.ndarray:
+        """A box-only detection's box as its mask (BOP's default detections of seen objects
+        carry no segmentation), at the frame's ``size`` after resizing by ``factor``."""
+        warnings.warn("detections without segmentation: their boxes serve as masks (the translation guess then "
+                      "includes background depth); segmentation detections (e.g. CNOS) register as upstream does",
+                      stacklevel=3)
+        mask = np.zeros(size, bool)
+        if len(det.bbox) == 4:
+            x, y, w, h = det.bbox
+            x0, y0 = max(0, math.floor(x * factor)), max(0, math.floor(y * factor))
+            x1, y1 = min(size[1], math.ceil((x + w) * factor)), min(size[0], math.ceil((y + h) * factor))
+            mask[y0:y1, x0:x1] = True
+        return mask
 
     def frame(self, index: int) -> tuple[Frame, list[BopInstance]]:
         """Image ``index`` and its annotated instances that have a non-empty mask_visib.

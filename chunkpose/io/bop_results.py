@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,40 @@ def check_bop_results(path) -> list[str]:
     return problems
 
 
+@dataclass(frozen=True)
+class SplitFolder:
+    """A BOP split as a folder and as a results-file name: T-LESS's "test_primesense" folder
+    is split "test", split type "primesense" (``results_filename(..., split, split_type)``)."""
+
+    folder: str
+    split: str
+    split_type: str | None = None
+
+
+def split_folder(dataset_dir, split: str = "test") -> SplitFolder:
+    """The folder of ``split`` in a BOP dataset, and its name parts.
+
+    "test_primesense" names its folder; a bare "test" is DATASET/test/, else the one
+    DATASET/test_<type>/ there is (T-LESS and HB publish only test_primesense, which is
+    bop_toolkit's default split type for them).
+
+    Args:
+        dataset_dir: the dataset folder.
+        split: "test", "val", "test_primesense", ...
+
+    Returns:
+        SplitFolder (its folder may not exist: the readers say so).
+    """
+    root = Path(dataset_dir)
+    if "_" in split:
+        base, kind = split.split("_", 1)
+        return SplitFolder(split, base, kind)
+    typed = sorted(p.name for p in root.glob(f"{split}_*") if p.is_dir()) if root.is_dir() else []
+    if not (root / split).is_dir() and len(typed) == 1:
+        return SplitFolder(typed[0], split, typed[0].split("_", 1)[1])
+    return SplitFolder(split, split)
+
+
 def bop_scene_ids(dataset_dir, split: str = "test") -> list[int]:
     """Scene ids present in DATASET/<split>/ (folders named by 6 digits)."""
     folder = Path(dataset_dir) / split
@@ -183,5 +218,5 @@ def bop_scene_ids(dataset_dir, split: str = "test") -> list[int]:
 
 __all__ = [
     "BOP_DATASETS", "RESULTS_HEADER", "bop_dataset_name", "bop_scene_ids", "check_bop_results",
-    "parse_results_filename", "read_bop_results", "results_filename",
+    "SplitFolder", "parse_results_filename", "read_bop_results", "results_filename", "split_folder",
 ]
