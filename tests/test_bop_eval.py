@@ -99,8 +99,9 @@ def test_vsd_depth_offset_and_occlusion_closed_form():
 
 @pytest.mark.gl
 def test_vsd_of_a_rendered_square_shifted_sideways():
-    """A 0.2 m square at 1 m, fx = 100: columns 11..30; the estimate 4 cm to the side
-    covers 15..34. VSD = (union - intersection) / union = (24 - 16) / 24 at every tau."""
+    """A 0.2 m square at 1 m, fx = 100: u in 10..30, which bop_toolkit's pixel grid (pixel i
+    centred at u = i + 0.5) draws as columns 10..29; the estimate 4 cm to the side covers
+    14..33. VSD = (union - intersection) / union = (24 - 16) / 24 at every tau."""
     from chunkpose.io.mesh import load_mesh
     from chunkpose.ops.render import make_renderer
 
@@ -108,7 +109,7 @@ def test_vsd_of_a_rendered_square_shifted_sideways():
                            [[0, 1, 2], [0, 2, 3], [0, 2, 1], [0, 3, 2]], process=False)
     mesh = load_mesh(quad)
     renderer = make_renderer(mesh, "cpu", backend="gl")
-    K = np.array([[100.0, 0, 20.5], [0, 100.0, 20.5], [0, 0, 1]])
+    K = np.array([[100.0, 0, 20.0], [0, 100.0, 20.0], [0, 0, 1]])
     gt_pose, est_pose = np.eye(4), np.eye(4)
     gt_pose[2, 3] = est_pose[2, 3] = 1.0
     est_pose[0, 3] = 0.04
@@ -117,10 +118,31 @@ def test_vsd_of_a_rendered_square_shifted_sideways():
     test = np.zeros((48, 48))
     x0, y0, w, h = render_gt[1]
     test[y0:y0 + h, x0:x0 + w] = render_gt[0]
-    assert (test > 0).sum() == 400 and (test[:, 11:31] > 0).sum() == 400
+    assert (test > 0).sum() == 400 and (test[10:30, 10:30] > 0).sum() == 400
     errors = E.vsd_from_renders(render_est, render_gt, test, K, 15.0, E.VSD_TAUS, 200 * math.sqrt(2))
     assert errors == pytest.approx([8 / 24] * 10)
     assert E.vsd_from_renders(render_gt, render_gt, test, K, 15.0, E.VSD_TAUS, 282.8) == [0.0] * 10
+
+
+@pytest.mark.gl
+def test_renders_fall_on_bop_toolkits_pixel_grid():
+    """bop_toolkit's renderers centre pixel i at u = i + 0.5: a square spanning u, v in
+    10.2 .. 30.2 covers pixels 10..29 there (centres 10.5 .. 29.5), not 11..30."""
+    from chunkpose.io.mesh import load_mesh
+    from chunkpose.ops.render import make_renderer
+
+    quad = trimesh.Trimesh([[-0.1, -0.1, 0], [0.1, -0.1, 0], [0.1, 0.1, 0], [-0.1, 0.1, 0]],
+                           [[0, 1, 2], [0, 2, 3], [0, 2, 1], [0, 3, 2]], process=False)
+    mesh = load_mesh(quad)
+    K = np.array([[100.0, 0, 20.2], [0, 100.0, 20.2], [0, 0, 1]])
+    pose = np.eye(4)
+    pose[2, 3] = 1.0
+    depth, (x0, y0, w, h) = E.render_in_image(make_renderer(mesh, "cpu", backend="gl"), mesh.vertices, pose, K, 48, 48)
+    image = np.zeros((48, 48))
+    image[y0:y0 + h, x0:x0 + w] = depth
+    expected = np.zeros((48, 48), bool)
+    expected[10:30, 10:30] = True
+    np.testing.assert_array_equal(image > 0, expected)
 
 
 def test_bop_shortcuts():

@@ -197,7 +197,8 @@ def test_write_bop_fields_match_calc_gt_info(tmp_path):
     H, W = 48, 64
     K = np.array([[100.0, 0, 31.5], [0, 100.0, 23.5], [0, 0, 1]])
     pose = np.eye(4)
-    pose[:3, 3] = [(2.0 - 31.5) / 100, (24.0 - 23.5) / 100, 1.0]  # centre at pixel (2, 24): columns -5..9
+    # centre at pixel (2, 24) on bop_toolkit's grid (pixel i centred at u = i + 0.5): columns -5..9
+    pose[:3, 3] = [(2.5 - 31.5) / 100, (24.5 - 23.5) / 100, 1.0]
     hidden_pose = np.eye(4)
     hidden_pose[:3, 3] = [0.1, 0.0, 1.5]  # pixels ~ 34..44 x 19..28
     depth = np.full((H, W), 2.0)

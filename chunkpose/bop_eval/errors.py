@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from chunkpose.io.bop_gt import distance_image, visible_mask
+from chunkpose.io.bop_gt import distance_image, render_box_depth_mm, visible_mask
 from chunkpose.io.bop_reader import bop_symmetry_transforms
 
 MAX_SYM_DISC_STEP = 0.01
@@ -177,15 +177,9 @@ def render_in_image(renderer, vertices_m, pose_m, K, width: int, height: int):
     VSD cheap at 3072x2048. Returns (depth (h, w) mm or None when the box is empty, box).
     """
     box = image_box(vertices_m, pose_m, K, width, height)
-    x0, y0, w, h = box
-    if w == 0 or h == 0:
+    if box[2] == 0 or box[3] == 0:
         return None, box
-    K_box = np.array(K, dtype=np.float64, copy=True)
-    K_box[0, 2] -= x0
-    K_box[1, 2] -= y0
-    depth = renderer.render_full(np.asarray(pose_m, np.float64), K_box, w, h)["depth"][0]
-    depth = depth.detach().cpu().numpy() if hasattr(depth, "detach") else np.asarray(depth)
-    return depth.astype(np.float64) * 1000.0, box
+    return render_box_depth_mm(renderer, pose_m, K, box), box
 
 
 def vsd_from_renders(render_est, render_gt, depth_test, K, delta: float, taus, diameter: float) -> list[float]:

@@ -137,12 +137,36 @@ def render_model_depth_mm(renderer, vertices_m, pose, K, width: int, height: int
         canvas's top-left pixel in image coordinates.
     """
     x0, y0, cw, ch = canvas_box(vertices_m, pose, K, width, height)
-    K_canvas = np.array(K, np.float64, copy=True)
-    K_canvas[0, 2] -= x0
-    K_canvas[1, 2] -= y0
-    depth = renderer.render_full(pose, K_canvas, cw, ch)["depth"][0]
+    return render_box_depth_mm(renderer, pose, K, (x0, y0, cw, ch)), (x0, y0)
+
+
+#: bop_toolkit's renderers put the centre of pixel i at u = i + 0.5 (their projection maps u
+#: to ndc 2u/w - 1), chunkpose's at u = i (OpenCV's convention, the pipeline's): the BOP
+#: renders here shift K by this much so that silhouettes fall on the toolkit's pixels. The
+#: distance images (distance_image) keep u = i, as the toolkit's depth_im_to_dist_im does.
+BOP_TOOLKIT_PIXEL_SHIFT = 0.5
+
+
+def render_box_depth_mm(renderer, pose, K, box) -> np.ndarray:
+    """The model's depth (mm, 0 = background) in the image box (x0, y0, w, h), rendered on
+    bop_toolkit's pixel grid (BOP_TOOLKIT_PIXEL_SHIFT).
+
+    Args:
+        renderer: a chunkpose renderer of the model (render_full(pose, K, w, h)).
+        pose: (4,4) model-in-camera pose, metres.
+        K: (3,3) intrinsics of the full image.
+        box: (x0, y0, w, h) pixels, w and h > 0.
+
+    Returns:
+        (h, w) float64 depth in millimetres.
+    """
+    x0, y0, w, h = box
+    K_box = np.array(K, np.float64, copy=True)
+    K_box[0, 2] -= x0 + BOP_TOOLKIT_PIXEL_SHIFT
+    K_box[1, 2] -= y0 + BOP_TOOLKIT_PIXEL_SHIFT
+    depth = renderer.render_full(np.asarray(pose, np.float64), K_box, w, h)["depth"][0]
     depth = depth.detach().cpu().numpy() if hasattr(depth, "detach") else np.asarray(depth)
-    return depth.astype(np.float64) * 1000.0, (x0, y0)
+    return depth.astype(np.float64) * 1000.0
 
 
 def gt_info(depth_test_mm, K, model_depth_mm, offset=(0, 0), delta: float = VISIB_DELTA_MM):
@@ -192,4 +216,4 @@ def gt_info(depth_test_mm, K, model_depth_mm, offset=(0, 0), delta: float = VISI
 
 
 __all__ = ["CANVAS_FACTOR", "VISIB_DELTA_MM", "bop_bbox", "canvas_box", "distance_image", "gt_info",
-           "render_model_depth_mm", "visible_mask"]
+           "render_box_depth_mm", "render_model_depth_mm", "visible_mask"]
