@@ -159,6 +159,16 @@ def test_results_rows_and_checker(tmp_path):
     short = tmp_path / "x_ycbv-test.csv"
     short.write_text("48,1,2,0.9\n")
     assert any("4 fields" in p for p in bop_results.check_bop_results(short))
+    # what a CSV reader reads but bop_toolkit's split(",") refuses: a blank line, a quoted comma
+    blank = tmp_path / "blank_ycbv-test.csv"
+    blank.write_text(good.read_text() + "\n48,1,6,0.7," + eye + ",1 2 3,0.5\n")
+    assert len(bop_results.read_bop_results(blank)) == 3
+    assert bop_results.check_bop_results(blank) == [
+        "line 4 is blank: bop_toolkit's reader needs 7 comma-separated values on every line"]
+    quoted = tmp_path / "quoted_ycbv-test.csv"
+    quoted.write_text(f'48,1,2,"0.9",{eye},1 2 3,0.5\n')
+    assert len(bop_results.read_bop_results(quoted)) == 1
+    assert any("quotes" in p for p in bop_results.check_bop_results(quoted))
 
 
 def test_gt_info_by_hand():

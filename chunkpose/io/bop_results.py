@@ -164,6 +164,7 @@ def check_bop_results(path) -> list[str]:
         return problems + [str(err)]
     if not rows:
         problems.append("the results file has no estimates")
+    problems += _strict_line_problems(path)
     times: dict[tuple[int, int], float] = {}
     for row in rows:
         key = (row["scene_id"], row["im_id"])
@@ -172,6 +173,21 @@ def check_bop_results(path) -> list[str]:
             break
         times.setdefault(key, row["time"])
     return problems
+
+
+def _strict_line_problems(path) -> list[str]:
+    """What bop_toolkit's reader (a plain split on ",", 7 fields per line, the header only as
+    line 1, float() of each part) refuses although a CSV reader reads it: blank lines, quotes."""
+    with open(path, newline="") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line_no == 1 and RESULTS_HEADER in line:
+                continue
+            if not line.strip():
+                return [f"line {line_no} is blank: bop_toolkit's reader needs 7 comma-separated values on every line"]
+            if '"' in line or len(line.split(",")) != 7:
+                return [f"line {line_no} has quotes or commas inside a field: bop_toolkit's reader splits on every "
+                        "comma and reads unquoted numbers"]
+    return []
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def _export_model(mesh, folder: Path, obj_id: int, symmetries: dict | None) -> d
     if getattr(mesh, "vertex_colors", None) is not None and len(mesh.vertex_colors) == len(model.vertices):
         colors = (np.clip(mesh.vertex_colors, 0, 1) * 255).round().astype(np.uint8)
         model.visual = trimesh.visual.ColorVisuals(model, vertex_colors=colors)
-    model.export(folder / f"obj_{obj_id:06d}.ply")
+    # as BOP publishes its models: ASCII with vertex normals (bop_toolkit's Phong renderer reads them)
+    model.export(folder / f"obj_{obj_id:06d}.ply", encoding="ascii", vertex_normal=True)
     lo, hi = model.bounds
     info = {
         "diameter": float(mesh_diameter(model.vertices)),
