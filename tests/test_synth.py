@@ -170,8 +170,10 @@ def test_bop_round_trip(scene, tmp_path):
         depth_m = raw * cams[str(i)]["depth_scale"] / 1000.0
         assert np.abs(depth_m - scene.depth[i]).max() <= 0.0005 + 1e-6
         visib = read_png(folder / "mask_visib" / f"{i:06d}_000000.png") > 0
-        assert np.array_equal(visib, scene.masks[i])
-        assert infos[str(i)][0]["px_count_visib"] == scene.masks[i].sum()
+        assert np.array_equal(visib, scene.masks[i])  # the scene's own masks
+        # scene_gt_info is calc_gt_info's, rendered on bop_toolkit's pixel grid (half a pixel
+        # from the images'): its counts agree with the masks up to their edges
+        assert infos[str(i)][0]["px_count_visib"] == pytest.approx(scene.masks[i].sum(), rel=0.02)
     from chunkpose.io.bop_reader import BOPReader
 
     frame, instances = BOPReader(root, split="test", scene_id=1).frame(0)
