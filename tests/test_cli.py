@@ -343,3 +343,25 @@ def test_bench_with_an_unknown_name_is_a_usage_error(capsys):
     assert cli.main(["bench", "no_such_benchmark"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("chunkpose: error: ") and len(err.splitlines()) == 1
+
+
+def test_default_weights_folder_as_upstreams_demo(tmp_path, monkeypatch, capsys):
+    """No --weights: ./weights with both official run folders is used (where upstream's demo
+    loads them), else the geometric pair; --weights none always gives the geometric pair."""
+    import argparse
+
+    from chunkpose.cli.calls import resolve_default_weights
+    from chunkpose.models.checkpoint import REFINER_RUN, SCORER_RUN
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(weights=None)
+    resolve_default_weights(args)
+    assert args.weights is None and capsys.readouterr().err == ""
+    for run in (REFINER_RUN, SCORER_RUN):
+        (tmp_path / "weights" / run).mkdir(parents=True)
+        (tmp_path / "weights" / run / "model_best.pth").write_bytes(b"")
+    resolve_default_weights(args)
+    assert args.weights == Path("weights") and "using FoundationPose's weights" in capsys.readouterr().err
+    args = argparse.Namespace(weights=Path("none"))
+    resolve_default_weights(args)
+    assert args.weights is None

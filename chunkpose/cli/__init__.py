@@ -23,7 +23,7 @@ import math
 import os
 import sys
 
-from chunkpose.cli.calls import chunk_plan, pose_estimator
+from chunkpose.cli.calls import chunk_plan, pose_estimator, resolve_default_weights
 from chunkpose.cli.parser import DEMO_BUILTINS, DEMO_MESH, UserError, build_parser, split_mesh_args
 from chunkpose.cli.summary import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
@@ -68,6 +68,7 @@ def _dispatch(argv, estimator_factory) -> int:
         return run_eval(args)
     if args.command == "run":
         split_mesh_args(args)
+        resolve_default_weights(args)
         if sum(x is not None for x in (args.scene, args.scenes, args.bop)) != 1:
             raise UserError("give exactly one of --scene DIR (YCBInEOAT), --scenes DIR (a folder of them) "
                             "or --bop DATASET_DIR (BOP)")

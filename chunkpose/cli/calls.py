@@ -45,6 +45,28 @@ def pose_estimator(mesh, **kwargs):
     return PoseEstimator(mesh, **kwargs)
 
 
+def resolve_default_weights(args) -> None:
+    """``--weights none``: the weight-free geometric pair. No ``--weights``: ./weights when it
+    holds both official run folders (where upstream's demo loads them from), else the
+    geometric pair. Picking up ./weights is said on stderr: the two pairs give different poses."""
+    weights = getattr(args, "weights", None)
+    if weights is not None:
+        if str(weights).lower() == "none":
+            args.weights = None
+        return
+    default = Path("weights")
+    if default.is_dir() and _holds_official_runs(default):
+        args.weights = default
+        print(f"chunkpose: using FoundationPose's weights in {default.resolve()} (as upstream's demo does; "
+              "--weights none runs the weight-free geometric pair)", file=sys.stderr)
+
+
+def _holds_official_runs(folder: Path) -> bool:
+    from chunkpose.models.checkpoint import REFINER_RUN, SCORER_RUN, WEIGHTS_FILE  # imports torch
+
+    return all((folder / run / WEIGHTS_FILE).is_file() for run in (REFINER_RUN, SCORER_RUN))
+
+
 def make_estimator(factory, mesh, args, device, **more):
     kwargs = dict(budget_gb=args.budget_gb, device=device, refine_iterations=args.refine_iters,
                   track_iterations=args.track_iters, **more)

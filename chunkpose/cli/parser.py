@@ -60,7 +60,8 @@ def _estimator_options(p, default_budget):
                    help=f"device memory budget in GiB (default {default_budget:g})")
     g.add_argument("--device", default="auto", metavar="cpu|cuda", help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--weights", type=Path, metavar="DIR", default=None,
-                   help="folder with the official FoundationPose weights (default: weight-free geometric refiner)")
+                   help="folder with the official FoundationPose weights (default: ./weights when it holds "
+                        "both run folders, as upstream's demo; else, or with 'none', the weight-free geometric pair)")
     g.add_argument("--refine-iters", "--est_refine_iter", type=positive_int, metavar="N", default=5,
                    help="refinement iterations at registration (5)")
     g.add_argument("--track-iters", "--track_refine_iter", type=positive_int, metavar="N", default=2,
