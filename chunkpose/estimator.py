@@ -41,13 +41,21 @@ from chunkpose.pipeline.hypotheses import cluster_rotations, initial_poses, rota
 from chunkpose.pipeline.roi import CallRegion, box_around_point, call_region, mask_box
 from chunkpose.pipeline.sizing import CallGeometry
 
-__all__ = ["KEPT_CANDIDATES", "MIN_MASK_DEPTH_PIXELS", "PoseEstimator", "PoseResult"]
+__all__ = ["KEPT_CANDIDATES", "MIN_MASK_DEPTH_PIXELS", "PoseEstimator", "PoseResult", "holds_weights"]
 
 #: The calibration copy of a frame is resized so that its region is about this many pixels
 #: across (the stages' per-item costs do not depend on it).
 CALIBRATION_SIDE = 192
 #: Hypotheses the calibration runs the stages on, spread over the rotation set.
 CALIBRATION_HYPOTHESES = 8
+
+
+def holds_weights(path) -> bool:
+    """Whether ``path`` holds FoundationPose's refiner and scorer runs, which ``weights=path``
+    would load (nothing is loaded here)."""
+    from chunkpose.pipeline.learned import holds_weights as found
+
+    return found(path)
 
 
 def _default_device() -> str:

@@ -55,16 +55,14 @@ def resolve_default_weights(args) -> None:
             args.weights = None
         return
     default = Path("weights")
-    if default.is_dir() and _holds_official_runs(default):
+    if not default.is_dir():
+        return
+    from chunkpose.estimator import holds_weights  # imports torch: only once a weights/ folder is there
+
+    if holds_weights(default):
         args.weights = default
         print(f"chunkpose: using FoundationPose's weights in {default.resolve()} (as upstream's demo does; "
               "--weights none runs the weight-free geometric pair)", file=sys.stderr)
-
-
-def _holds_official_runs(folder: Path) -> bool:
-    from chunkpose.models.checkpoint import REFINER_RUN, SCORER_RUN, WEIGHTS_FILE  # imports torch
-
-    return all((folder / run / WEIGHTS_FILE).is_file() for run in (REFINER_RUN, SCORER_RUN))
 
 
 def make_estimator(factory, mesh, args, device, **more):

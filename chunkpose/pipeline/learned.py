@@ -22,7 +22,7 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 
-from chunkpose.models.checkpoint import NetworkConfig, load_weights, make_config
+from chunkpose.models.checkpoint import CheckpointError, NetworkConfig, find_run_folders, load_weights, make_config
 from chunkpose.models.refine_net import RefineNet, apply_update
 from chunkpose.models.score_net import ScoreNetMultiPair
 from chunkpose.engine import MapGroup
@@ -352,6 +352,22 @@ class LearnedScorer(_NetworkStage, Scorer):
         with self._grad(), autocast_for(features.device, self.fp16):
             logits = self.model.cross(features)
         return logits.float()
+
+
+def holds_weights(path) -> bool:
+    """Whether ``path`` holds FoundationPose's refiner and scorer runs (what load_learned loads).
+
+    Args:
+        path: a folder.
+
+    Returns:
+        bool.
+    """
+    try:
+        find_run_folders(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_learned(weights: Union[str, Path], device: Union[str, torch.device] = "cpu", fp16: bool = True
