@@ -44,6 +44,13 @@ def transform_points(pose, points) -> np.ndarray:
     return points @ pose[:3, :3].T + pose[:3, 3]
 
 
+def _posed_points(pose_est, pose_gt, points):
+    """The model points under the estimated and the true pose, both (N,3), inputs checked."""
+    points = _as_points(points)
+    return (transform_points(_as_pose(pose_est, "pose_est"), points),
+            transform_points(_as_pose(pose_gt, "pose_gt"), points))
+
+
 def add_error(pose_est, pose_gt, points) -> float:
     """ADD: mean over model points x of ||(R x + t) - (Rgt x + tgt)|| (metres).
 
@@ -58,9 +65,7 @@ def add_error(pose_est, pose_gt, points) -> float:
     Raises:
         ValueError: a pose is not (4,4) or points is not a non-empty (N,3).
     """
-    points = _as_points(points)
-    est = transform_points(_as_pose(pose_est, "pose_est"), points)
-    gt = transform_points(_as_pose(pose_gt, "pose_gt"), points)
+    est, gt = _posed_points(pose_est, pose_gt, points)
     return float(np.linalg.norm(est - gt, axis=1).mean())
 
 
@@ -78,9 +83,7 @@ def adds_error(pose_est, pose_gt, points) -> float:
     Raises:
         ValueError: a pose is not (4,4) or points is not a non-empty (N,3).
     """
-    points = _as_points(points)
-    est = transform_points(_as_pose(pose_est, "pose_est"), points)
-    gt = transform_points(_as_pose(pose_gt, "pose_gt"), points)
+    est, gt = _posed_points(pose_est, pose_gt, points)
     distances, _ = cKDTree(est).query(gt, k=1)
     return float(np.mean(distances))
 
