@@ -101,3 +101,20 @@ def test_bad_bop_input_fails_before_any_output(dataset, tmp_path, capsys):
     csv_path.write_text("scene_id,im_id,obj_id,score,R,t,time\n")
     assert cli.main(["eval", "--bop", str(run_root), "--results", str(csv_path), "--out", str(tmp_path / "ev")]) == 2
     assert "scene_gt.json" in capsys.readouterr().err and not (tmp_path / "ev").exists()
+
+
+def test_ground_truth_mode_picks_the_most_visible_by_visib_fract():
+    """BOP19's valid instances are the inst_count highest by visib_fract: a large, half
+    hidden instance (many pixels) loses to a small one in full view."""
+    from chunkpose.cli.bop import _largest_per_target
+    from chunkpose.io.bop_reader import BopInstance
+
+    big = np.zeros((20, 20), bool)
+    big[:10] = True
+    small = np.zeros((20, 20), bool)
+    small[:2, :2] = True
+    half_hidden = BopInstance(1, 0, 5, None, big, visib_fract=0.5)
+    in_view = BopInstance(1, 1, 5, None, small, visib_fract=1.0)
+    assert _largest_per_target([half_hidden, in_view], {5: 1}) == [in_view]
+    no_info = [BopInstance(1, 0, 5, None, big), BopInstance(1, 1, 5, None, small)]
+    assert _largest_per_target(no_info, {5: 1}) == no_info[:1]  # by pixels without gt_info

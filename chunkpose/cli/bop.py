@@ -93,10 +93,14 @@ class _Objects:
 
 
 def _largest_per_target(instances, objects: dict):
-    """The ``objects[obj_id]`` most visible annotated instances of each target object."""
+    """The ``objects[obj_id]`` most visible annotated instances of each target object: by
+    scene_gt_info's visib_fract, as BOP19 picks the instances an estimate can match (by
+    visible pixels where the scene has no gt_info)."""
     chosen = []
     for obj_id, count in objects.items():
-        same = sorted((i for i in instances if i.obj_id == obj_id), key=lambda i: -int(i.mask.sum()))
+        same = [i for i in instances if i.obj_id == obj_id]
+        by_fraction = all(i.visib_fract is not None for i in same)
+        same.sort(key=lambda i: -(i.visib_fract if by_fraction else int(i.mask.sum())))
         chosen += same[:count]
     return chosen
 

@@ -46,6 +46,7 @@ class BopInstance:
         gt_pose: (4,4) float64 model-in-camera pose in metres, or None.
         mask: (H,W) bool visible mask at the frame's (resized) size.
         score: the detector's score, or None.
+        visib_fract: the annotation's visible fraction from scene_gt_info.json, or None.
     """
 
     im_id: int
@@ -54,6 +55,7 @@ class BopInstance:
     gt_pose: np.ndarray | None
     mask: np.ndarray
     score: float | None = None
+    visib_fract: float | None = None
 
     @property
     def name(self) -> str:
@@ -147,6 +149,8 @@ class BOPReader(ResizingReader):
         self.scene_camera = load_json(self.scene_dir / "scene_camera.json", "a BOP scene needs scene_camera.json with cam_K per image")
         gt_path = self.scene_dir / "scene_gt.json"
         self.scene_gt = load_json(gt_path, "") if gt_path.is_file() else None
+        info_path = self.scene_dir / "scene_gt_info.json"
+        self.scene_gt_info = load_json(info_path, "") if info_path.is_file() else {}
         # with ground truth, the annotated images; without (a test set), every camera entry
         self.image_ids = sorted(int(k) for k in (self.scene_gt if self.scene_gt is not None else self.scene_camera))
         if not self.image_ids:
@@ -383,10 +387,12 @@ class BOPReader(ResizingReader):
             union |= mask
         frame = self._finish(name, rgb, depth, K, union, extra=self._extra(im_id, depth_scale))
         instances = []
+        infos = self.scene_gt_info.get(str(im_id), [])
         for gt_index, obj_id, pose, mask in raw_instances:
             mask = resize_nearest(mask, frame.size)
+            visib = infos[gt_index].get("visib_fract") if gt_index < len(infos) else None
             if mask.any():
-                instances.append(BopInstance(im_id, gt_index, obj_id, pose, mask))
+                instances.append(BopInstance(im_id, gt_index, obj_id, pose, mask, visib_fract=visib))
         return frame, instances
 
     def __iter__(self):
