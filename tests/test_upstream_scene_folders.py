@@ -89,3 +89,17 @@ def test_rgb_prefixed_names_find_depth_and_mask_by_replacement(tmp_path):
         (tmp_path / folder / "000000.png").rename(tmp_path / folder / f"{word}_000000.png")
     frame = YCBInEOATReader(tmp_path).frame(0, need_mask=True)
     assert frame.name == "rgb_000000" and frame.mask.any() and (frame.depth > 0).any()
+
+
+def test_ground_truth_poses_by_position_when_no_name_matches(tmp_path):
+    """Upstream takes sorted(annotated_poses/*)[i] for frame i: pose files named otherwise
+    (pose_0.txt, pose_1.txt, ...) are read by position when there is one per frame."""
+    write_ycbineoat(tmp_path, frames=2)
+    folder = tmp_path / "annotated_poses"
+    for i, name in enumerate(["000000", "000001"]):
+        (folder / f"{name}.txt").rename(folder / f"pose_{i}.txt")
+    reader = YCBInEOATReader(tmp_path)
+    assert reader.has_ground_truth()
+    assert reader.frame(1).gt_pose[2, 3] == pytest.approx(0.51)
+    (folder / "pose_1.txt").unlink()  # one file for two frames: nothing is guessed
+    assert not YCBInEOATReader(tmp_path).has_ground_truth()

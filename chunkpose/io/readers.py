@@ -57,17 +57,31 @@ class YCBInEOATReader(ResizingReader):
             raise SceneError(f"{self.root / 'depth'} does not exist", "put uint16 millimetre depth PNGs there, same names as rgb/")
         self.K = read_intrinsics_file(self.root / "cam_K.txt")
         self.names = [p.stem for p in self.rgb_files]
+        self.pose_files = self._pose_files()
 
     def __len__(self) -> int:
         return len(self.names)
 
     def has_ground_truth(self) -> bool:
-        """Whether annotated_poses/<first frame>.txt exists (ground-truth poses are given).
+        """Whether the first frame has a ground-truth pose (annotated_poses/<frame>.txt, or the
+        first of one file per frame there).
 
         Returns:
             bool.
         """
-        return (self.root / "annotated_poses" / f"{self.names[0]}.txt").is_file()
+        return self.pose_files[0] is not None
+
+    def _pose_files(self) -> list:
+        """annotated_poses/<frame>.txt per frame (None where missing); when no name matches but
+        there is one .txt per frame, the sorted files by position, as upstream's reader takes them."""
+        folder = self.root / "annotated_poses"
+        if not folder.is_dir():
+            return [None] * len(self.names)
+        by_name = [folder / f"{name}.txt" for name in self.names]
+        if any(p.is_file() for p in by_name):
+            return [p if p.is_file() else None for p in by_name]
+        files = [p for p in listed(folder) if p.is_file() and p.suffix == ".txt"]
+        return files if len(files) == len(self.names) else [None] * len(self.names)
 
     def depth_path(self, name: str) -> Path:
         """The depth file of frame ``name`` in depth/.
@@ -133,8 +147,8 @@ class YCBInEOATReader(ResizingReader):
                     "the first frame needs a mask of the object in masks/ with the same name as the rgb file",
                 )
         gt = None
-        pose_file = self.root / "annotated_poses" / f"{name}.txt"
-        if pose_file.is_file():
+        pose_file = self.pose_files[index]
+        if pose_file is not None:
             gt = read_pose_file(pose_file)
         frame = self._finish(name, rgb, depth, self.K, mask, gt)
         if need_mask and not frame.mask.any():
