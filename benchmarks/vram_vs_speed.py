@@ -89,8 +89,8 @@ class Case:
     """One budget (or scale) of the sweep: its estimator, made once, and its registration times.
 
     The sweep registers every case once per round (``register``), round after round and each
-    round in a rotated order, so that the drifts of a noisy machine reach every case alike; ``finish`` then tracks the other frames and
-    turns what was measured into the case's record.
+    round in a rotated order, so that the drifts of a noisy machine reach every case alike;
+    ``finish`` then tracks the other frames and turns what was measured into the case's record.
     """
 
     def __init__(self, frames: Frames, budget_gb, device, args, label: str):

@@ -375,7 +375,7 @@ class BOPReader(ResizingReader):
             if mask_file is None:
                 continue
             mask = read_mask_file(mask_file)
-            mask = match_rgb_size(name, f"mask_visib {mask_file.name}", mask, rgb.shape)
+            mask = match_rgb_size(f"{name} ({mask_file.name})", "mask_visib", mask, rgb.shape)
             pose = None
             if "cam_R_m2c" in gt and "cam_t_m2c" in gt:
                 pose = np.eye(4)

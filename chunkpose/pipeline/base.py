@@ -363,13 +363,6 @@ def stage_modules(stage) -> list:
     return [value for value in vars(stage).values() if isinstance(value, torch.nn.Module)]
 
 
-def renderer_tensors(renderer) -> list:
-    """The tensors a renderer holds on the device (its mesh buffers); none for a renderer
-    without ``device_tensors``."""
-    tensors = getattr(renderer, "device_tensors", None)
-    return list(tensors()) if callable(tensors) else []
-
-
 def pair_resident(refiner, scorer, renderer) -> list:
     """What a refiner/scorer pair and its renderer hold on the device for a whole call.
 
@@ -379,6 +372,8 @@ def pair_resident(refiner, scorer, renderer) -> list:
         renderer: the renderer the pair draws with.
 
     Returns:
-        list of the pair's modules and the renderer's tensors, for ``Engine.call(resident=...)``.
+        list of the pair's modules and the renderer's tensors (its mesh buffers; none for a
+        renderer without ``device_tensors``), for ``Engine.call(resident=...)``.
     """
-    return [*stage_modules(refiner), *stage_modules(scorer), *renderer_tensors(renderer)]
+    tensors = getattr(renderer, "device_tensors", None)
+    return [*stage_modules(refiner), *stage_modules(scorer), *(tensors() if callable(tensors) else ())]
